@@ -1,0 +1,109 @@
+"""Loads the native extension ``cpsl_ops._C`` once and decides, per call, which backend runs.
+
+Environment switches:
+  CPSL_OPS_BACKEND=reference   start with the pure-PyTorch reference backend
+  CPSL_OPS_REQUIRE_NATIVE=1    make a failed load an ImportError (CI uses it, so a broken build
+                               cannot hide behind the fallback)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "native", "reference")
+
+_native_module = None
+_load_error: Optional[str] = None
+_backend = os.environ.get("CPSL_OPS_BACKEND", "auto")
+_warned_fallback: set = set()
+
+try:
+    from cpsl_ops import _C as _native_module  # noqa: F401  (registers the cpsl_ops:: ops)
+except ImportError as error:  # not built, or built against another torch
+    _load_error = f"{type(error).__name__}: {error}"
+    if os.environ.get("CPSL_OPS_REQUIRE_NATIVE", "0") == "1":
+        raise ImportError(f"cpsl_ops: the native extension failed to load ({_load_error})") from error
+    warnings.warn(
+        f"cpsl_ops: the native extension is not available ({_load_error}); every op runs through the "
+        "pure-PyTorch reference. Reinstall cpsl-ops against this torch to get the fused kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+if _backend not in BACKENDS:
+    raise ValueError(f"CPSL_OPS_BACKEND must be one of {BACKENDS}, got {_backend!r}")
+
+
+def native_available() -> bool:
+    """Whether the compiled kernels loaded (see :func:`build_info` for why not)."""
+    return _native_module is not None
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``cpsl_ops::<op>`` has a native kernel for ``device_type`` ('cpu' or 'cuda')."""
+    if _native_module is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"cpsl_ops::{op}", key)
+
+
+def build_info() -> dict:
+    """Facts for bug reports and benchmark records: versions, load status, active backend."""
+    return {
+        "native_available": native_available(),
+        "load_error": _load_error,
+        "built_with_torch": getattr(_native_module, "torch_version", None),
+        "built_with_cuda": getattr(_native_module, "cuda_version", None) or None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "backend": _backend,
+    }
+
+
+def get_backend() -> str:
+    """The active backend: 'auto' (native where a kernel exists), 'native' or 'reference'."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every op: 'auto', 'native' (error if unavailable) or 'reference'."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "native" and not native_available():
+        raise RuntimeError(f"cpsl_ops: the native backend is not available ({_load_error})")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def use_native(op: str, device: torch.device) -> bool:
+    """True when ``op`` should run its native kernel on ``device`` under the active backend."""
+    if _backend == "reference":
+        return False
+    if has_kernel(op, device.type):
+        return True
+    if _backend == "native":
+        raise RuntimeError(f"cpsl_ops: no native kernel of {op} for {device.type} tensors in this build")
+    if native_available() and (op, device.type) not in _warned_fallback:
+        _warned_fallback.add((op, device.type))
+        warnings.warn(
+            f"cpsl_ops: this build has no {device.type} kernel for {op}; using the PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False

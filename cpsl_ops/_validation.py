@@ -1,0 +1,56 @@
+"""Metadata checks shared by the public functions. They read shapes, dtypes and devices only, so
+they cost nothing on a GPU and torch.compile can trace them; value checks live in the kernels."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_tensor(value: object, name: str, ranks: Sequence[int], shape_text: str, floating: bool = True) -> Tensor:
+    """``value`` is a tensor of one of ``ranks`` dims with a supported floating (or integer) dtype."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() not in ranks:
+        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(value.shape)}")
+    allowed = FLOATING_DTYPES if floating else INTEGER_DTYPES
+    if value.dtype not in allowed:
+        kind = "fp16, bf16, fp32 or fp64" if floating else "an integer dtype"
+        raise TypeError(f"{name} must be {kind}, got {value.dtype}")
+    return value
+
+
+def check_same_device(first: Tensor, first_name: str, second: Tensor, second_name: str) -> None:
+    if first.device != second.device:
+        raise ValueError(f"{first_name} is on {first.device} but {second_name} is on {second.device}")
+
+
+def check_nonzero(size: int, what: str) -> None:
+    if size == 0:
+        raise ValueError(f"{what} must not be empty")
+
+
+def check_positive(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_unit_interval(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_int(value: int, name: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value

@@ -1,0 +1,238 @@
+"""The public functional API of cpsl-ops.
+
+Every function validates shapes, dtypes and devices here, then runs the native kernel
+(``torch.ops.cpsl_ops.*``) where the build has one for the tensors' device, or the pure-PyTorch
+reference (:mod:`cpsl_ops.reference`) otherwise or when the reference backend is selected
+(:func:`cpsl_ops.set_backend`). Values (NaN, label range, prior sign) are checked by the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from cpsl_ops import ops as _ops  # noqa: F401  (fake kernels and autograd of the native ops)
+from cpsl_ops import reference
+from cpsl_ops._loader import use_native
+from cpsl_ops._validation import (
+    INTEGER_DTYPES,
+    check_int,
+    check_nonzero,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    check_unit_interval,
+)
+
+__all__ = [
+    "prototype_similarity",
+    "balanced_sinkhorn",
+    "update_prototypes_",
+    "rectify_pseudo_labels",
+    "class_distribution",
+]
+
+
+def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: float = 0.08) -> Tensor:
+    """Cosine similarity of every pixel feature with every prototype, divided by ``temperature``.
+
+    Args:
+        features: (N, D) or channel-first (B, D, H, W) pixel features; fp16, bf16, fp32 or fp64.
+        prototypes: (K, D) class prototypes, on the same device; cast to the dtype of ``features``.
+        temperature: τ > 0 (CPSL: 0.08).
+
+    Returns:
+        (N, K) or (B, K, H, W) logits ``cos(f, c_k) / τ`` in the dtype of ``features``,
+        differentiable with respect to both inputs. Norms are clamped at 1e-12 as in
+        ``F.normalize``. The native kernels normalize each tile of pixels on the fly: no
+        normalized copy of the features is written to memory.
+    """
+    check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
+    check_tensor(prototypes, "prototypes", (2,), "(K, D)")
+    check_same_device(features, "features", prototypes, "prototypes")
+    if features.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"features have D = {features.shape[1]} channels (dim 1) but prototypes have D = {prototypes.shape[1]}"
+        )
+    check_nonzero(prototypes.shape[0], "prototypes (K)")
+    check_nonzero(prototypes.shape[1], "the feature dimension D")
+    temperature = check_positive(temperature, "temperature")
+    prototypes = prototypes.to(features.dtype)
+    if use_native("similarity", features.device):
+        return torch.ops.cpsl_ops.similarity(features, prototypes, temperature)
+    return reference.similarity(features, prototypes, temperature)
+
+
+def balanced_sinkhorn(
+    scores: Tensor, class_prior: Optional[Tensor] = None, epsilon: float = 0.05, num_iters: int = 3
+) -> Tensor:
+    """Class-balanced Sinkhorn-Knopp assignment of CPSL (SwAV's with a class prior).
+
+    For each problem, with Q = exp(S/ε)ᵀ normalized to sum 1, ``num_iters`` times: scale class
+    rows to the prior r, then sample columns to 1/N; return N·Qᵀ. This is computed in a
+    log-domain form that returns the same values and stays finite for ε down to 0.01 and for
+    fp16/bf16 scores.
+
+    Args:
+        scores: (N, K) or (B, N, K) for B independent problems (e.g. cosine similarities).
+        class_prior: (K,) or (B, K) positive class marginal, normalized internally; None is
+            uniform (SwAV). CPSL uses the warm-up model's class distribution
+            (:func:`class_distribution`).
+        epsilon: entropic regularization ε > 0 (CPSL: 0.05).
+        num_iters: iterations T >= 1 (CPSL: 3).
+
+    Returns:
+        Assignment of the shape and dtype of ``scores``; each row sums to 1. No gradient flows.
+
+    Raises:
+        ValueError: on NaN or infinite scores, or a prior entry that is not positive.
+    """
+    check_tensor(scores, "scores", (2, 3), "(N, K) or (B, N, K)")
+    batched = scores.dim() == 3
+    problems = scores if batched else scores.unsqueeze(0)
+    batch, samples, classes = problems.shape
+    check_nonzero(samples, "scores (N samples)")
+    check_nonzero(classes, "scores (K classes)")
+    epsilon = check_positive(epsilon, "epsilon")
+    num_iters = check_int(num_iters, "num_iters", minimum=1)
+    if class_prior is None:
+        prior = problems.new_ones((batch, classes), dtype=torch.float32)
+    else:
+        check_tensor(class_prior, "class_prior", (1, 2), "(K,) or (B, K)")
+        check_same_device(scores, "scores", class_prior, "class_prior")
+        if class_prior.shape[-1] != classes or (class_prior.dim() == 2 and class_prior.shape[0] != batch):
+            raise ValueError(
+                f"class_prior must be ({classes},) or ({batch}, {classes}) to match scores, "
+                f"got shape {tuple(class_prior.shape)}"
+            )
+        prior = class_prior.expand(batch, classes)
+    with torch.no_grad():
+        if use_native("balanced_sinkhorn", scores.device):
+            assignment = torch.ops.cpsl_ops.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters)
+        else:
+            assignment = reference.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters)
+    return assignment if batched else assignment.squeeze(0)
+
+
+def update_prototypes_(
+    prototypes: Tensor, features: Tensor, labels: Tensor, momentum: float = 0.999, ignore_index: int = 255
+) -> Tensor:
+    """ProDA-style prototype update, in place: class-wise masked means with an EMA step.
+
+    For every class k with at least one pixel labelled k:
+    ``p_k <- momentum * p_k + (1 - momentum) * mean(features of pixels labelled k)``.
+    Classes with no pixel keep their value.
+
+    Args:
+        prototypes: (K, D) tensor updated in place (a buffer or parameter; no gradient is recorded).
+        features: (N, D) or (B, D, H, W), on the same device; cast to the dtype of ``prototypes``.
+        labels: (N,) or (B, H, W) integer labels in [0, K) or ``ignore_index``.
+        momentum: m in [0, 1]; 1 leaves the prototypes unchanged.
+        ignore_index: label of pixels to skip.
+
+    Returns:
+        (K,) int64 pixel count of each class.
+
+    Raises:
+        ValueError: on a label outside [0, K) that is not ``ignore_index`` (nothing is written).
+    """
+    check_tensor(prototypes, "prototypes", (2,), "(K, D)")
+    check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
+    check_tensor(labels, "labels", (features.dim() - 1,), "(N,) for (N, D) features, (B, H, W) for (B, D, H, W)",
+                 floating=False)
+    check_same_device(prototypes, "prototypes", features, "features")
+    check_same_device(features, "features", labels, "labels")
+    if features.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"features have D = {features.shape[1]} but prototypes have D = {prototypes.shape[1]}")
+    pixel_shape = (features.shape[0],) if features.dim() == 2 else (features.shape[0], *features.shape[2:])
+    if tuple(labels.shape) != pixel_shape:
+        raise ValueError(f"labels must have shape {pixel_shape} to match features, got {tuple(labels.shape)}")
+    check_nonzero(prototypes.shape[0], "prototypes (K)")
+    momentum = check_unit_interval(momentum, "momentum")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    with torch.no_grad():
+        features = features.detach().to(prototypes.dtype)
+        if use_native("update_prototypes", prototypes.device):
+            updated, counts = torch.ops.cpsl_ops.update_prototypes(
+                prototypes.detach(), features, labels, momentum, ignore_index
+            )
+        else:
+            updated, counts = reference.update_prototypes(prototypes.detach(), features, labels, momentum, ignore_index)
+        prototypes.copy_(updated)
+    return counts
+
+
+def rectify_pseudo_labels(
+    soft_pseudo_labels: Tensor, prototype_logits: Tensor, threshold: float = 0.0, ignore_index: int = 255
+) -> Tuple[Tensor, Tensor]:
+    """CPSL's pseudo-label rectification: soft labels re-weighted by the prototype posterior.
+
+    Args:
+        soft_pseudo_labels: (B, K, H, W) class probabilities P_ST (e.g. the warm-up model's softmax).
+        prototype_logits: (B, K, H, W) prototype logits, e.g. ``prototype_similarity(f, C_ema, τ)``;
+            their softmax is P_SL.
+        threshold: pixels whose confidence is below it get ``ignore_index`` (CPSL: 0, none).
+        ignore_index: label for ignored pixels.
+
+    Returns:
+        (labels, confidence), both (B, H, W): labels = argmax_k P_ST·P_SL (int64) and confidence =
+        max_k(P_ST·P_SL) / sum_k(P_ST·P_SL) in the inputs' promoted dtype. Pixels whose soft
+        label is zero everywhere get ``ignore_index`` and confidence 0.
+
+    Raises:
+        ValueError: on negative or non-finite soft labels or non-finite logits.
+    """
+    check_tensor(soft_pseudo_labels, "soft_pseudo_labels", (4,), "(B, K, H, W)")
+    check_tensor(prototype_logits, "prototype_logits", (4,), "(B, K, H, W)")
+    check_same_device(soft_pseudo_labels, "soft_pseudo_labels", prototype_logits, "prototype_logits")
+    if soft_pseudo_labels.shape != prototype_logits.shape:
+        raise ValueError(
+            f"soft_pseudo_labels {tuple(soft_pseudo_labels.shape)} and prototype_logits "
+            f"{tuple(prototype_logits.shape)} must have the same shape"
+        )
+    check_nonzero(soft_pseudo_labels.shape[1], "the class dimension K")
+    if not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    dtype = torch.promote_types(soft_pseudo_labels.dtype, prototype_logits.dtype)
+    soft, logits = soft_pseudo_labels.detach().to(dtype), prototype_logits.detach().to(dtype)
+    with torch.no_grad():
+        if use_native("rectify_pseudo_labels", soft.device):
+            return torch.ops.cpsl_ops.rectify_pseudo_labels(soft, logits, float(threshold), ignore_index)
+        return reference.rectify_pseudo_labels(soft, logits, float(threshold), ignore_index)
+
+
+def class_distribution(labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """Normalized class histogram of ``labels``: the class prior r of :func:`balanced_sinkhorn`.
+
+    CPSL computes it once from the warm-up model's argmax predictions on the target train set.
+
+    Args:
+        labels: integer tensor of any shape, values in [0, num_classes) or ``ignore_index``.
+        num_classes: K >= 1.
+        ignore_index: label to skip.
+
+    Returns:
+        (K,) float32 frequencies summing to 1. A class never seen gets 0: clamp it (e.g.
+        ``prior.clamp_min(1e-6)``) before using it as a Sinkhorn prior, which must be positive.
+
+    Raises:
+        ValueError: on labels out of range, or when no label differs from ``ignore_index``.
+    """
+    if not isinstance(labels, Tensor) or labels.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"labels must be an integer torch.Tensor, got {getattr(labels, 'dtype', type(labels))}")
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    flat = labels.reshape(-1).long()
+    valid = flat[flat != ignore_index]
+    if valid.numel() == 0:
+        raise ValueError(f"class_distribution: every label equals ignore_index={ignore_index}; the prior is undefined")
+    if int(valid.min()) < 0 or int(valid.max()) >= num_classes:
+        raise ValueError(
+            f"class_distribution: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+            f"found values in [{int(valid.min())}, {int(valid.max())}]"
+        )
+    counts = torch.bincount(valid, minlength=num_classes).to(torch.float32)
+    return counts / counts.sum()

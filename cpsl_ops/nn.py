@@ -1,0 +1,306 @@
+"""``torch.nn`` modules of cpsl-ops, built on :mod:`cpsl_ops.functional`."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpsl_ops.functional import (
+    balanced_sinkhorn,
+    prototype_similarity,
+    rectify_pseudo_labels,
+    update_prototypes_,
+)
+
+PriorLike = Union[Tensor, Sequence[float], None]
+
+__all__ = ["PrototypeSimilarity", "BalancedSinkhorn", "PrototypeEMA", "SelfLabelingLoss"]
+
+
+def _prior_tensor(class_prior: PriorLike, num_classes: int) -> Tensor:
+    """A positive (K,) float32 prior summing to 1; None is uniform."""
+    if class_prior is None:
+        return torch.full((num_classes,), 1.0 / num_classes)
+    prior = torch.as_tensor(class_prior, dtype=torch.float32).detach().cpu().reshape(-1)
+    if prior.numel() != num_classes:
+        raise ValueError(f"class_prior must have {num_classes} entries, got {prior.numel()}")
+    if not (torch.isfinite(prior).all() and (prior > 0).all()):
+        raise ValueError("class_prior must be positive and finite (clamp classes never seen, e.g. to 1e-6)")
+    return prior / prior.sum()
+
+
+class PrototypeSimilarity(nn.Module):
+    """A cosine classifier: learnable (K, D) prototypes; ``forward(f) = cos(f, c_k) / τ``.
+
+    Accepts (N, D) or (B, D, H, W) features and returns (N, K) or (B, K, H, W) logits.
+    """
+
+    def __init__(self, num_classes: int = 19, feat_dim: int = 256, temperature: float = 0.08) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_classes, feat_dim), dim=1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return prototype_similarity(features, self.prototypes, self.temperature)
+
+    def extra_repr(self) -> str:
+        num_classes, feat_dim = self.prototypes.shape
+        return f"num_classes={num_classes}, feat_dim={feat_dim}, temperature={self.temperature}"
+
+
+class BalancedSinkhorn(nn.Module):
+    """Class-balanced Sinkhorn-Knopp with a stored class prior (a buffer, saved in ``state_dict``).
+
+    ``forward(scores)`` takes (N, K) or (B, N, K) scores and returns detached assignments whose
+    rows sum to 1 (see :func:`cpsl_ops.balanced_sinkhorn`).
+    """
+
+    def __init__(
+        self, num_classes: int = 19, class_prior: PriorLike = None, epsilon: float = 0.05, num_iters: int = 3
+    ) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+        self.num_iters = num_iters
+        self.register_buffer("class_prior", _prior_tensor(class_prior, num_classes))
+
+    def forward(self, scores: Tensor) -> Tensor:
+        return balanced_sinkhorn(scores, self.class_prior, self.epsilon, self.num_iters)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.class_prior.numel()}, epsilon={self.epsilon}, num_iters={self.num_iters}"
+
+
+class PrototypeEMA(nn.Module):
+    """ProDA-style class prototypes: class-wise masked feature means folded in with an EMA.
+
+    ``update(features, labels)`` runs :func:`cpsl_ops.update_prototypes_` on the stored (K, D)
+    buffer and returns the per-class pixel counts; ``forward(features)`` returns the prototype
+    logits ``cos(f, p_k) / τ``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 19,
+        feat_dim: int = 256,
+        momentum: float = 0.999,
+        temperature: float = 0.08,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.register_buffer("prototypes", torch.zeros(num_classes, feat_dim))
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor) -> Tensor:
+        return update_prototypes_(self.prototypes, features, labels, self.momentum, self.ignore_index)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return prototype_similarity(features, self.prototypes, self.temperature)
+
+    def extra_repr(self) -> str:
+        num_classes, feat_dim = self.prototypes.shape
+        return f"num_classes={num_classes}, feat_dim={feat_dim}, momentum={self.momentum}"
+
+
+class SelfLabelingLoss(nn.Module):
+    """CPSL's class-balanced pixel-level self-labeling loss, with its prototypes and memory bank.
+
+    State (all in ``state_dict``): the learnable prototypes C (K, D), their EMA copy C', the class
+    prior r, the feature queue (queue_size, D), the logit queue (queue_size, K), the queue pointer
+    and fill level.
+
+    ``forward(features, logits=None)`` — for each image, ``samples_per_image`` pixels are drawn
+    uniformly without replacement; their L2-normalized features F give the prediction
+    ``P = softmax(cos(F, C) / τ)`` and the Sinkhorn target ``Q = balanced_sinkhorn([queue; F]·Ĉᵀ, r)``
+    restricted to the current rows; the loss is the soft cross-entropy ``-mean Σ_k Q log P``.
+    When the EMA segmentation ``logits`` are given, a second target is computed the same way from
+    their L2-normalized rows and a logit queue (CPSL's two branches), and the two terms are added.
+    CPSL passes features of the EMA network computed under ``no_grad``, so only the prototypes
+    learn from this loss; gradients still reach ``features`` if they require them.
+
+    Choices where the official code is inconsistent or sequential, documented:
+
+    * Queue rows are scored against the normalized prototypes, like the current rows (the official
+      code uses unnormalized ones for the queue).
+    * The queue is used once it is full (as in the official code); until then each image is
+      balanced over its own samples. The choice is made once per call.
+    * With a full queue, image b of a batch is balanced over the queue as it stands after images
+      0..b-1 were pushed, plus its own samples, exactly as the official per-image loop does, but
+      all images are solved in one batched Sinkhorn call over overlapping windows of one tensor.
+
+    Args:
+        num_classes: K. feat_dim: D.
+        class_prior: the Sinkhorn class marginal r (K,), e.g. :func:`cpsl_ops.class_distribution`
+            of the warm-up model's predictions; None is uniform until :meth:`set_class_prior`.
+        temperature: τ of the prototype logits (0.08). epsilon, sinkhorn_iters: ε and T (0.05, 3).
+        queue_size: rows of the memory bank (65,536; 0 disables it).
+        samples_per_image: pixels drawn per image (256).
+        ema_momentum: momentum m of :meth:`update_ema` (0.999).
+        ignore_index: label of ignored pixels in :meth:`rectify` (255).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 19,
+        feat_dim: int = 256,
+        class_prior: PriorLike = None,
+        temperature: float = 0.08,
+        epsilon: float = 0.05,
+        sinkhorn_iters: int = 3,
+        queue_size: int = 65536,
+        samples_per_image: int = 256,
+        ema_momentum: float = 0.999,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if queue_size < 0 or samples_per_image < 1:
+            raise ValueError("queue_size must be >= 0 and samples_per_image >= 1")
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iters = sinkhorn_iters
+        self.queue_size = queue_size
+        self.samples_per_image = samples_per_image
+        self.ema_momentum = ema_momentum
+        self.ignore_index = ignore_index
+        initial = F.normalize(torch.randn(num_classes, feat_dim), dim=1)
+        self.prototypes = nn.Parameter(initial.clone())
+        self.register_buffer("prototypes_ema", initial.clone())
+        self.register_buffer("class_prior", _prior_tensor(class_prior, num_classes))
+        self.register_buffer("feature_queue", torch.zeros(queue_size, feat_dim))
+        self.register_buffer("logit_queue", torch.zeros(queue_size, num_classes))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def feat_dim(self) -> int:
+        return self.prototypes.shape[1]
+
+    @torch.no_grad()
+    def init_prototypes(self, prototypes: Tensor) -> None:
+        """Set C and C' to the L2-normalized (K, D) ``prototypes`` (CPSL: warm-up class means)."""
+        if tuple(prototypes.shape) != tuple(self.prototypes.shape):
+            raise ValueError(f"prototypes must be {tuple(self.prototypes.shape)}, got {tuple(prototypes.shape)}")
+        normalized = F.normalize(prototypes.to(self.prototypes), dim=1)
+        self.prototypes.copy_(normalized)
+        self.prototypes_ema.copy_(normalized)
+
+    @torch.no_grad()
+    def set_class_prior(self, class_prior: PriorLike) -> None:
+        """Replace the Sinkhorn class marginal r (positive, normalized here)."""
+        self.class_prior.copy_(_prior_tensor(class_prior, self.num_classes))
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """C' <- m C' + (1 - m) C; call after each optimizer step."""
+        self.prototypes_ema.lerp_(self.prototypes.detach(), 1.0 - self.ema_momentum)
+
+    def prototype_logits(self, features: Tensor, ema: bool = True) -> Tensor:
+        """cos(f, c_k)/τ against C' (``ema=True``) or C, for (N, D) or (B, D, H, W) features."""
+        return prototype_similarity(features, self.prototypes_ema if ema else self.prototypes, self.temperature)
+
+    @torch.no_grad()
+    def rectify(self, soft_pseudo_labels: Tensor, features: Tensor, threshold: float = 0.0) -> Tuple[Tensor, Tensor]:
+        """CPSL rectification: argmax of P_ST · softmax(cos(f, C')/τ); returns (labels, confidence).
+
+        ``soft_pseudo_labels`` (B, K, H, W) and ``features`` (B, D, H, W) share H and W.
+        """
+        return rectify_pseudo_labels(
+            soft_pseudo_labels, self.prototype_logits(features), threshold, self.ignore_index
+        )
+
+    def _sample_pixels(self, maps: Tensor, index: Tensor) -> Tensor:
+        """(B, C, H, W) maps at (B, S) flat pixel indices -> (B, S, C)."""
+        flat = maps.flatten(2)
+        return flat.gather(2, index[:, None, :].expand(-1, flat.shape[1], -1)).transpose(1, 2)
+
+    def _queue_in_order(self, queue: Tensor) -> Tensor:
+        """The queue's rows from oldest to newest (it is a ring buffer)."""
+        ptr = int(self.queue_ptr)
+        return torch.cat([queue[ptr:], queue[:ptr]])
+
+    def _targets(self, current: Tensor, queued: Optional[Tensor]) -> Tensor:
+        """Sinkhorn targets (B, S, K) of the current scores (B, S, K), balanced with the queue."""
+        batch, samples, classes = current.shape
+        if queued is None:
+            return balanced_sinkhorn(current, self.class_prior, self.epsilon, self.sinkhorn_iters)
+        extended = torch.cat([queued.to(current.dtype), current.reshape(-1, classes)])
+        window = queued.shape[0] + samples
+        # Problem b covers the queue as it stands after images 0..b-1 were pushed, then image b.
+        problems = extended.as_strided((batch, window, classes), (samples * classes, classes, 1))
+        return balanced_sinkhorn(problems, self.class_prior, self.epsilon, self.sinkhorn_iters)[:, -samples:]
+
+    @torch.no_grad()
+    def _enqueue(self, queue: Tensor, rows: Tensor) -> None:
+        """Writes ``rows`` at the ring pointer; of more rows than the queue holds, the newest stay."""
+        kept = rows[-self.queue_size:]
+        start = int(self.queue_ptr) + rows.shape[0] - kept.shape[0]
+        index = (start + torch.arange(kept.shape[0], device=queue.device)) % self.queue_size
+        queue[index] = kept.to(queue.dtype)
+
+    def forward(self, features: Tensor, logits: Optional[Tensor] = None) -> Tensor:
+        """The self-labeling loss of a batch.
+
+        Args:
+            features: (B, D, H, W) pixel features (CPSL: the EMA network's, under ``no_grad``).
+            logits: optional (B, K, H, W) segmentation logits of the same pixels (CPSL: the EMA
+                network's), for the second Sinkhorn branch.
+
+        Returns:
+            Scalar loss: mean over sampled pixels of ``-Σ_k Q_k log P_k``, summed over branches.
+        """
+        if features.dim() != 4 or features.shape[1] != self.feat_dim:
+            raise ValueError(f"features must be (B, {self.feat_dim}, H, W), got shape {tuple(features.shape)}")
+        if logits is not None and (
+            logits.dim() != 4 or logits.shape[1] != self.num_classes or logits.shape[2:] != features.shape[2:]
+            or logits.shape[0] != features.shape[0]
+        ):
+            raise ValueError(
+                f"logits must be (B, {self.num_classes}, H, W) matching features {tuple(features.shape)}, "
+                f"got {tuple(logits.shape)}"
+            )
+        batch, _, height, width = features.shape
+        samples = min(self.samples_per_image, height * width)
+        index = torch.rand(batch, height * width, device=features.device).topk(samples, dim=1).indices
+        sampled = self._sample_pixels(features, index)  # (B, S, D)
+        predictions = prototype_similarity(sampled.reshape(-1, self.feat_dim), self.prototypes, self.temperature)
+        log_probabilities = predictions.float().log_softmax(dim=-1).view(batch, samples, -1)
+
+        queue_ready = self.queue_size > 0 and int(self.queue_len) == self.queue_size
+        with torch.no_grad():
+            cosines = predictions.detach().view(batch, samples, -1) * self.temperature
+            queued_cosines = (
+                prototype_similarity(self._queue_in_order(self.feature_queue), self.prototypes.detach(), 1.0)
+                if queue_ready else None
+            )
+            branch_targets = [self._targets(cosines, queued_cosines)]
+            normalized_features = F.normalize(sampled.detach().float(), dim=-1)
+            if logits is not None:
+                normalized_logits = F.normalize(self._sample_pixels(logits.detach(), index).float(), dim=-1)
+                queued_logits = self._queue_in_order(self.logit_queue) if queue_ready else None
+                branch_targets.append(self._targets(normalized_logits, queued_logits))
+        loss = sum(-(targets.float() * log_probabilities).sum(-1).mean() for targets in branch_targets)
+        if self.queue_size > 0:
+            with torch.no_grad():
+                self._enqueue(self.feature_queue, normalized_features.reshape(-1, self.feat_dim))
+                if logits is not None:
+                    self._enqueue(self.logit_queue, normalized_logits.reshape(-1, self.num_classes))
+                pushed = batch * samples
+                self.queue_ptr.copy_((self.queue_ptr + pushed) % self.queue_size)
+                self.queue_len.copy_(torch.clamp(self.queue_len + pushed, max=self.queue_size))
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, temperature={self.temperature}, "
+            f"epsilon={self.epsilon}, sinkhorn_iters={self.sinkhorn_iters}, queue_size={self.queue_size}, "
+            f"samples_per_image={self.samples_per_image}"
+        )

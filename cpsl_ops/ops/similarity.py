@@ -1,0 +1,45 @@
+"""cpsl_ops::similarity: fake kernels and autograd (schema and kernels: csrc/ops/similarity.cpp)."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+from torch import Tensor
+
+
+def logits_shape(features: Tensor, num_classes: int) -> Tuple[int, ...]:
+    """(N, K) for flat features, (B, K, H, W) for channel-first features."""
+    shape = list(features.shape)
+    shape[1] = num_classes
+    return tuple(shape)
+
+
+@torch.library.register_fake("cpsl_ops::similarity")
+def _similarity_fake(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
+    return features.new_empty(logits_shape(features, prototypes.shape[0]))
+
+
+@torch.library.register_fake("cpsl_ops::similarity_backward")
+def _similarity_backward_fake(
+    grad_logits: Tensor, features: Tensor, prototypes: Tensor, temperature: float
+) -> Tuple[Tensor, Tensor]:
+    return features.new_empty(features.shape), prototypes.new_empty(prototypes.shape)
+
+
+def _setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, float], output: Tensor) -> None:
+    features, prototypes, temperature = inputs
+    ctx.save_for_backward(features, prototypes)
+    ctx.temperature = temperature
+
+
+def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Tensor, Tensor, None]:
+    features, prototypes = ctx.saved_tensors
+    grad_features, grad_prototypes = torch.ops.cpsl_ops.similarity_backward(
+        grad_logits, features, prototypes, ctx.temperature
+    )
+    needs_features, needs_prototypes, _ = ctx.needs_input_grad
+    return (grad_features if needs_features else None, grad_prototypes if needs_prototypes else None, None)
+
+
+torch.library.register_autograd("cpsl_ops::similarity", _backward, setup_context=_setup_context)

@@ -1,0 +1,114 @@
+"""Pure-PyTorch reference of every ``cpsl_ops::`` op: the readable spec.
+
+Each function has the signature of the op schema of the same name (``csrc/ops/<op>.cpp``) and
+returns what the native kernels must return, computed in the accumulation dtype (fp32, or fp64
+for fp64 inputs) and cast back. It is also the fallback when the native extension is missing, so
+it raises the same ValueErrors on bad values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs, fp32 for everything else (as at::opmath_type in the kernels)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
+    """cos(f, c_k) / τ for (N, D) features -> (N, K), or (B, D, H, W) -> (B, K, H, W)."""
+    acc = accumulation_dtype(features.dtype)
+    f = F.normalize(features.to(acc), dim=1)
+    c = F.normalize(prototypes.to(acc), dim=1)
+    logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
+    return (logits / temperature).to(features.dtype)
+
+
+def balanced_sinkhorn(scores: Tensor, class_prior: Tensor, epsilon: float, num_iters: int) -> Tensor:
+    """Class-balanced Sinkhorn-Knopp on B problems: scores (B, N, K), class_prior (B, K).
+
+    The official iteration (CPSL, after SwAV) is, per problem, with r = prior / sum(prior)::
+
+        Q = exp(S / ε).T;  Q /= Q.sum()
+        repeat num_iters times:
+            Q /= Q.sum(1, keepdim=True);  Q *= r[:, None]    # class k sums to r_k
+            Q /= Q.sum(0, keepdim=True);  Q /= N             # every sample sums to 1/N
+        return (N * Q).T
+
+    That overflows exp for ε below ~0.011 in fp32. Here it is run with log-domain class potentials
+    a_k: after the last column step the result is the row softmax of S/ε + a, and one iteration is
+    a_k = log r_k - logsumexp_i(S_ik/ε) first, then a_k += log(N r_k) - log(sum_i softmax(S_i/ε + a)_k).
+    """
+    acc = accumulation_dtype(scores.dtype)
+    prior = class_prior.to(acc)
+    if not (torch.isfinite(prior).all() and (prior > 0).all()):
+        raise ValueError("balanced_sinkhorn: class_prior must be positive and finite in every class")
+    log_prior = (prior / prior.sum(-1, keepdim=True)).log()[:, None, :]  # (B, 1, K)
+    scaled = scores.to(acc) / epsilon
+    if not torch.isfinite(scaled).all():
+        raise ValueError("balanced_sinkhorn: scores / epsilon has NaN or infinite values")
+    if scores.numel() == 0:
+        return scores.clone()
+    log_num_samples = math.log(scores.shape[1])
+    potential = log_prior - scaled.logsumexp(dim=1, keepdim=True)
+    for _ in range(num_iters - 1):
+        column_mass = (scaled + potential).softmax(dim=-1).sum(dim=1, keepdim=True)
+        potential = potential + log_prior + log_num_samples - column_mass.clamp_min(torch.finfo(acc).tiny).log()
+    return (scaled + potential).softmax(dim=-1).to(scores.dtype)
+
+
+def update_prototypes(
+    prototypes: Tensor, features: Tensor, labels: Tensor, momentum: float, ignore_index: int
+) -> Tuple[Tensor, Tensor]:
+    """Class-wise masked means of features, then p_k <- m p_k + (1 - m) mean_k for present classes.
+
+    features (N, D) or (B, D, H, W); labels (N,) or (B, H, W). Returns (new_prototypes, counts).
+    """
+    num_classes, dim = prototypes.shape
+    acc = accumulation_dtype(features.dtype)
+    flat_features = features.to(acc) if features.dim() == 2 else features.to(acc).permute(0, 2, 3, 1).reshape(-1, dim)
+    flat_labels = labels.reshape(-1).long()
+    valid = flat_labels != ignore_index
+    out_of_range = valid & ((flat_labels < 0) | (flat_labels >= num_classes))
+    if out_of_range.any():
+        bad = flat_labels[out_of_range][0].item()
+        raise ValueError(
+            f"update_prototypes: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, found {bad}"
+        )
+    one_hot = F.one_hot(flat_labels[valid], num_classes).to(acc)  # (M, K)
+    sums = one_hot.T @ flat_features[valid]
+    counts = one_hot.sum(0)
+    present = counts > 0
+    means = sums / counts.clamp_min(1)[:, None]
+    old = prototypes.to(acc)
+    updated = torch.where(present[:, None], momentum * old + (1 - momentum) * means, old)
+    return updated.to(prototypes.dtype), counts.long()
+
+
+def rectify_pseudo_labels(
+    soft_pseudo_labels: Tensor, prototype_logits: Tensor, threshold: float, ignore_index: int
+) -> Tuple[Tensor, Tensor]:
+    """labels = argmax_k p_k softmax(l)_k; confidence = max_k(p_k softmax(l)_k) / sum_k(...).
+
+    The softmax normalizer cancels in both, so w = log p + l is enough and never divides 0 by 0.
+    Pixels under ``threshold``, or whose soft label has no mass, get ``ignore_index``.
+    """
+    acc = accumulation_dtype(soft_pseudo_labels.dtype)
+    p = soft_pseudo_labels.to(acc)
+    logits = prototype_logits.to(acc)
+    if not (torch.isfinite(p).all() and (p >= 0).all() and torch.isfinite(logits).all()):
+        raise ValueError(
+            "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and prototype_logits finite"
+        )
+    w = p.log() + logits
+    best, labels = w.max(dim=1)
+    has_mass = best > -math.inf
+    confidence = torch.where(has_mass, (best - w.logsumexp(dim=1)).exp(), torch.zeros_like(best))
+    labels = torch.where(has_mass & (confidence >= threshold), labels, torch.full_like(labels, ignore_index))
+    return labels, confidence.to(soft_pseudo_labels.dtype)

@@ -1,0 +1,111 @@
+// CPU kernel of cpsl_ops::update_prototypes (schema: ops/prototype_update.cpp).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cpsl_ops/cpu_tile.h"
+#include "cpsl_ops/layout.h"
+#include "cpsl_ops/macros.h"
+
+namespace cpsl_ops {
+namespace {
+
+template <typename scalar_t, typename label_t>
+void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& features, const at::Tensor& labels,
+                              double momentum, int64_t ignore_index, at::Tensor& new_prototypes, at::Tensor& counts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Strided3d<const scalar_t> f(as_batch_channel_pixel(features));
+  const at::Tensor label_view = as_batch_pixel(labels);
+  const label_t* label_data = label_view.data_ptr<label_t>();
+  const int64_t label_stride0 = label_view.stride(0), label_stride1 = label_view.stride(1);
+  const int64_t classes = prototypes.size(0), channels = prototypes.size(1);
+  const PixelTiles tiles(label_view.size(1));
+  const int64_t total_tiles = label_view.size(0) * tiles.per_image;
+  const int64_t block = deterministic_block_size(total_tiles, 64, 64);
+  const int64_t num_blocks = (total_tiles + block - 1) / block;
+
+  std::vector<acc_t> partial_sums(num_blocks * classes * channels, acc_t(0));
+  std::vector<int64_t> partial_counts(num_blocks * classes, 0);
+  std::atomic<bool> bad_label{false};
+  std::atomic<int64_t> bad_value{0};
+
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    int64_t tile_labels[kPixelTile];
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      acc_t* sums = partial_sums.data() + blk * classes * channels;
+      int64_t* block_counts = partial_counts.data() + blk * classes;
+      for (int64_t t = blk * block; t < std::min(total_tiles, (blk + 1) * block); ++t) {
+        const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t label = static_cast<int64_t>(label_data[b * label_stride0 + (p0 + j) * label_stride1]);
+          if (label == ignore_index) {
+            tile_labels[j] = -1;
+          } else if (label < 0 || label >= classes) {
+            tile_labels[j] = -1;
+            bad_value = label;
+            bad_label = true;
+          } else {
+            tile_labels[j] = label;
+            ++block_counts[label];
+          }
+        }
+        for (int64_t c = 0; c < channels; ++c)
+          for (int64_t j = 0; j < count; ++j)
+            if (tile_labels[j] >= 0) sums[tile_labels[j] * channels + c] += static_cast<acc_t>(f(b, c, p0 + j));
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(!bad_label, "update_prototypes: labels must lie in [0, ", classes, ") or equal ignore_index=",
+                    ignore_index, ", found ", bad_value.load());
+
+  const at::Tensor old = prototypes.contiguous();
+  const scalar_t* old_data = old.data_ptr<scalar_t>();
+  scalar_t* out = new_prototypes.data_ptr<scalar_t>();
+  int64_t* count_out = counts.data_ptr<int64_t>();
+  const acc_t keep = static_cast<acc_t>(momentum);
+  for (int64_t k = 0; k < classes; ++k) {
+    int64_t n = 0;
+    for (int64_t blk = 0; blk < num_blocks; ++blk) n += partial_counts[blk * classes + k];
+    count_out[k] = n;
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t previous = static_cast<acc_t>(old_data[k * channels + c]);
+      acc_t sum = 0;
+      for (int64_t blk = 0; blk < num_blocks; ++blk) sum += partial_sums[(blk * classes + k) * channels + c];
+      out[k * channels + c] =
+          static_cast<scalar_t>(n > 0 ? keep * previous + (acc_t(1) - keep) * (sum / static_cast<acc_t>(n)) : previous);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> update_prototypes_cpu(const at::Tensor& prototypes, const at::Tensor& features,
+                                                         const at::Tensor& labels, double momentum,
+                                                         int64_t ignore_index) {
+  TORCH_CHECK(prototypes.dim() == 2, "update_prototypes: prototypes must be (K, D)");
+  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "update_prototypes: features must be (N, D) or (B, D, H, W)");
+  TORCH_CHECK(labels.dim() == features.dim() - 1, "update_prototypes: labels must be (N,) or (B, H, W)");
+  TORCH_CHECK(features.size(1) == prototypes.size(1), "update_prototypes: features and prototypes differ in D");
+  TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "update_prototypes: features and prototypes differ in dtype");
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "update_prototypes: labels must have an integer dtype");
+  TORCH_CHECK(momentum >= 0 && momentum <= 1, "update_prototypes: momentum must lie in [0, 1], got ", momentum);
+  at::Tensor new_prototypes = at::empty(prototypes.sizes(), prototypes.options());
+  at::Tensor counts = at::zeros({prototypes.size(0)}, prototypes.options().dtype(at::kLong));
+  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "update_prototypes_cpu", [&] {
+    using feature_t = scalar_t;
+    AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "update_prototypes_cpu_labels", [&] {
+      update_prototypes_kernel<feature_t, scalar_t>(prototypes, features, labels, momentum, ignore_index, new_prototypes,
+                                                    counts);
+    });
+  });
+  return {new_prototypes, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("update_prototypes", &update_prototypes_cpu); }
+
+}  // namespace cpsl_ops

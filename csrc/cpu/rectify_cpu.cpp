@@ -1,0 +1,68 @@
+// CPU kernel of cpsl_ops::rectify_pseudo_labels (schema: ops/rectify.cpp; math: rectify_math.h).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "cpsl_ops/cpu_tile.h"
+#include "cpsl_ops/layout.h"
+#include "cpsl_ops/rectify_math.h"
+
+namespace cpsl_ops {
+namespace {
+
+template <typename scalar_t>
+void rectify_kernel(const at::Tensor& soft, const at::Tensor& logits, double threshold, int64_t ignore_index,
+                    at::Tensor& labels, at::Tensor& confidence) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Strided3d<const scalar_t> p(as_batch_channel_pixel(soft));
+  const Strided3d<const scalar_t> l(as_batch_channel_pixel(logits));
+  int64_t* label_out = labels.data_ptr<int64_t>();
+  scalar_t* confidence_out = confidence.data_ptr<scalar_t>();
+  const int64_t classes = soft.size(1);
+  const PixelTiles tiles(labels.size(1) * labels.size(2));
+  std::atomic<bool> invalid{false};
+
+  at::parallel_for(0, labels.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
+      RectifyAccumulator<acc_t> acc[kPixelTile];
+      for (int64_t k = 0; k < classes; ++k)
+        for (int64_t j = 0; j < count; ++j) {
+          const acc_t probability = static_cast<acc_t>(p(b, k, p0 + j));
+          const acc_t logit = static_cast<acc_t>(l(b, k, p0 + j));
+          if (!valid_probability(probability) || !std::isfinite(logit)) invalid = true;
+          acc[j].add(probability, logit, k);
+        }
+      const int64_t offset = b * tiles.pixels + p0;
+      for (int64_t j = 0; j < count; ++j) {
+        confidence_out[offset + j] = static_cast<scalar_t>(acc[j].confidence());
+        label_out[offset + j] = acc[j].label(static_cast<acc_t>(threshold), ignore_index);
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(!invalid, "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and "
+                              "prototype_logits finite");
+}
+
+std::tuple<at::Tensor, at::Tensor> rectify_pseudo_labels_cpu(const at::Tensor& soft, const at::Tensor& logits,
+                                                             double threshold, int64_t ignore_index) {
+  TORCH_CHECK(soft.dim() == 4 && soft.sizes() == logits.sizes(),
+              "rectify_pseudo_labels: soft_pseudo_labels and prototype_logits must both be (B, K, H, W)");
+  TORCH_CHECK(soft.scalar_type() == logits.scalar_type(), "rectify_pseudo_labels: inputs differ in dtype");
+  at::Tensor labels = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options().dtype(at::kLong));
+  at::Tensor confidence = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options());
+  if (labels.numel() == 0) return {labels, confidence};
+  CPSL_DISPATCH_FLOATING_TYPES(soft.scalar_type(), "rectify_pseudo_labels_cpu", [&] {
+    rectify_kernel<scalar_t>(soft, logits, threshold, ignore_index, labels, confidence);
+  });
+  return {labels, confidence};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("rectify_pseudo_labels", &rectify_pseudo_labels_cpu); }
+
+}  // namespace cpsl_ops

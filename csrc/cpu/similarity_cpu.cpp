@@ -1,0 +1,207 @@
+// CPU kernels of cpsl_ops::similarity and its backward (schema and math: ops/similarity.cpp).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpsl_ops/cpu_tile.h"
+#include "cpsl_ops/layout.h"
+#include "cpsl_ops/similarity_math.h"
+
+namespace cpsl_ops {
+namespace {
+
+void check_similarity_inputs(const at::Tensor& features, const at::Tensor& prototypes, double temperature) {
+  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "similarity: features must be (N, D) or (B, D, H, W)");
+  TORCH_CHECK(prototypes.dim() == 2, "similarity: prototypes must be (K, D)");
+  TORCH_CHECK(features.size(1) == prototypes.size(1), "similarity: features have D = ", features.size(1),
+              " channels but prototypes have D = ", prototypes.size(1));
+  TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "similarity: features and prototypes differ in dtype");
+  TORCH_CHECK(temperature > 0, "similarity: temperature must be positive, got ", temperature);
+}
+
+// (N, K) for flat features, (B, K, H, W) for channel-first ones.
+std::vector<int64_t> logits_shape(const at::Tensor& features, int64_t num_classes) {
+  std::vector<int64_t> shape(features.sizes().begin(), features.sizes().end());
+  shape[1] = num_classes;  // channels are dim 1 in both layouts
+  return shape;
+}
+
+template <typename acc_t>
+struct NormalizedRows {
+  std::vector<acc_t> values;     // rows / max(|row|, eps), row-major
+  std::vector<acc_t> inv_norm;   // 1 / max(|row|, eps)
+  std::vector<acc_t> switch_on;  // projection switch of the normalization's derivative
+};
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+NormalizedRows<acc_t> normalize_rows(const at::Tensor& matrix) {
+  const at::Tensor m = matrix.contiguous();
+  const scalar_t* data = m.data_ptr<scalar_t>();
+  const int64_t rows = m.size(0), cols = m.size(1);
+  NormalizedRows<acc_t> out{std::vector<acc_t>(rows * cols), std::vector<acc_t>(rows), std::vector<acc_t>(rows)};
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t squared = 0;
+    for (int64_t c = 0; c < cols; ++c) squared += static_cast<acc_t>(data[r * cols + c]) * static_cast<acc_t>(data[r * cols + c]);
+    out.inv_norm[r] = inverse_clamped_norm(squared);
+    out.switch_on[r] = projection_switch(squared);
+    for (int64_t c = 0; c < cols; ++c) out.values[r * cols + c] = static_cast<acc_t>(data[r * cols + c]) * out.inv_norm[r];
+  }
+  return out;
+}
+
+// Per tile: cosines[k * kPixelTile + j] and the pixels' inverse norms and projection switches.
+template <typename acc_t>
+void tile_cosines(const acc_t* tile, const acc_t* prototypes_hat, int64_t channels, int64_t classes, int64_t count,
+                  acc_t* cosines, acc_t* inv_norm, acc_t* switch_on) {
+  acc_t squared[kPixelTile] = {};
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t j = 0; j < count; ++j) squared[j] += tile[c * kPixelTile + j] * tile[c * kPixelTile + j];
+  for (int64_t j = 0; j < count; ++j) {
+    inv_norm[j] = inverse_clamped_norm(squared[j]);
+    switch_on[j] = projection_switch(squared[j]);
+  }
+  for (int64_t k = 0; k < classes; ++k) {
+    acc_t* row = cosines + k * kPixelTile;
+    std::fill(row, row + count, acc_t(0));
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t weight = prototypes_hat[k * channels + c];
+      for (int64_t j = 0; j < count; ++j) row[j] += weight * tile[c * kPixelTile + j];
+    }
+    for (int64_t j = 0; j < count; ++j) row[j] *= inv_norm[j];
+  }
+}
+
+template <typename scalar_t>
+void similarity_forward_kernel(const at::Tensor& features, const at::Tensor& prototypes, double temperature,
+                               at::Tensor& logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Strided3d<const scalar_t> f(as_batch_channel_pixel(features));
+  const at::Tensor logits_view = as_batch_channel_pixel(logits);
+  const Strided3d<scalar_t> out(logits_view);
+  const int64_t channels = prototypes.size(1), classes = prototypes.size(0);
+  const PixelTiles tiles(logits_view.size(2));
+  const auto prototypes_hat = normalize_rows<scalar_t>(prototypes);
+  const acc_t inv_temperature = acc_t(1) / static_cast<acc_t>(temperature);
+
+  at::parallel_for(0, logits_view.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile);
+    acc_t inv_norm[kPixelTile], switch_on[kPixelTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
+      load_pixel_tile(f, b, channels, p0, count, tile.data());
+      tile_cosines(tile.data(), prototypes_hat.values.data(), channels, classes, count, cosines.data(), inv_norm,
+                   switch_on);
+      for (int64_t k = 0; k < classes; ++k)
+        for (int64_t j = 0; j < count; ++j)
+          out(b, k, p0 + j) = static_cast<scalar_t>(cosines[k * kPixelTile + j] * inv_temperature);
+    }
+  });
+}
+
+template <typename scalar_t>
+void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor& features,
+                                const at::Tensor& prototypes, double temperature, at::Tensor& grad_features,
+                                at::Tensor& grad_prototypes) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Strided3d<const scalar_t> f(as_batch_channel_pixel(features));
+  const Strided3d<const scalar_t> grad(as_batch_channel_pixel(grad_logits));
+  const at::Tensor grad_features_view = as_batch_channel_pixel(grad_features);
+  const Strided3d<scalar_t> grad_f(grad_features_view);
+  const int64_t batch = grad_features_view.size(0), channels = prototypes.size(1), classes = prototypes.size(0);
+  const PixelTiles tiles(grad_features_view.size(2));
+  const auto prototypes_hat = normalize_rows<scalar_t>(prototypes);
+  const acc_t inv_temperature = acc_t(1) / static_cast<acc_t>(temperature);
+
+  // grad wrt the normalized prototypes, summed per fixed block of tiles and merged in order.
+  const int64_t total_tiles = batch * tiles.per_image;
+  const int64_t block = deterministic_block_size(total_tiles, 16, 64);
+  const int64_t num_blocks = (total_tiles + block - 1) / block;
+  std::vector<acc_t> partial(num_blocks * classes * channels, acc_t(0));
+
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile), g(classes * kPixelTile);
+    acc_t inv_norm[kPixelTile], switch_on[kPixelTile], grad_dot_cos[kPixelTile], grad_hat[kPixelTile];
+    for (int64_t blk = block_begin; blk < block_end; ++blk) {
+      acc_t* grad_prototypes_hat = partial.data() + blk * classes * channels;
+      for (int64_t t = blk * block; t < std::min(total_tiles, (blk + 1) * block); ++t) {
+        const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
+        load_pixel_tile(f, b, channels, p0, count, tile.data());
+        tile_cosines(tile.data(), prototypes_hat.values.data(), channels, classes, count, cosines.data(), inv_norm,
+                     switch_on);
+        std::fill(grad_dot_cos, grad_dot_cos + kPixelTile, acc_t(0));
+        for (int64_t k = 0; k < classes; ++k)
+          for (int64_t j = 0; j < count; ++j) {
+            g[k * kPixelTile + j] = static_cast<acc_t>(grad(b, k, p0 + j)) * inv_temperature;
+            grad_dot_cos[j] += g[k * kPixelTile + j] * cosines[k * kPixelTile + j];
+          }
+        for (int64_t c = 0; c < channels; ++c) {
+          std::fill(grad_hat, grad_hat + count, acc_t(0));
+          for (int64_t k = 0; k < classes; ++k) {
+            const acc_t weight = prototypes_hat.values[k * channels + c];
+            acc_t prototype_grad = 0;
+            for (int64_t j = 0; j < count; ++j) {
+              grad_hat[j] += weight * g[k * kPixelTile + j];
+              prototype_grad += g[k * kPixelTile + j] * tile[c * kPixelTile + j] * inv_norm[j];
+            }
+            grad_prototypes_hat[k * channels + c] += prototype_grad;
+          }
+          for (int64_t j = 0; j < count; ++j)
+            grad_f(b, c, p0 + j) = static_cast<scalar_t>(normalized_input_grad(
+                grad_hat[j], grad_dot_cos[j], tile[c * kPixelTile + j], inv_norm[j], switch_on[j]));
+        }
+      }
+    }
+  });
+
+  std::vector<acc_t> total(classes * channels, acc_t(0));
+  for (int64_t blk = 0; blk < num_blocks; ++blk)
+    for (int64_t i = 0; i < classes * channels; ++i) total[i] += partial[blk * classes * channels + i];
+  const at::Tensor raw = prototypes.contiguous();
+  const scalar_t* c_data = raw.data_ptr<scalar_t>();
+  scalar_t* out = grad_prototypes.data_ptr<scalar_t>();
+  for (int64_t k = 0; k < classes; ++k) {
+    acc_t grad_dot_hat = 0;
+    for (int64_t c = 0; c < channels; ++c) grad_dot_hat += total[k * channels + c] * prototypes_hat.values[k * channels + c];
+    for (int64_t c = 0; c < channels; ++c)
+      out[k * channels + c] = static_cast<scalar_t>(
+          normalized_input_grad(total[k * channels + c], grad_dot_hat, static_cast<acc_t>(c_data[k * channels + c]),
+                                prototypes_hat.inv_norm[k], prototypes_hat.switch_on[k]));
+  }
+}
+
+at::Tensor similarity_cpu(const at::Tensor& features, const at::Tensor& prototypes, double temperature) {
+  check_similarity_inputs(features, prototypes, temperature);
+  at::Tensor logits = at::empty(logits_shape(features, prototypes.size(0)), features.options());
+  if (logits.numel() == 0) return logits;
+  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "similarity_cpu", [&] {
+    similarity_forward_kernel<scalar_t>(features, prototypes, temperature, logits);
+  });
+  return logits;
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_backward_cpu(const at::Tensor& grad_logits, const at::Tensor& features,
+                                                           const at::Tensor& prototypes, double temperature) {
+  check_similarity_inputs(features, prototypes, temperature);
+  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef(logits_shape(features, prototypes.size(0))),
+              "similarity_backward: grad_logits has the wrong shape");
+  at::Tensor grad_features = at::empty(features.sizes(), features.options());
+  at::Tensor grad_prototypes = at::zeros(prototypes.sizes(), prototypes.options());
+  if (grad_features.numel() == 0) return {grad_features, grad_prototypes};
+  const at::Tensor grad = grad_logits.to(features.scalar_type());
+  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "similarity_backward_cpu", [&] {
+    similarity_backward_kernel<scalar_t>(grad, features, prototypes, temperature, grad_features, grad_prototypes);
+  });
+  return {grad_features, grad_prototypes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) {
+  m.impl("similarity", &similarity_cpu);
+  m.impl("similarity_backward", &similarity_backward_cpu);
+}
+
+}  // namespace cpsl_ops

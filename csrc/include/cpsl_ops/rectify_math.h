@@ -1,0 +1,46 @@
+// Arithmetic of pseudo-label rectification, shared by the CPU and CUDA kernels.
+//
+// label = argmax_k p_k · softmax(l)_k and confidence = max_k(p_k softmax(l)_k) / sum_k(...). The
+// softmax normalizer cancels in both, so each pixel needs only w_k = log p_k + l_k: the label is the
+// first argmax of w and the confidence is exp(max w - logsumexp w), which never divides 0 by 0
+// when products underflow.
+#pragma once
+#include <cmath>
+#include <limits>
+
+#include "cpsl_ops/macros.h"
+
+namespace cpsl_ops {
+
+template <typename acc_t>
+struct RectifyAccumulator {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = acc_t(0);  // sum_k exp(w_k - max)
+  long argmax = -1;
+
+  CPSL_HOST_DEVICE void add(acc_t probability, acc_t logit, long k) {
+    const acc_t w = std::log(probability) + logit;
+    if (w > max) {  // strict: ties keep the first class, as torch.argmax does
+      sum = sum * std::exp(max - w) + acc_t(1);
+      max = w;
+      argmax = k;
+    } else if (w > -std::numeric_limits<acc_t>::infinity()) {
+      sum += std::exp(w - max);
+    }
+  }
+
+  // A pixel whose soft label has no mass on any class gets confidence 0.
+  CPSL_HOST_DEVICE acc_t confidence() const { return argmax < 0 ? acc_t(0) : acc_t(1) / sum; }
+
+  CPSL_HOST_DEVICE long label(acc_t threshold, long ignore_index) const {
+    return (argmax < 0 || confidence() < threshold) ? ignore_index : argmax;
+  }
+};
+
+// False for negative, NaN and infinite soft labels, which have no log.
+template <typename acc_t>
+CPSL_HOST_DEVICE bool valid_probability(acc_t p) {
+  return p >= acc_t(0) && p < std::numeric_limits<acc_t>::infinity();
+}
+
+}  // namespace cpsl_ops

@@ -1,0 +1,62 @@
+// Arithmetic of the balanced Sinkhorn-Knopp iteration, shared by the CPU and CUDA kernels.
+//
+// The official iteration scales Q = exp(S/ε)ᵀ alternately so that class k sums to r_k and every
+// sample sums to 1/N, and returns the rows of N·Qᵀ. Writing Q_ik = exp(S_ik/ε + a_k + b_i) and
+// eliminating the sample potentials b_i, the output after the last column step is the row softmax
+// P_ik(a) = softmax_k(S_ik/ε + a_k) and one full iteration becomes, in the log domain,
+//   first:  a_k = log r_k - logsumexp_i(S_ik/ε)
+//   then:   a_k += log(N r_k) - log(sum_i P_ik(a))
+// Every exponential is taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16
+// scores stay finite.
+#pragma once
+#include <cmath>
+#include <limits>
+
+#include "cpsl_ops/macros.h"
+
+namespace cpsl_ops {
+
+// A running log-sum-exp: value = max + log(sum).
+template <typename acc_t>
+struct OnlineLogSumExp {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = acc_t(0);
+
+  CPSL_HOST_DEVICE void add(acc_t x) {
+    if (x > max) {
+      sum = sum * std::exp(max - x) + acc_t(1);
+      max = x;
+    } else {
+      sum += std::exp(x - max);
+    }
+  }
+
+  CPSL_HOST_DEVICE void merge(const OnlineLogSumExp& other) {
+    if (other.sum == acc_t(0)) return;
+    if (other.max > max) {
+      sum = sum * std::exp(max - other.max) + other.sum;
+      max = other.max;
+    } else {
+      sum += other.sum * std::exp(other.max - max);
+    }
+  }
+
+  CPSL_HOST_DEVICE acc_t value() const { return max + std::log(sum); }
+};
+
+// Class potential after the first iteration, from the column log-sum-exp of S/ε.
+template <typename acc_t>
+CPSL_HOST_DEVICE acc_t initial_class_potential(acc_t log_prior, acc_t column_logsumexp) {
+  return log_prior - column_logsumexp;
+}
+
+// Class potential after one more iteration. The column mass of a row softmax is bounded below by
+// r_k/N in exact arithmetic; the floor only keeps a rounding underflow from turning into inf.
+template <typename acc_t>
+CPSL_HOST_DEVICE acc_t next_class_potential(
+    acc_t potential, acc_t log_prior, acc_t log_num_samples, acc_t column_mass) {
+  const acc_t floor = std::numeric_limits<acc_t>::min();
+  return potential + log_prior + log_num_samples - std::log(column_mass > floor ? column_mass : floor);
+}
+
+}  // namespace cpsl_ops

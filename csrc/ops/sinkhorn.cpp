@@ -1,0 +1,19 @@
+// cpsl_ops::balanced_sinkhorn — class-balanced Sinkhorn-Knopp assignment (CPSL, SwAV with a prior).
+//
+//   balanced_sinkhorn(scores, class_prior, epsilon, num_iters) -> assignment
+//     scores       (B, N, K): B independent problems of N samples and K classes; fp16, bf16, fp32
+//                  or fp64; any strides (overlapping windows of one tensor are fine)
+//     class_prior  (B, K), positive, any float dtype; normalized by the kernel
+//     epsilon      > 0, the entropic regularization
+//     num_iters    >= 1 row-then-column scaling iterations
+//     assignment   (B, N, K), dtype of scores, contiguous; each row sums to 1
+//
+// Returns exactly what the official exp-domain iteration returns, computed with the log-domain
+// potentials of include/cpsl_ops/sinkhorn_math.h: num_iters + 1 passes over the scores, each
+// parallel over fixed blocks of rows. NaN or infinite scores raise. No gradient: the targets are
+// detached by design. Kernels: cpu/sinkhorn_cpu.cpp, cuda/sinkhorn_cuda.cu.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
+  m.def("balanced_sinkhorn(Tensor scores, Tensor class_prior, float epsilon, int num_iters) -> Tensor");
+}
