@@ -43,3 +43,18 @@ def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Tensor, Tensor, None]:
 
 
 torch.library.register_autograd("cpsl_ops::similarity", _backward, setup_context=_setup_context)
+
+
+def _double_backward(ctx: Any, grad_features: Tensor, grad_prototypes: Tensor) -> None:
+    raise RuntimeError(
+        "cpsl_ops: double backward through prototype_similarity is not implemented; use the reference "
+        "backend (cpsl_ops.use_backend('reference')) for higher-order gradients"
+    )
+
+
+def _no_context(ctx: Any, inputs: Tuple, output: Tuple[Tensor, Tensor]) -> None:
+    pass
+
+
+# Without this, autograd would treat the backward kernel as constant and return wrong second derivatives.
+torch.library.register_autograd("cpsl_ops::similarity_backward", _double_backward, setup_context=_no_context)

@@ -11,14 +11,20 @@ namespace cpsl_ops {
 // Pixels per tile. A D×64 fp32 tile of D = 256 (64 KiB) stays in L2 while it is used.
 constexpr int64_t kPixelTile = 64;
 
-// Element (i, j, l) of a 3-d tensor with arbitrary strides.
+// Element (i, j, l) of a 3-d tensor with arbitrary strides. It holds the tensor, so a view that
+// had to be copied (as_batch_channel_pixel of unmergeable strides) lives as long as the accessor.
 template <typename T>
 struct Strided3d {
+  at::Tensor tensor;
   T* data;
   int64_t stride0, stride1, stride2;
 
-  explicit Strided3d(const at::Tensor& t)
-      : data(t.data_ptr<std::remove_const_t<T>>()), stride0(t.stride(0)), stride1(t.stride(1)), stride2(t.stride(2)) {}
+  explicit Strided3d(at::Tensor t)
+      : tensor(std::move(t)),
+        data(tensor.data_ptr<std::remove_const_t<T>>()),
+        stride0(tensor.stride(0)),
+        stride1(tensor.stride(1)),
+        stride2(tensor.stride(2)) {}
 
   T& operator()(int64_t i, int64_t j, int64_t l) const { return data[i * stride0 + j * stride1 + l * stride2]; }
 };

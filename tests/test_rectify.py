@@ -1,0 +1,101 @@
+"""rectify_pseudo_labels and class_distribution."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cpsl_ops
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
+
+IGNORE = 255
+
+
+@st.composite
+def rectify_case(draw):
+    shape = (draw(st.integers(0, 3)), draw(st.integers(1, 25)), draw(st.integers(1, 7)), draw(st.integers(0, 50)))
+    return shape, draw(st.sampled_from([0.0, 0.3, 0.6])), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+def soft_labels(shape, dtype, device, seed, transposed=False):
+    return random_tensor(shape, torch.float32, device, seed, transposed=transposed).softmax(dim=1).to(dtype)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@given(case=rectify_case())
+def test_matches_reference(device, dtype, case):
+    shape, threshold, transposed, seed = case
+    soft = soft_labels(shape, dtype, device, seed, transposed)
+    logits = random_tensor(shape, dtype, device, seed + 1, scale=5.0)
+    (labels, confidence), (expected_labels, expected_confidence) = native_and_reference(
+        cpsl_ops.rectify_pseudo_labels, soft, logits, threshold, IGNORE)
+    assert labels.dtype == torch.long and confidence.dtype == dtype
+    assert_close(confidence, expected_confidence, dtype)
+    # Labels may differ only where two classes tie to within rounding.
+    mismatch = labels != expected_labels
+    assert mismatch.sum().item() <= (0 if dtype == torch.float64 else 0.02 * mismatch.numel())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_definition_on_a_known_pixel(device):
+    soft = torch.tensor([0.5, 0.3, 0.2], device=device).view(1, 3, 1, 1)
+    logits = torch.tensor([0.0, 1.0, 0.0], device=device).view(1, 3, 1, 1)
+    product = soft.flatten() * logits.flatten().softmax(0)
+    labels, confidence = cpsl_ops.rectify_pseudo_labels(soft, logits)
+    assert labels.item() == product.argmax().item() == 1
+    torch.testing.assert_close(confidence.flatten(), (product.max() / product.sum()).view(1))
+    ignored, _ = cpsl_ops.rectify_pseudo_labels(soft, logits, threshold=0.9, ignore_index=IGNORE)
+    assert ignored.item() == IGNORE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_underflowing_products_and_zero_mass(device):
+    soft = torch.tensor([[1.0, 0.0], [0.0, 0.0]], device=device).T.reshape(1, 2, 1, 2)
+    logits = torch.tensor([[-200.0, 200.0], [0.0, 0.0]], device=device).T.reshape(1, 2, 1, 2)
+    labels, confidence = cpsl_ops.rectify_pseudo_labels(soft, logits, ignore_index=IGNORE)
+    assert labels.flatten().tolist() == [0, IGNORE]
+    assert confidence.flatten().tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("bad_soft, bad_logit", [(-0.1, 0.0), (float("nan"), 0.0), (0.5, float("inf"))])
+def test_bad_values_raise(backend, bad_soft, bad_logit):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    soft, logits = torch.rand(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
+    soft[0, 1, 1, 0], logits[0, 2, 0, 1] = bad_soft, bad_logit
+    with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match="non-negative"):
+        cpsl_ops.rectify_pseudo_labels(soft, logits)
+
+
+def test_mixed_dtypes_are_promoted():
+    labels, confidence = cpsl_ops.rectify_pseudo_labels(torch.rand(1, 3, 2, 2), torch.randn(1, 3, 2, 2).bfloat16())
+    assert confidence.dtype == torch.float32 and labels.shape == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "soft, logits, error, message",
+    [
+        (torch.rand(3, 2, 2), torch.rand(3, 2, 2), ValueError, "soft_pseudo_labels must be"),
+        (torch.rand(1, 3, 2, 2), torch.rand(1, 4, 2, 2), ValueError, "must have the same shape"),
+        (torch.rand(1, 0, 2, 2), torch.rand(1, 0, 2, 2), ValueError, "class dimension K must not be empty"),
+        (torch.ones(1, 3, 2, 2, dtype=torch.long), torch.rand(1, 3, 2, 2), TypeError, "fp16"),
+        (torch.rand(1, 3, 2, 2), torch.rand(1, 3, 2, 2, device="meta"), ValueError, "on meta"),
+    ],
+)
+def test_bad_input(soft, logits, error, message):
+    with pytest.raises(error, match=message):
+        cpsl_ops.rectify_pseudo_labels(soft, logits)
+
+
+def test_class_distribution():
+    labels = torch.tensor([[0, 1, 1, IGNORE], [2, 2, 2, IGNORE]])
+    torch.testing.assert_close(cpsl_ops.class_distribution(labels, 4), torch.tensor([1 / 6, 2 / 6, 3 / 6, 0.0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        cpsl_ops.class_distribution(labels, 2)
+    with pytest.raises(ValueError, match="every label equals ignore_index"):
+        cpsl_ops.class_distribution(torch.full((3,), IGNORE), 4)
+    with pytest.raises(TypeError, match="integer"):
+        cpsl_ops.class_distribution(torch.rand(3), 4)

@@ -1,0 +1,129 @@
+"""prototype_similarity: native kernels against the reference, gradients, properties, bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cpsl_ops
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
+
+TEMPERATURE = 0.08
+
+
+@st.composite
+def similarity_case(draw):
+    channel_first = draw(st.booleans())
+    dim = draw(st.integers(1, 40))
+    classes = draw(st.integers(1, 24))
+    if channel_first:
+        shape = (draw(st.integers(0, 3)), dim, draw(st.integers(1, 9)), draw(st.integers(0, 70)))
+    else:
+        shape = (draw(st.integers(0, 150)), dim)
+    return shape, classes, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@given(case=similarity_case())
+def test_forward_matches_reference(device, dtype, case):
+    shape, classes, transposed, seed = case
+    features = random_tensor(shape, dtype, device, seed, transposed=transposed)
+    prototypes = random_tensor((classes, shape[1]), dtype, device, seed + 1)
+    native, expected = native_and_reference(cpsl_ops.prototype_similarity, features, prototypes, TEMPERATURE)
+    assert native.shape == expected.shape and native.dtype == dtype
+    assert_close(native, expected, dtype, scale=1 / TEMPERATURE)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@given(case=similarity_case())
+def test_backward_matches_reference(device, dtype, case):
+    shape, classes, transposed, seed = case
+    grads = {}
+    for backend in ("native", "reference"):
+        features = random_tensor(shape, dtype, device, seed, transposed=transposed).requires_grad_()
+        prototypes = random_tensor((classes, shape[1]), dtype, device, seed + 1).requires_grad_()
+        with cpsl_ops.use_backend(backend):
+            logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE)
+        weights = random_tensor(logits.shape, dtype, device, seed + 2)
+        (logits * weights).sum().backward()
+        grads[backend] = (features.grad, prototypes.grad)
+    # Gradients scale with 1/τ and, for prototypes, with the number of pixels summed.
+    pixels = max(1, grads["native"][0].numel() // shape[1])
+    assert_close(grads["native"][0], grads["reference"][0], dtype, scale=1 / TEMPERATURE)
+    assert_close(grads["native"][1], grads["reference"][1], dtype, scale=pixels / TEMPERATURE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (17, 6)])
+def test_gradcheck_fp64(device, shape):
+    features = random_tensor(shape, torch.float64, device, 0).requires_grad_()
+    prototypes = random_tensor((5, 6), torch.float64, device, 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.5), (features, prototypes))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_non_contiguous_features(device):
+    features = random_tensor((2, 6, 3, 4), torch.float64, device, 3, transposed=True).requires_grad_()
+    prototypes = random_tensor((4, 6), torch.float64, device, 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.3), (features, prototypes))
+
+
+@requires_native
+def test_double_backward_raises():
+    features = random_tensor((4, 3), torch.float64, "cpu", 0).requires_grad_()
+    prototypes = random_tensor((2, 3), torch.float64, "cpu", 1).requires_grad_()
+    with cpsl_ops.use_backend("native"):
+        logits = cpsl_ops.prototype_similarity(features, prototypes)
+    (grad,) = torch.autograd.grad(logits.sum(), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_invariant_to_positive_rescaling_and_bounded(device):
+    features = random_tensor((2, 8, 5, 5), torch.float64, device, 0)
+    prototypes = random_tensor((3, 8), torch.float64, device, 1)
+    logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE)
+    rescaled = cpsl_ops.prototype_similarity(features * 7.5, prototypes * 0.01, TEMPERATURE)
+    torch.testing.assert_close(logits, rescaled)
+    assert logits.abs().max() <= 1 / TEMPERATURE + 1e-9
+
+
+def test_zero_feature_gives_zero_logits():
+    features = torch.zeros(3, 4)
+    logits = cpsl_ops.prototype_similarity(features, torch.randn(2, 4))
+    assert torch.equal(logits, torch.zeros(3, 2))
+
+
+def test_prototypes_are_cast_to_feature_dtype():
+    features = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    logits = cpsl_ops.prototype_similarity(features, torch.randn(5, 4))
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 5, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "features, prototypes, error, message",
+    [
+        (torch.randn(2, 3, 4), torch.randn(5, 3), ValueError, "features must be"),
+        (torch.randn(4, 3), torch.randn(5, 4), ValueError, "D = 3"),
+        (torch.randn(4, 3), torch.randn(5, 3, 1), ValueError, "prototypes must be"),
+        (torch.ones(4, 3, dtype=torch.long), torch.randn(5, 3), TypeError, "features must be fp16"),
+        (torch.randn(4, 3), torch.randn(0, 3), ValueError, "prototypes .K. must not be empty"),
+        (torch.randn(4, 0), torch.randn(2, 0), ValueError, "feature dimension D must not be empty"),
+        (torch.randn(4, 3), torch.randn(2, 3, device="meta"), ValueError, "features is on cpu but prototypes is on meta"),
+        ([[1.0]], torch.randn(2, 3), TypeError, "must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(features, prototypes, error, message):
+    with pytest.raises(error, match=message):
+        cpsl_ops.prototype_similarity(features, prototypes)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        cpsl_ops.prototype_similarity(torch.randn(3, 2), torch.randn(2, 2), temperature)

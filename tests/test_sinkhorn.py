@@ -1,0 +1,189 @@
+"""balanced_sinkhorn: the official iteration, native against reference, properties, stability."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cpsl_ops
+from conftest import DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
+
+CPSL_PRIOR = torch.tensor([0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338,
+                           0.02424, 0.04341, 0.01315, 0.00161, 0.06605, 0.00408, 0.00279, 0.00185, 0.00123, 0.00191])
+
+
+def official_sinkhorn(scores: torch.Tensor, prior: torch.Tensor, epsilon: float, num_iters: int) -> torch.Tensor:
+    """The exp-domain loop of the official CPSL code, in fp64, for one (N, K) problem."""
+    q = torch.exp(scores.double() / epsilon).T
+    q /= q.sum()
+    classes, samples = q.shape
+    r = prior.double() / prior.sum()
+    for _ in range(num_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q *= r[:, None]
+        q /= q.sum(dim=0, keepdim=True)
+        q /= samples
+    return (q * samples).T
+
+
+@st.composite
+def sinkhorn_case(draw):
+    batch = draw(st.sampled_from([None, 0, 1, 3]))
+    samples = draw(st.integers(1, 300))
+    classes = draw(st.integers(1, 40))
+    shape = (samples, classes) if batch is None else (batch, samples, classes)
+    prior_kind = draw(st.sampled_from(["none", "shared", "per_problem"] if batch is not None else ["none", "shared"]))
+    return shape, prior_kind, draw(st.integers(1, 6)), draw(st.sampled_from([0.05, 0.1, 0.02])), draw(
+        st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+def make_prior(kind, shape, device, seed):
+    if kind == "none":
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    prior_shape = (shape[-1],) if kind == "shared" else (shape[0], shape[-1])
+    return (torch.rand(prior_shape, generator=generator) + 0.05).to(device)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@given(case=sinkhorn_case())
+def test_matches_reference(device, dtype, case):
+    shape, prior_kind, num_iters, epsilon, transposed, seed = case
+    scores = random_tensor(shape, dtype, device, seed, transposed=transposed).clamp(-1, 1)
+    prior = make_prior(prior_kind, shape, device, seed)
+    native, expected = native_and_reference(cpsl_ops.balanced_sinkhorn, scores, prior, epsilon, num_iters)
+    assert native.shape == scores.shape and native.dtype == dtype and not native.requires_grad
+    assert_close(native, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=sinkhorn_case())
+def test_equals_official_iteration(device, case):
+    shape, prior_kind, num_iters, epsilon, _, seed = case
+    scores = random_tensor(shape, torch.float64, device, seed).clamp(-1, 1)
+    prior = make_prior(prior_kind, shape, device, seed)
+    result = cpsl_ops.balanced_sinkhorn(scores, prior, epsilon, num_iters)
+    problems = scores.reshape(-1, *shape[-2:])
+    priors = torch.ones(shape[-1], device=device) if prior is None else prior
+    for b, problem in enumerate(problems):
+        expected = official_sinkhorn(problem, priors if priors.dim() == 1 else priors[b], epsilon, num_iters)
+        torch.testing.assert_close(result.reshape(problems.shape)[b], expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_sum_to_one_and_classes_approach_prior(device, dtype):
+    scores = random_tensor((4000, 19), dtype, device, 0).clamp(-1, 1)
+    prior = CPSL_PRIOR.to(device)
+    three = cpsl_ops.balanced_sinkhorn(scores, prior, 0.05, 3)
+    torch.testing.assert_close(three.sum(1), torch.ones(4000, dtype=dtype, device=device))
+    many = cpsl_ops.balanced_sinkhorn(scores, prior, 0.05, 300)
+    class_share = many.double().mean(0)
+    torch.testing.assert_close(class_share, prior.double() / prior.sum(), rtol=2e-3, atol=1e-5)
+    gap = lambda q: (q.double().mean(0) - prior.double()).abs().sum()  # noqa: E731
+    assert gap(many) < gap(three)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_added_to_one_class_changes_nothing(device):
+    scores = random_tensor((500, 7), torch.float64, device, 0).clamp(-1, 1)
+    shifted = scores.clone()
+    shifted[:, 3] += 0.7
+    prior = torch.rand(7, dtype=torch.float64, device=device) + 0.1
+    torch.testing.assert_close(cpsl_ops.balanced_sinkhorn(scores, prior), cpsl_ops.balanced_sinkhorn(shifted, prior))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_equals_separate_calls(device):
+    scores = random_tensor((3, 200, 11), torch.float32, device, 1).clamp(-1, 1)
+    prior = torch.rand(3, 11, device=device) + 0.1
+    batched = cpsl_ops.balanced_sinkhorn(scores, prior)
+    for b in range(3):
+        torch.testing.assert_close(batched[b], cpsl_ops.balanced_sinkhorn(scores[b], prior[b]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlapping_windows(device):
+    rows = random_tensor((50, 5), torch.float32, device, 2).clamp(-1, 1)
+    windows = rows.as_strided((3, 30, 5), (10 * 5, 5, 1))
+    result = cpsl_ops.balanced_sinkhorn(windows)
+    for b in range(3):
+        torch.testing.assert_close(result[b], cpsl_ops.balanced_sinkhorn(rows[10 * b:10 * b + 30]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 5e-4), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("epsilon", [0.01, 0.05])
+def test_small_epsilon_and_low_precision_match_fp64(device, dtype, tolerance, epsilon):
+    # Logits of a τ = 0.08 classifier reach 12.5, so S/ε reaches above 1000: exp overflows without care.
+    scores = (random_tensor((3000, 19), torch.float32, device, 3) * 6).to(dtype)
+    prior = CPSL_PRIOR.to(device)
+    result = cpsl_ops.balanced_sinkhorn(scores, prior, epsilon, 3)
+    assert torch.isfinite(result).all()
+    exact = cpsl_ops.balanced_sinkhorn(scores.double(), prior, epsilon, 3)
+    error = (result.double() - exact).abs().max().item()
+    assert error <= tolerance
+    torch.testing.assert_close(result.double().sum(1), torch.ones(3000, dtype=torch.float64, device=device),
+                               rtol=0, atol=tolerance * 19)
+    if cpsl_ops.native_available():
+        # The kernel's error against fp64 is at most about that of the reference in the same dtype.
+        with cpsl_ops.use_backend("reference"):
+            reference_error = (cpsl_ops.balanced_sinkhorn(scores, prior, epsilon, 3).double() - exact).abs().max()
+        assert error <= 2 * reference_error.item() + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_no_gradient(backend):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    scores = torch.randn(10, 3, requires_grad=True)
+    with cpsl_ops.use_backend(backend):
+        assert not cpsl_ops.balanced_sinkhorn(scores).requires_grad
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_raise(backend, bad):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    scores = torch.randn(10, 3)
+    scores[4, 1] = bad
+    with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match="NaN or infinite"):
+        cpsl_ops.balanced_sinkhorn(scores)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("prior", [torch.tensor([0.5, 0.0, 0.5]), torch.tensor([0.5, -0.1, 0.6]),
+                                   torch.tensor([0.5, float("nan"), 0.5])])
+def test_bad_prior_values_raise(backend, prior):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match="positive and finite"):
+        cpsl_ops.balanced_sinkhorn(torch.randn(10, 3), prior)
+
+
+@pytest.mark.parametrize(
+    "scores, kwargs, error, message",
+    [
+        (torch.randn(10), {}, ValueError, "scores must be"),
+        (torch.randn(1, 2, 3, 4), {}, ValueError, "scores must be"),
+        (torch.randn(10, 3).long(), {}, TypeError, "scores must be fp16"),
+        (torch.randn(0, 3), {}, ValueError, "N samples. must not be empty"),
+        (torch.randn(4, 0), {}, ValueError, "K classes. must not be empty"),
+        (torch.randn(10, 3), {"class_prior": torch.ones(4)}, ValueError, "class_prior must be .3,."),
+        (torch.randn(2, 10, 3), {"class_prior": torch.ones(3, 3)}, ValueError, r"or \(2, 3\)"),
+        (torch.randn(10, 3), {"class_prior": torch.ones(3, device="meta")}, ValueError, "on meta"),
+        (torch.randn(10, 3), {"epsilon": 0.0}, ValueError, "epsilon must be"),
+        (torch.randn(10, 3), {"num_iters": 0}, ValueError, "num_iters must be at least 1"),
+        (torch.randn(10, 3), {"num_iters": 2.5}, TypeError, "num_iters must be an int"),
+    ],
+)
+def test_bad_input(scores, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cpsl_ops.balanced_sinkhorn(scores, **kwargs)
+
+
+def test_empty_batch_returns_empty():
+    assert cpsl_ops.balanced_sinkhorn(torch.randn(0, 5, 3)).shape == (0, 5, 3)
