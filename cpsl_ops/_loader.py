@@ -39,6 +39,23 @@ if _backend not in BACKENDS:
     raise ValueError(f"CPSL_OPS_BACKEND must be one of {BACKENDS}, got {_backend!r}")
 
 
+def _registered_kernels() -> frozenset:
+    """(op, device type) pairs with a native kernel, read once: a constant that torch.compile can
+    trace, where a dispatcher query per call would break the graph."""
+    if _native_module is None:
+        return frozenset()
+    names = [name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("cpsl_ops::")]
+    return frozenset(
+        (name, device_type)
+        for name in names
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"cpsl_ops::{name}", key)
+    )
+
+
+_NATIVE_KERNELS = _registered_kernels()
+
+
 def native_available() -> bool:
     """Whether the compiled kernels loaded (see :func:`build_info` for why not)."""
     return _native_module is not None
@@ -46,10 +63,7 @@ def native_available() -> bool:
 
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``cpsl_ops::<op>`` has a native kernel for ``device_type`` ('cpu' or 'cuda')."""
-    if _native_module is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"cpsl_ops::{op}", key)
+    return (op, device_type) in _NATIVE_KERNELS
 
 
 def build_info() -> dict:

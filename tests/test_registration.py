@@ -1,0 +1,122 @@
+"""Op registration: schemas, kernels per device, fake kernels, opcheck, torch.compile, backends."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import cpsl_ops
+from cpsl_ops import reference
+from conftest import requires_native
+
+OPS = ["similarity", "similarity_backward", "balanced_sinkhorn", "update_prototypes", "rectify_pseudo_labels"]
+PUBLIC_OPS = [op for op in OPS if not op.endswith("_backward")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@requires_native
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cpu_kernel_and_a_fake_kernel(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cpsl_ops::{op}", "CPU")
+    assert torch._library.simple_registry.singleton.find(f"cpsl_ops::{op}").fake_impl.kernel is not None
+
+
+@requires_native
+@pytest.mark.skipif(os.environ.get("CPSL_OPS_EXPECT_CUDA") != "1", reason="set CPSL_OPS_EXPECT_CUDA=1 for CUDA builds")
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel(op):
+    assert cpsl_ops.build_info()["built_with_cuda"], "the extension was built without CUDA"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cpsl_ops::{op}", "CUDA")
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_every_public_op_has_a_reference_schema_file_and_tests(op):
+    assert callable(getattr(reference, op))
+    schema_stem = {"similarity": "similarity", "balanced_sinkhorn": "sinkhorn", "update_prototypes":
+                   "prototype_update", "rectify_pseudo_labels": "rectify"}[op]
+    assert (ROOT / "csrc" / "ops" / f"{schema_stem}.cpp").is_file()
+    assert (ROOT / "csrc" / "cpu" / f"{schema_stem}_cpu.cpp").is_file()
+    assert (ROOT / "tests" / f"test_{schema_stem}.py").is_file()
+
+
+def opcheck_cases():
+    features = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    flat = torch.randn(7, 6, requires_grad=True)
+    prototypes64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    return [
+        ("similarity", (features, prototypes64, 0.08)),
+        ("similarity", (flat, torch.randn(4, 6, requires_grad=True), 0.5)),
+        ("similarity_backward", (torch.randn(7, 4), torch.randn(7, 6), torch.randn(4, 6), 0.08)),
+        ("balanced_sinkhorn", (torch.randn(3, 20, 5), torch.rand(3, 5) + 0.1, 0.05, 3)),
+        ("update_prototypes", (torch.randn(4, 6), torch.randn(2, 6, 3, 5), torch.randint(0, 4, (2, 3, 5)), 0.9, 255)),
+        ("rectify_pseudo_labels", (torch.rand(2, 4, 3, 5), torch.randn(2, 4, 3, 5), 0.2, 255)),
+    ]
+
+
+@requires_native
+@pytest.mark.parametrize("op, args", opcheck_cases(), ids=lambda value: value if isinstance(value, str) else "")
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(torch.ops.cpsl_ops, op).default, args)
+
+
+@requires_native
+def test_compiled_functions_match_eager():
+    features = torch.randn(2, 8, 4, 5, requires_grad=True)
+    prototypes = torch.randn(3, 8, requires_grad=True)
+
+    def step(f, c):
+        logits = cpsl_ops.prototype_similarity(f, c, 0.08)
+        scores = logits.detach().permute(0, 2, 3, 1).reshape(2, -1, 3)
+        targets = cpsl_ops.balanced_sinkhorn(scores * 0.08)
+        return -(targets.reshape(2, 4, 5, 3).permute(0, 3, 1, 2) * logits.log_softmax(1)).sum(1).mean()
+
+    eager = step(features, prototypes)
+    eager.backward()
+    eager_grad = prototypes.grad.clone()
+    prototypes.grad = None
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(features, prototypes)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(prototypes.grad, eager_grad)
+
+
+@requires_native
+def test_backend_switches():
+    assert cpsl_ops.native_available() and cpsl_ops.build_info()["load_error"] is None
+    assert cpsl_ops.get_backend() == "auto"
+    with cpsl_ops.use_backend("reference"):
+        assert cpsl_ops.get_backend() == "reference"
+    assert cpsl_ops.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cpsl_ops.set_backend("fast")
+
+
+def test_build_info_names_the_versions():
+    info = cpsl_ops.build_info()
+    assert info["torch"] == torch.__version__
+    if info["native_available"]:
+        assert torch.__version__.startswith(info["built_with_torch"])
+
+
+def test_extension_missing_falls_back_with_one_warning(tmp_path):
+    """In a process where _C cannot be imported, ops run on the reference and say so once."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['cpsl_ops._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import cpsl_ops, torch\n"
+        "assert not cpsl_ops.native_available()\n"
+        "assert any('native extension is not available' in str(w.message) for w in caught)\n"
+        "out = cpsl_ops.balanced_sinkhorn(torch.randn(5, 3))\n"
+        "assert torch.allclose(out.sum(1), torch.ones(5))\n"
+        "print('fallback ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CPSL_OPS_REQUIRE_NATIVE"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
