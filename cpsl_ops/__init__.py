@@ -12,6 +12,8 @@ Functional ops (also in :mod:`cpsl_ops.functional`): :func:`prototype_similarity
 :func:`use_backend`, :func:`build_info`.
 """
 
+from cpsl_ops import functional as _functional
+from cpsl_ops import nn as _nn
 from cpsl_ops._loader import build_info, get_backend, native_available, set_backend, use_backend
 from cpsl_ops.functional import (
     balanced_sinkhorn,
@@ -25,15 +27,8 @@ from cpsl_ops.nn import BalancedSinkhorn, PrototypeEMA, PrototypeSimilarity, Sel
 __version__ = "0.1.0"
 
 __all__ = [
-    "prototype_similarity",
-    "balanced_sinkhorn",
-    "update_prototypes_",
-    "rectify_pseudo_labels",
-    "class_distribution",
-    "PrototypeSimilarity",
-    "BalancedSinkhorn",
-    "PrototypeEMA",
-    "SelfLabelingLoss",
+    *_functional.__all__,
+    *_nn.__all__,
     "native_available",
     "build_info",
     "get_backend",

@@ -13,7 +13,7 @@ import cpsl_ops
 
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("CPSL_OPS_HYPOTHESIS_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("CPSL_OPS_HYPOTHESIS_EXAMPLES", "60")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,
