@@ -8,26 +8,68 @@
 #include <cmath>
 #include <vector>
 
+#include "cpsl_ops/cpu_math.h"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/sinkhorn_math.h"
 
 namespace cpsl_ops {
 namespace {
 
-// Writes softmax_k(row_k / ε + potential_k) into out[0..K).
+// Rows per tile. A tile is held class-major, x[k * kRowTile + r], so that every loop runs over
+// contiguous rows and vectorizes, whatever K is.
+constexpr int64_t kRowTile = 64;
+
+// x[k][r] = scores[i0 + r][k] / ε + shift[k] for the tile's rows; false if a value is not finite.
 template <typename scalar_t, typename acc_t>
-void row_softmax(const scalar_t* row, const acc_t* potential, acc_t inv_epsilon, int64_t classes, acc_t* out) {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
+bool load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, int64_t rows, int64_t classes,
+                      acc_t inv_epsilon, const acc_t* shift, acc_t* x) {
+  bool finite = true;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < classes; ++k) {
+      const acc_t value = static_cast<acc_t>(scores[(i0 + r) * row_stride + k]) * inv_epsilon + shift[k];
+      finite &= std::isfinite(value);
+      x[k * kRowTile + r] = value;
+    }
+  return finite;
+}
+
+// Folds the tile's columns into per-class running log-sum-exps.
+template <typename acc_t>
+void accumulate_column_logsumexp(const acc_t* x, int64_t rows, int64_t classes, OnlineLogSumExp<acc_t>* lse) {
   for (int64_t k = 0; k < classes; ++k) {
-    out[k] = static_cast<acc_t>(row[k]) * inv_epsilon + potential[k];
-    max = std::max(max, out[k]);
+    const acc_t* column = x + k * kRowTile;
+    acc_t max = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : max)
+    for (int64_t r = 0; r < rows; ++r) max = std::max(max, column[r]);
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < rows; ++r) sum += vector_exp(column[r] - max);
+    lse[k].merge(OnlineLogSumExp<acc_t>{max, sum});
   }
-  acc_t sum = 0;
+}
+
+// In place: x[k][r] <- softmax over k of x[k][r].
+template <typename acc_t>
+void tile_row_softmax(acc_t* __restrict x, int64_t rows, int64_t classes) {
+  acc_t row_max[kRowTile], row_sum[kRowTile];
+  std::fill(row_max, row_max + rows, -std::numeric_limits<acc_t>::infinity());
+  std::fill(row_sum, row_sum + rows, acc_t(0));
   for (int64_t k = 0; k < classes; ++k) {
-    out[k] = std::exp(out[k] - max);
-    sum += out[k];
+    const acc_t* __restrict column = x + k * kRowTile;
+    for (int64_t r = 0; r < rows; ++r) row_max[r] = column[r] > row_max[r] ? column[r] : row_max[r];
   }
-  for (int64_t k = 0; k < classes; ++k) out[k] /= sum;
+  for (int64_t k = 0; k < classes; ++k) {
+    acc_t* __restrict column = x + k * kRowTile;
+    for (int64_t r = 0; r < rows; ++r) {
+      column[r] = vector_exp(column[r] - row_max[r]);
+      row_sum[r] += column[r];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];
+  for (int64_t k = 0; k < classes; ++k) {
+    acc_t* __restrict column = x + k * kRowTile;
+    for (int64_t r = 0; r < rows; ++r) column[r] *= row_sum[r];
+  }
 }
 
 template <typename scalar_t>
@@ -35,34 +77,38 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
                      at::Tensor& assignment) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
-  const int64_t block = deterministic_block_size(samples, 1024, 256);
-  const int64_t num_blocks = (samples + block - 1) / block;
+  const int64_t tiles = (samples + kRowTile - 1) / kRowTile;
+  const int64_t tiles_per_block = deterministic_block_size(tiles, 8, 256);
+  const int64_t num_blocks = (tiles + tiles_per_block - 1) / tiles_per_block;
   const acc_t inv_epsilon = acc_t(1) / static_cast<acc_t>(epsilon);
   const acc_t log_num_samples = std::log(static_cast<acc_t>(samples));
   const acc_t* log_r_all = log_prior.data_ptr<acc_t>();
+  const int64_t row_stride = scores.stride(1);
 
   std::vector<OnlineLogSumExp<acc_t>> column_lse(num_blocks * classes);
-  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes);
+  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), no_shift(classes, acc_t(0));
   for (int64_t b = 0; b < batch; ++b) {
     const scalar_t* s = scores.data_ptr<scalar_t>() + b * scores.stride(0);
-    const int64_t row_stride = scores.stride(1);
     scalar_t* out = assignment.data_ptr<scalar_t>() + b * samples * classes;
     const acc_t* log_r = log_r_all + b * classes;
-    auto block_rows = [&](int64_t blk) { return std::make_pair(blk * block, std::min(samples, (blk + 1) * block)); };
+
+    // Runs visit(tile_buffer, first_row, rows, block) over every tile, in parallel over blocks.
+    auto for_each_tile = [&](auto&& visit) {
+      at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+        std::vector<acc_t> x(classes * kRowTile);
+        for (int64_t blk = block_begin; blk < block_end; ++blk)
+          for (int64_t t = blk * tiles_per_block; t < std::min(tiles, (blk + 1) * tiles_per_block); ++t) {
+            const int64_t first = t * kRowTile, rows = std::min(kRowTile, samples - first);
+            visit(x.data(), first, rows, blk);
+          }
+      });
+    };
 
     std::atomic<bool> non_finite{false};
     std::fill(column_lse.begin(), column_lse.end(), OnlineLogSumExp<acc_t>());
-    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        OnlineLogSumExp<acc_t>* lse = column_lse.data() + blk * classes;
-        const auto [first, last] = block_rows(blk);
-        for (int64_t i = first; i < last; ++i)
-          for (int64_t k = 0; k < classes; ++k) {
-            const acc_t x = static_cast<acc_t>(s[i * row_stride + k]) * inv_epsilon;
-            if (!std::isfinite(x)) non_finite = true;
-            lse[k].add(x);
-          }
-      }
+    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+      if (!load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, no_shift.data(), x)) non_finite = true;
+      accumulate_column_logsumexp(x, rows, classes, column_lse.data() + blk * classes);
     });
     TORCH_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
                       " of ", batch, ")");
@@ -73,15 +119,15 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
 
     for (int64_t iter = 1; iter < num_iters; ++iter) {
       std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
-      at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> row(classes);
-        for (int64_t blk = begin; blk < end; ++blk) {
-          acc_t* mass = column_mass.data() + blk * classes;
-          const auto [first, last] = block_rows(blk);
-          for (int64_t i = first; i < last; ++i) {
-            row_softmax(s + i * row_stride, potential.data(), inv_epsilon, classes, row.data());
-            for (int64_t k = 0; k < classes; ++k) mass[k] += row[k];
-          }
+      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+        load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
+        tile_row_softmax(x, rows, classes);
+        acc_t* mass = column_mass.data() + blk * classes;
+        for (int64_t k = 0; k < classes; ++k) {
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t r = 0; r < rows; ++r) sum += x[k * kRowTile + r];
+          mass[k] += sum;
         }
       });
       for (int64_t k = 0; k < classes; ++k) {
@@ -90,15 +136,11 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       }
     }
 
-    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(classes);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const auto [first, last] = block_rows(blk);
-        for (int64_t i = first; i < last; ++i) {
-          row_softmax(s + i * row_stride, potential.data(), inv_epsilon, classes, row.data());
-          for (int64_t k = 0; k < classes; ++k) out[i * classes + k] = static_cast<scalar_t>(row[k]);
-        }
-      }
+    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {
+      load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
+      tile_row_softmax(x, rows, classes);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < classes; ++k) out[(first + r) * classes + k] = static_cast<scalar_t>(x[k * kRowTile + r]);
     });
   }
 }

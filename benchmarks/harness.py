@@ -1,0 +1,166 @@
+"""Timing, bandwidth and reporting shared by the benchmark scripts.
+
+Each measurement is a row: an operation, a size, an implementation, the median time over repeats
+after warm-up (CUDA events on GPUs), the spread (25th to 75th percentile), the achieved GB/s for
+the bytes the operation must move, and the ratio against the eager PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import cpsl_ops
+
+REFERENCE = "reference-eager"
+
+
+@dataclass
+class Row:
+    op: str
+    size: str
+    impl: str
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    gbytes: float
+    params: Dict[str, object] = field(default_factory=dict)
+    speedup_vs_reference: Optional[float] = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.gbytes / (self.median_ms / 1e3)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+            min_seconds: float = 0.0) -> List[float]:
+    """Times of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while len(times) < repeats or time.perf_counter() < deadline:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+        if len(times) >= 10 * repeats:
+            break
+    return times
+
+
+def make_row(op: str, size: str, impl: str, times: List[float], gbytes: float, **params) -> Row:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Row(op, size, impl, statistics.median(times), quartiles[0], quartiles[2], gbytes, params)
+
+
+def add_speedups(rows: List[Row]) -> None:
+    """Fill speedup_vs_reference for every row that has a reference row of the same op and size."""
+    reference = {(r.op, r.size, str(r.params)): r.median_ms for r in rows if r.impl == REFERENCE}
+    for row in rows:
+        base = reference.get((row.op, row.size, str(row.params)))
+        row.speedup_vs_reference = None if base is None else base / row.median_ms
+
+
+def print_table(rows: List[Row], title: str) -> None:
+    print(f"\n{title}")
+    header = f"{'op':<22} {'size':<26} {'impl':<20} {'median ms':>10} {'p25-p75 ms':>17} {'GB/s':>8} {'vs ref':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        speedup = "" if row.speedup_vs_reference is None else f"{row.speedup_vs_reference:6.2f}x"
+        spread = f"{row.p25_ms:.3f}-{row.p75_ms:.3f}"
+        print(f"{row.op:<22} {row.size:<26} {row.impl:<20} {row.median_ms:10.3f} {spread:>17} "
+              f"{row.gb_per_s:8.2f} {speedup:>7}")
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    info: Dict[str, object] = {
+        "commit": commit,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "device": str(device),
+        "cpsl_ops": cpsl_ops.build_info(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def save(rows: List[Row], extra: Dict[str, object], device: torch.device, path: Optional[str]) -> None:
+    if not path:
+        return
+    payload = {"environment": environment(device), **extra,
+               "rows": [dict(asdict(r), gb_per_s=r.gb_per_s) for r in rows]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {path}")
+
+
+def plot(rows: List[Row], op: str, path: Optional[str], title: str) -> None:
+    """Time against N per implementation; needs matplotlib (optional extra), else says so."""
+    if not path:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'cpsl-ops[bench]')")
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    selected = [r for r in rows if r.op == op and "N" in r.params]
+    for impl in sorted({r.impl for r in selected}):
+        points = sorted((r.params["N"], r.median_ms) for r in selected if r.impl == impl)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("N (samples per problem)")
+    axis.set_ylabel("median time (ms)")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row")
+    parser.add_argument("--json", default=None, help="write the rows and environment to this JSON file")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    return parser
