@@ -23,14 +23,18 @@ constexpr int64_t kRowTile = 64;
 template <typename scalar_t, typename acc_t>
 bool load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, int64_t rows, int64_t classes,
                       acc_t inv_epsilon, const acc_t* shift, acc_t* x) {
-  bool finite = true;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < classes; ++k) {
-      const acc_t value = static_cast<acc_t>(scores[(i0 + r) * row_stride + k]) * inv_epsilon + shift[k];
-      finite &= std::isfinite(value);
-      x[k * kRowTile + r] = value;
+  int finite = 1;
+  for (int64_t k = 0; k < classes; ++k) {
+    const scalar_t* __restrict column = scores + i0 * row_stride + k;
+    acc_t* __restrict out = x + k * kRowTile;
+    const acc_t offset = shift[k];
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t value = static_cast<acc_t>(column[r * row_stride]) * inv_epsilon + offset;
+      finite &= (value - value == acc_t(0));  // false for NaN and ±inf
+      out[r] = value;
     }
-  return finite;
+  }
+  return finite != 0;
 }
 
 // Folds the tile's columns into per-class running log-sum-exps.
