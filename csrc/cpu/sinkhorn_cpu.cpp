@@ -44,7 +44,7 @@ void accumulate_column_logsumexp(const acc_t* x, int64_t rows, int64_t classes, 
     const acc_t* column = x + k * kRowTile;
     acc_t max = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : max)
-    for (int64_t r = 0; r < rows; ++r) max = std::max(max, column[r]);
+    for (int64_t r = 0; r < rows; ++r) max = column[r] > max ? column[r] : max;
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t r = 0; r < rows; ++r) sum += vector_exp(column[r] - max);
@@ -76,6 +76,19 @@ void tile_row_softmax(acc_t* __restrict x, int64_t rows, int64_t classes) {
   }
 }
 
+// x[k * kRowTile] = softmax over k of (row[k] / ε + potential[k]), from the scores, exactly.
+template <typename scalar_t, typename acc_t>
+void recompute_row(const scalar_t* row, const acc_t* potential, acc_t inv_epsilon, int64_t classes, acc_t* x) {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t k = 0; k < classes; ++k) max = std::max(max, static_cast<acc_t>(row[k]) * inv_epsilon + potential[k]);
+  acc_t sum = 0;
+  for (int64_t k = 0; k < classes; ++k) {
+    x[k * kRowTile] = std::exp(static_cast<acc_t>(row[k]) * inv_epsilon + potential[k] - max);
+    sum += x[k * kRowTile];
+  }
+  for (int64_t k = 0; k < classes; ++k) x[k * kRowTile] /= sum;
+}
+
 template <typename scalar_t>
 void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, double epsilon, int64_t num_iters,
                      at::Tensor& assignment) {
@@ -90,7 +103,13 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   const int64_t row_stride = scores.stride(1);
 
   std::vector<OnlineLogSumExp<acc_t>> column_lse(num_blocks * classes);
-  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), no_shift(classes, acc_t(0));
+  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), step(classes), no_shift(classes, acc_t(0));
+  // The assignment between iterations, class-major: workspace[k * class_stride + i]; uninitialized.
+  // The padding keeps the K row streams of a tile off the same cache sets when N is a power of two.
+  const int64_t class_stride = (samples + 15) / 16 * 16 + 16;
+  const at::Tensor workspace_tensor = at::empty({num_iters > 1 ? classes * class_stride : 0},
+                                                scores.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* const workspace = workspace_tensor.data_ptr<acc_t>();
   for (int64_t b = 0; b < batch; ++b) {
     const scalar_t* s = scores.data_ptr<scalar_t>() + b * scores.stride(0);
     scalar_t* out = assignment.data_ptr<scalar_t>() + b * samples * classes;
@@ -121,31 +140,85 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       potential[k] = initial_class_potential(log_r[k], column_lse[k].value());
     }
 
-    for (int64_t iter = 1; iter < num_iters; ++iter) {
-      std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
-      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-        load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
-        tile_row_softmax(x, rows, classes);
-        acc_t* mass = column_mass.data() + blk * classes;
-        for (int64_t k = 0; k < classes; ++k) {
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t r = 0; r < rows; ++r) sum += x[k * kRowTile + r];
-          mass[k] += sum;
-        }
-      });
-      for (int64_t k = 0; k < classes; ++k) {
-        for (int64_t blk = 1; blk < num_blocks; ++blk) column_mass[k] += column_mass[blk * classes + k];
-        potential[k] = next_class_potential(potential[k], log_r[k], log_num_samples, column_mass[k]);
-      }
-    }
-
-    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {
-      load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
-      tile_row_softmax(x, rows, classes);
+    // out[first + r][k] = x[k][r]
+    auto store_tile = [&](const acc_t* x, int64_t first, int64_t rows) {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t k = 0; k < classes; ++k) out[(first + r) * classes + k] = static_cast<scalar_t>(x[k * kRowTile + r]);
+    };
+    if (num_iters == 1) {
+      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {
+        load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
+        tile_row_softmax(x, rows, classes);
+        store_tile(x, first, rows);
+      });
+      continue;
+    }
+
+    // mass[k] += sum_r x[k][r], and W[k][first + r] = x[k][r]
+    auto keep_tile = [&](const acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+      acc_t* mass = column_mass.data() + blk * classes;
+      for (int64_t k = 0; k < classes; ++k) {
+        const acc_t* __restrict src = x + k * kRowTile;
+        acc_t* __restrict dst = workspace + k * class_stride + first;
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t r = 0; r < rows; ++r) {
+          dst[r] = src[r];
+          sum += src[r];
+        }
+        mass[k] += sum;
+      }
+    };
+
+    // Iteration 1 ends with the row softmax of S/ε + a, computed from the scores once.
+    std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
+    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+      load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
+      tile_row_softmax(x, rows, classes);
+      keep_tile(x, first, rows, blk);
     });
+
+    // Iterations 2..T rescale the stored assignment class by class (sinkhorn_math.h).
+    for (int64_t iter = 2; iter <= num_iters; ++iter) {
+      acc_t max_step = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t k = 0; k < classes; ++k) {
+        for (int64_t blk = 1; blk < num_blocks; ++blk) column_mass[k] += column_mass[blk * classes + k];
+        step[k] = class_potential_step(log_r[k], log_num_samples, column_mass[k]);
+        potential[k] += step[k];
+        max_step = std::max(max_step, step[k]);
+      }
+      for (int64_t k = 0; k < classes; ++k) step[k] = std::exp(step[k] - max_step);
+      const bool last = iter == num_iters;
+      std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
+      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+        acc_t row_sum[kRowTile] = {};
+        for (int64_t k = 0; k < classes; ++k) {
+          const acc_t* __restrict previous = workspace + k * class_stride + first;
+          acc_t* __restrict column = x + k * kRowTile;
+          const acc_t weight = step[k];
+          for (int64_t r = 0; r < rows; ++r) {
+            column[r] = previous[r] * weight;
+            row_sum[r] += column[r];
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          if (row_sum[r] < rescaled_row_floor<acc_t>()) {
+            recompute_row(s + (first + r) * row_stride, potential.data(), inv_epsilon, classes, x + r);
+            row_sum[r] = acc_t(1);
+          }
+          row_sum[r] = acc_t(1) / row_sum[r];
+        }
+        for (int64_t k = 0; k < classes; ++k) {
+          acc_t* __restrict column = x + k * kRowTile;
+          for (int64_t r = 0; r < rows; ++r) column[r] *= row_sum[r];
+        }
+        if (last) {
+          store_tile(x, first, rows);
+        } else {
+          keep_tile(x, first, rows, blk);
+        }
+      });
+    }
   }
 }
 

@@ -7,7 +7,8 @@
 //   first:  a_k = log r_k - logsumexp_i(S_ik/ε)
 //   then:   a_k += log(N r_k) - log(sum_i P_ik(a))
 // Every exponential is taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16
-// scores stay finite.
+// scores stay finite. Only two exponentials per score are needed: one for the column log-sum-exp
+// and one for the first softmax; later iterations rescale that softmax (rescaled_row_floor).
 #pragma once
 #include <cmath>
 #include <limits>
@@ -50,13 +51,22 @@ CPSL_HOST_DEVICE acc_t initial_class_potential(acc_t log_prior, acc_t column_log
   return log_prior - column_logsumexp;
 }
 
-// Class potential after one more iteration. The column mass of a row softmax is bounded below by
-// r_k/N in exact arithmetic; the floor only keeps a rounding underflow from turning into inf.
+// Increment of the class potential over one more iteration: a_k += log(N r_k) - log(mass_k). The
+// column mass of a row softmax is bounded below by r_k/N in exact arithmetic; the floor only keeps
+// a rounding underflow from turning into inf.
 template <typename acc_t>
-CPSL_HOST_DEVICE acc_t next_class_potential(
-    acc_t potential, acc_t log_prior, acc_t log_num_samples, acc_t column_mass) {
+CPSL_HOST_DEVICE acc_t class_potential_step(acc_t log_prior, acc_t log_num_samples, acc_t column_mass) {
   const acc_t floor = std::numeric_limits<acc_t>::min();
-  return potential + log_prior + log_num_samples - std::log(column_mass > floor ? column_mass : floor);
+  return log_prior + log_num_samples - std::log(column_mass > floor ? column_mass : floor);
+}
+
+// Since softmax(x + a + Δ) is softmax(x + a) rescaled by e^Δ_k per class and renormalized per row,
+// iterations after the first can update the stored assignment without recomputing any exponential.
+// A row whose rescaled sum falls below this floor (every class it likes was scaled down by more than
+// ~1e19 in fp32) is recomputed from the scores instead, so no precision is lost to underflow.
+template <typename acc_t>
+CPSL_HOST_DEVICE acc_t rescaled_row_floor() {
+  return std::sqrt(std::numeric_limits<acc_t>::min());
 }
 
 }  // namespace cpsl_ops

@@ -1,0 +1,153 @@
+"""Balanced Sinkhorn: the fused kernel against the PyTorch reference and peers.
+
+Implementations, side by side in one process:
+  native-<device>      cpsl_ops.balanced_sinkhorn (the C++/CUDA kernel; B problems in one call)
+  reference-eager      cpsl_ops.reference.balanced_sinkhorn, the log-domain PyTorch spec
+  reference-compiled   the same under torch.compile
+  official-loop        the official code's exp-domain loop, one call per image
+  pot                  Python Optimal Transport's ot.sinkhorn with the same marginals, ε and a
+                       fixed iteration count (optional: pip install pot)
+Also printed: the time this machine takes to read and write the score matrix once (a copy), times
+the iteration count — the memory bound of an unfused iteration.
+
+    python benchmarks/bench_sinkhorn.py [--quick] [--device cuda] [--json out.json] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+
+import cpsl_ops
+from cpsl_ops import reference
+
+try:  # run as a script (python benchmarks/bench_sinkhorn.py) or as a module
+    from harness import REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot, print_table, save
+except ImportError:
+    from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot,
+                                    print_table, save)
+
+CPSL_PRIOR = [0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338, 0.02424, 0.04341,
+              0.01315, 0.00161, 0.06605, 0.00408, 0.00279, 0.00185, 0.00123, 0.00191]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def official_loop(scores: torch.Tensor, prior: torch.Tensor, epsilon: float, num_iters: int) -> torch.Tensor:
+    """The official CPSL routine (exp domain), called once per image as its training step does."""
+    outputs = []
+    for problem, r in zip(scores, prior):
+        q = torch.exp(problem / epsilon).T
+        q = q / q.sum()
+        samples = q.shape[1]
+        for _ in range(num_iters):
+            q = q / q.sum(dim=1, keepdim=True) * r[:, None]
+            q = q / q.sum(dim=0, keepdim=True) / samples
+        outputs.append((q * samples).T)
+    return torch.stack(outputs)
+
+
+def pot_sinkhorn() -> Callable | None:
+    try:
+        import ot
+    except ImportError:
+        return None
+
+    def run(scores: torch.Tensor, prior: torch.Tensor, epsilon: float, num_iters: int) -> torch.Tensor:
+        outputs = []
+        for problem, r in zip(scores, prior):
+            samples = problem.new_full((problem.shape[0],), 1.0 / problem.shape[0])
+            plan = ot.sinkhorn(samples, r, -problem, epsilon, numItermax=num_iters, stopThr=0.0, warn=False)
+            outputs.append(plan * problem.shape[0])
+        return torch.stack(outputs)
+
+    return run
+
+
+def make_problem(batch: int, samples: int, classes: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    # Cosine-like scores in [-1, 1], as CPSL feeds Sinkhorn.
+    scores = torch.rand(batch, samples, classes, generator=generator).mul_(2).sub_(1).to(device=device, dtype=dtype)
+    if classes == len(CPSL_PRIOR):
+        prior = torch.tensor(CPSL_PRIOR)
+    else:
+        prior = torch.rand(classes, generator=generator) + 0.05
+    prior = (prior / prior.sum()).to(device).expand(batch, classes).contiguous()
+    return scores, prior
+
+
+def run_case(rows: List[Row], label: str, batch: int, samples: int, classes: int, num_iters: int, dtype_name: str,
+             device: torch.device, args, compiled: Callable | None, pot: Callable | None, epsilon: float = 0.05) -> None:
+    dtype = DTYPES[dtype_name]
+    scores, prior = make_problem(batch, samples, classes, dtype, device)
+    element_bytes = scores.element_size()
+    moved = 2 * scores.numel() * element_bytes / 1e9  # read the scores once, write the assignment once
+    size = f"{batch}x{samples}x{classes} T={num_iters} {dtype_name}"
+    params: Dict[str, object] = {"B": batch, "N": samples, "K": classes, "T": num_iters, "dtype": dtype_name,
+                                 "epsilon": epsilon, "case": label}
+    big = scores.numel() > 20_000_000
+    repeats = args.repeats or (3 if args.quick or big else 10)
+    warmup = 1 if big else 2
+
+    def add(impl: str, fn: Callable[[], object]) -> None:
+        rows.append(make_row("balanced_sinkhorn", size, impl, measure(fn, device, warmup, repeats), moved, **params))
+
+    native = "native-" + device.type
+    if cpsl_ops.native_available():
+        add(native, lambda: cpsl_ops.balanced_sinkhorn(scores, prior, epsilon, num_iters))
+    add(REFERENCE, lambda: reference.balanced_sinkhorn(scores, prior, epsilon, num_iters))
+    if compiled is not None:
+        add("reference-compiled", lambda: compiled(scores, prior, epsilon, num_iters))
+    if dtype == torch.float32 and batch * samples <= 2_000_000:
+        add("official-loop", lambda: official_loop(scores, prior, epsilon, num_iters))
+        if pot is not None:
+            add("pot", lambda: pot(scores, prior, epsilon, num_iters))
+    copy_target = torch.empty_like(scores)
+    copy_times = measure(lambda: copy_target.copy_(scores), device, warmup, repeats)
+    bound = make_row("balanced_sinkhorn", size, f"bound: {num_iters} x copy", [t * num_iters for t in copy_times],
+                     moved, **params)
+    rows.append(bound)
+
+
+def main() -> None:
+    parser = common_arguments(__doc__)
+    parser.add_argument("--plot", default=None, help="write a PNG of time against N (needs matplotlib)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    compiled = None if args.no_compile else torch.compile(reference.balanced_sinkhorn, dynamic=True)
+    pot = pot_sinkhorn()
+    if pot is None:
+        print("note: POT (pip install pot) is not installed: no 'pot' rows")
+    rows: List[Row] = []
+
+    run_case(rows, "cpsl", 8, 65_792, 19, 3, "fp32", device, args, compiled, pot)
+    sweep_n = [1_000, 10_000, 65_792] if args.quick else [1_000, 10_000, 65_792, 262_144, 1_048_576, 4_194_304]
+    for samples in sweep_n:
+        run_case(rows, "sweep-N", 1, samples, 19, 3, "fp32", device, args, compiled, pot)
+    if not args.quick:
+        for classes in (64, 256):
+            run_case(rows, "sweep-K", 1, 65_792, classes, 3, "fp32", device, args, compiled, pot)
+        for num_iters in (10, 50):
+            run_case(rows, "sweep-T", 1, 65_792, 19, num_iters, "fp32", device, args, compiled, pot)
+        for dtype_name in ("fp16", "bf16"):
+            run_case(rows, "sweep-dtype", 8, 65_792, 19, 3, dtype_name, device, args, compiled, pot)
+        run_case(rows, "epsilon", 8, 65_792, 19, 3, "fp32", device, args, compiled, pot, epsilon=0.01)
+
+    add_speedups(rows)
+    print_table(rows, f"balanced_sinkhorn on {device} (median of repeats; GB/s for one read of the scores and "
+                      f"one write of the assignment)")
+    cpsl = [r for r in rows if r.params.get("case") == "cpsl"]
+    native = next((r for r in cpsl if r.impl.startswith("native")), None)
+    if native is not None:
+        by_impl = {r.impl: r.median_ms for r in cpsl}
+        print(f"\nCPSL size: native {native.median_ms:.2f} ms; "
+              + ", ".join(f"{impl} / native = {ms / native.median_ms:.2f}" for impl, ms in by_impl.items()
+                          if impl != native.impl))
+    save(rows, {"benchmark": "balanced_sinkhorn"}, device, args.json)
+    plot(rows, "balanced_sinkhorn", args.plot, f"balanced_sinkhorn, B=1, K=19, T=3, fp32, {device}")
+
+
+if __name__ == "__main__":
+    main()
