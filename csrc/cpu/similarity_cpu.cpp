@@ -124,6 +124,7 @@ void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor&
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile), g(classes * kPixelTile);
     acc_t inv_norm[kPixelTile], switch_on[kPixelTile], grad_dot_cos[kPixelTile], grad_hat[kPixelTile];
+    acc_t normalized[kPixelTile];  // one channel of the tile's normalized features
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       acc_t* grad_prototypes_hat = partial.data() + blk * classes * channels;
       for (int64_t t = blk * block; t < std::min(total_tiles, (blk + 1) * block); ++t) {
@@ -139,12 +140,15 @@ void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor&
           }
         for (int64_t c = 0; c < channels; ++c) {
           std::fill(grad_hat, grad_hat + count, acc_t(0));
+          for (int64_t j = 0; j < count; ++j) normalized[j] = tile[c * kPixelTile + j] * inv_norm[j];
           for (int64_t k = 0; k < classes; ++k) {
             const acc_t weight = prototypes_hat.values[k * channels + c];
+            const acc_t* __restrict g_row = g.data() + k * kPixelTile;
             acc_t prototype_grad = 0;
+#pragma omp simd reduction(+ : prototype_grad)
             for (int64_t j = 0; j < count; ++j) {
-              grad_hat[j] += weight * g[k * kPixelTile + j];
-              prototype_grad += g[k * kPixelTile + j] * tile[c * kPixelTile + j] * inv_norm[j];
+              grad_hat[j] += weight * g_row[j];
+              prototype_grad += g_row[j] * normalized[j];
             }
             grad_prototypes_hat[k * channels + c] += prototype_grad;
           }
