@@ -35,6 +35,7 @@ void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& fe
 
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     int64_t tile_labels[kPixelTile];
+    std::vector<acc_t> pixel_major(kPixelTile * channels);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       acc_t* sums = partial_sums.data() + blk * classes * channels;
       int64_t* block_counts = partial_counts.data() + blk * classes;
@@ -53,9 +54,15 @@ void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& fe
             ++block_counts[label];
           }
         }
+        // Pixel-major, so that each pixel adds a contiguous row of D channels to its class sum.
         for (int64_t c = 0; c < channels; ++c)
-          for (int64_t j = 0; j < count; ++j)
-            if (tile_labels[j] >= 0) sums[tile_labels[j] * channels + c] += static_cast<acc_t>(f(b, c, p0 + j));
+          for (int64_t j = 0; j < count; ++j) pixel_major[j * channels + c] = static_cast<acc_t>(f(b, c, p0 + j));
+        for (int64_t j = 0; j < count; ++j) {
+          if (tile_labels[j] < 0) continue;
+          acc_t* __restrict class_sum = sums + tile_labels[j] * channels;
+          const acc_t* __restrict pixel = pixel_major.data() + j * channels;
+          for (int64_t c = 0; c < channels; ++c) class_sum[c] += pixel[c];
+        }
       }
     }
   });
