@@ -6,6 +6,7 @@
 
 #include <atomic>
 
+#include "cpsl_ops/cpu_math.h"
 #include "cpsl_ops/cpu_tile.h"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/rectify_math.h"
@@ -26,20 +27,43 @@ void rectify_kernel(const at::Tensor& soft, const at::Tensor& logits, double thr
   std::atomic<bool> invalid{false};
 
   at::parallel_for(0, labels.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+    acc_t max_logit[kPixelTile], best[kPixelTile], total[kPixelTile], best_class[kPixelTile];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
-      RectifyAccumulator<acc_t> acc[kPixelTile];
+      int valid = 1;
+      std::fill(max_logit, max_logit + count, -std::numeric_limits<acc_t>::infinity());
       for (int64_t k = 0; k < classes; ++k)
         for (int64_t j = 0; j < count; ++j) {
-          const acc_t probability = static_cast<acc_t>(p(b, k, p0 + j));
           const acc_t logit = static_cast<acc_t>(l(b, k, p0 + j));
-          if (!valid_probability(probability) || !std::isfinite(logit)) invalid = true;
-          acc[j].add(probability, logit, k);
+          const acc_t probability = static_cast<acc_t>(p(b, k, p0 + j));
+          valid &= valid_probability(probability) & (logit - logit == acc_t(0));
+          max_logit[j] = logit > max_logit[j] ? logit : max_logit[j];
+        }
+      if (!valid) invalid = true;
+      std::fill(best, best + count, acc_t(-1));
+      std::fill(total, total + count, acc_t(0));
+      std::fill(best_class, best_class + count, acc_t(0));
+      for (int64_t k = 0; k < classes; ++k)
+        for (int64_t j = 0; j < count; ++j) {
+          const acc_t w = static_cast<acc_t>(p(b, k, p0 + j)) *
+                          vector_exp(static_cast<acc_t>(l(b, k, p0 + j)) - max_logit[j]);
+          total[j] += w;
+          const bool better = w > best[j];  // strict: ties keep the first class, as torch.argmax does
+          best_class[j] = better ? acc_t(k) : best_class[j];
+          best[j] = better ? w : best[j];
         }
       const int64_t offset = b * tiles.pixels + p0;
       for (int64_t j = 0; j < count; ++j) {
-        confidence_out[offset + j] = static_cast<scalar_t>(acc[j].confidence());
-        label_out[offset + j] = acc[j].label(static_cast<acc_t>(threshold), ignore_index);
+        RectifyAccumulator<acc_t> exact;
+        if (best[j] < rectify_fast_floor<acc_t>()) {
+          for (int64_t k = 0; k < classes; ++k)
+            exact.add(static_cast<acc_t>(p(b, k, p0 + j)), static_cast<acc_t>(l(b, k, p0 + j)), k);
+        } else {
+          exact.argmax = static_cast<long>(best_class[j]);
+          exact.sum = total[j] / best[j];
+        }
+        confidence_out[offset + j] = static_cast<scalar_t>(exact.confidence());
+        label_out[offset + j] = exact.label(static_cast<acc_t>(threshold), ignore_index);
       }
     }
   });

@@ -37,6 +37,16 @@ struct RectifyAccumulator {
   }
 };
 
+// The fast form used where it is exact enough: w_k = p_k · e^(l_k − max_j l_j), whose argmax and
+// max/sum are the label and confidence. Every factor e^(·) is at most 1, so nothing overflows; a
+// pixel whose largest w_k falls below this floor (its soft label sits on classes whose logits are
+// ~40 below the best one in fp32) may have lost products to underflow and is redone with
+// RectifyAccumulator, exactly.
+template <typename acc_t>
+CPSL_HOST_DEVICE acc_t rectify_fast_floor() {
+  return std::sqrt(std::numeric_limits<acc_t>::min());
+}
+
 // False for negative, NaN and infinite soft labels, which have no log.
 template <typename acc_t>
 CPSL_HOST_DEVICE bool valid_probability(acc_t p) {
