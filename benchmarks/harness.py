@@ -96,6 +96,16 @@ def print_table(rows: List[Row], title: str) -> None:
               f"{row.gb_per_s:8.2f} {speedup:>7}")
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -107,7 +117,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": __import__("os").cpu_count(),
         "device": str(device),
         "cpsl_ops": cpsl_ops.build_info(),
