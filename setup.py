@@ -7,7 +7,7 @@ Environment switches:
   CPSL_OPS_FORCE_CPU=1        build only the C++ CPU kernels
   CPSL_OPS_FORCE_CUDA=1       fail unless the CUDA kernels are built
   CUDA_HOME                   the toolkit to use (else it is found from ``nvcc`` on the PATH)
-  TORCH_CUDA_ARCH_LIST        GPU architectures (default "7.0;8.0;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST        GPU architectures (default "7.5;8.0;9.0+PTX")
   CPSL_OPS_CPU_FLAGS          SIMD flags of the CPU kernels (default: "-mavx2 -mfma" where supported)
   MAX_JOBS                    parallel compile jobs (default: by cores and memory)
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_CUDA_ARCH_LIST = "7.0;8.0;9.0+PTX"
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"  # CUDA 13 dropped Volta (7.0)
 
 
 def _env_flag(name: str) -> bool:

@@ -4,13 +4,16 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <string>
+
+#ifdef CPSL_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 TORCH_LIBRARY(cpsl_ops, m) {
   // Schemas are defined next to each op in csrc/ops/<op>.cpp with TORCH_LIBRARY_FRAGMENT.
   (void)m;
 }
-
-#define CPSL_STRINGIFY_IMPL(x) #x
-#define CPSL_STRINGIFY(x) CPSL_STRINGIFY_IMPL(x)
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "cpsl-ops native kernels", -1, nullptr};
@@ -18,7 +21,8 @@ extern "C" PyObject* PyInit__C(void) {
   if (module == nullptr) return nullptr;
   PyModule_AddStringConstant(module, "torch_version", TORCH_VERSION);
 #ifdef CPSL_WITH_CUDA
-  PyModule_AddStringConstant(module, "cuda_version", CPSL_STRINGIFY(CUDA_VERSION));
+  const std::string cuda_version = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  PyModule_AddStringConstant(module, "cuda_version", cuda_version.c_str());
 #else
   PyModule_AddStringConstant(module, "cuda_version", "");
 #endif

@@ -98,15 +98,20 @@ def test_custom_ignore_index_and_parameter_target():
     assert prototypes.grad_fn is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("bad", [-1, 3, 254])
-def test_out_of_range_label_raises_and_writes_nothing(backend, bad):
+def test_out_of_range_label_raises_and_writes_nothing(device, backend, bad):
     if backend == "native" and not cpsl_ops.native_available():
         pytest.skip("native extension not built")
-    prototypes = torch.randn(3, 4)
+    prototypes = torch.randn(3, 4, device=device)
     before = prototypes.clone()
-    with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match=f"labels must lie in \\[0, 3\\).*found {bad}"):
-        cpsl_ops.update_prototypes_(prototypes, torch.randn(5, 4), torch.tensor([0, 1, bad, 2, IGNORE]))
+    # The CPU kernel and the reference name the bad value; the CUDA kernel raises a device flag.
+    names_value = device == "cpu" or backend == "reference"
+    message = "labels must lie in \\[0, 3\\)" + (f".*found {bad}" if names_value else "")
+    with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match=message):
+        cpsl_ops.update_prototypes_(prototypes, torch.randn(5, 4, device=device),
+                                    torch.tensor([0, 1, bad, 2, IGNORE], device=device))
     assert torch.equal(prototypes, before)
 
 

@@ -59,13 +59,15 @@ def test_underflowing_products_and_zero_mass(device):
     assert confidence.flatten().tolist() == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("bad_soft, bad_logit", [(-0.1, 0.0), (float("nan"), 0.0), (0.5, float("inf"))])
-def test_bad_values_raise(backend, bad_soft, bad_logit):
+def test_bad_values_raise(device, backend, bad_soft, bad_logit):
     if backend == "native" and not cpsl_ops.native_available():
         pytest.skip("native extension not built")
     soft, logits = torch.rand(1, 3, 2, 2), torch.randn(1, 3, 2, 2)
     soft[0, 1, 1, 0], logits[0, 2, 0, 1] = bad_soft, bad_logit
+    soft, logits = soft.to(device), logits.to(device)
     with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match="non-negative"):
         cpsl_ops.rectify_pseudo_labels(soft, logits)
 

@@ -8,7 +8,7 @@ import torch
 
 import cpsl_ops
 from cpsl_ops import reference
-from conftest import requires_native
+from conftest import DEVICES, requires_native
 
 OPS = ["similarity", "similarity_backward", "balanced_sinkhorn", "update_prototypes", "rectify_pseudo_labels"]
 PUBLIC_OPS = [op for op in OPS if not op.endswith("_backward")]
@@ -37,14 +37,16 @@ def test_every_public_op_has_a_reference_schema_file_and_tests(op):
                    "prototype_update", "rectify_pseudo_labels": "rectify"}[op]
     assert (ROOT / "csrc" / "ops" / f"{schema_stem}.cpp").is_file()
     assert (ROOT / "csrc" / "cpu" / f"{schema_stem}_cpu.cpp").is_file()
+    assert (ROOT / "csrc" / "cuda" / f"{schema_stem}_cuda.cu").is_file()
     assert (ROOT / "tests" / f"test_{schema_stem}.py").is_file()
 
 
-def opcheck_cases():
+def opcheck_cases(device):
+    torch.manual_seed(0)
     features = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
     flat = torch.randn(7, 6, requires_grad=True)
     prototypes64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    return [
+    cases = [
         ("similarity", (features, prototypes64, 0.08)),
         ("similarity", (flat, torch.randn(4, 6, requires_grad=True), 0.5)),
         ("similarity_backward", (torch.randn(7, 4), torch.randn(7, 6), torch.randn(4, 6), 0.08)),
@@ -52,12 +54,38 @@ def opcheck_cases():
         ("update_prototypes", (torch.randn(4, 6), torch.randn(2, 6, 3, 5), torch.randint(0, 4, (2, 3, 5)), 0.9, 255)),
         ("rectify_pseudo_labels", (torch.rand(2, 4, 3, 5), torch.randn(2, 4, 3, 5), 0.2, 255)),
     ]
+    to_device = lambda a: a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    return [(op, tuple(to_device(a) for a in args)) for op, args in cases]
 
 
 @requires_native
-@pytest.mark.parametrize("op, args", opcheck_cases(), ids=lambda value: value if isinstance(value, str) else "")
-def test_opcheck(op, args):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(len(opcheck_cases("cpu"))))
+def test_opcheck(device, index):
+    op, args = opcheck_cases(device)[index]
     torch.library.opcheck(getattr(torch.ops.cpsl_ops, op).default, args)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_are_bit_identical_across_runs(device):
+    torch.manual_seed(0)
+    features = torch.randn(3, 16, 20, 30, device=device, requires_grad=True)
+    prototypes = torch.randn(7, 16, device=device, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 20, 30), device=device)
+    scores = torch.rand(4, 5000, 7, device=device)
+
+    def run():
+        features.grad = prototypes.grad = None
+        logits = cpsl_ops.prototype_similarity(features, prototypes)
+        logits.square().sum().backward()
+        updated = prototypes.detach().clone()
+        cpsl_ops.update_prototypes_(updated, features, labels, 0.5)
+        return [logits, features.grad, prototypes.grad, updated, cpsl_ops.balanced_sinkhorn(scores, None, 0.05, 5),
+                *cpsl_ops.rectify_pseudo_labels(logits.softmax(1), logits)]
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
 
 
 @requires_native

@@ -143,12 +143,13 @@ def test_no_gradient(backend):
         assert not cpsl_ops.balanced_sinkhorn(scores).requires_grad
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_scores_raise(backend, bad):
+def test_non_finite_scores_raise(device, backend, bad):
     if backend == "native" and not cpsl_ops.native_available():
         pytest.skip("native extension not built")
-    scores = torch.randn(10, 3)
+    scores = torch.randn(10, 3, device=device)
     scores[4, 1] = bad
     with cpsl_ops.use_backend(backend), pytest.raises(ValueError, match="NaN or infinite"):
         cpsl_ops.balanced_sinkhorn(scores)
@@ -183,6 +184,17 @@ def test_bad_prior_values_raise(backend, prior):
 def test_bad_input(scores, kwargs, error, message):
     with pytest.raises(error, match=message):
         cpsl_ops.balanced_sinkhorn(scores, **kwargs)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpsl_size_and_large_n_match_reference(device, dtype):
+    prior = CPSL_PRIOR.to(device)
+    for shape in [(8, 65_792, 19), (1, 1_048_576, 19)]:
+        scores = (random_tensor(shape, torch.float32, device, 7).clamp(-3, 3) / 3).to(dtype)
+        native, expected = native_and_reference(cpsl_ops.balanced_sinkhorn, scores, prior)
+        assert_close(native, expected, dtype)
 
 
 def test_empty_batch_returns_empty():

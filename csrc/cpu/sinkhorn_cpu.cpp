@@ -11,6 +11,7 @@
 #include "cpsl_ops/cpu_math.h"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/sinkhorn_math.h"
+#include "cpsl_ops/sinkhorn_prior.h"
 
 namespace cpsl_ops {
 namespace {
@@ -220,14 +221,6 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       });
     }
   }
-}
-
-// log of the prior normalized per problem, in the accumulation dtype; raises on a non-positive entry.
-at::Tensor normalized_log_prior(const at::Tensor& class_prior, at::ScalarType acc_type) {
-  const at::Tensor prior = class_prior.to(acc_type);
-  TORCH_CHECK_VALUE(at::isfinite(prior).all().item<bool>() && (prior > 0).all().item<bool>(),
-                    "balanced_sinkhorn: class_prior must be positive and finite in every class");
-  return (prior / prior.sum(-1, true)).log().contiguous();
 }
 
 at::Tensor balanced_sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
