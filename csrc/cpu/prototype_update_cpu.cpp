@@ -9,6 +9,7 @@
 
 #include "cpsl_ops/cpu_tile.h"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/macros.h"
 
 namespace cpsl_ops {
@@ -91,14 +92,7 @@ void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& fe
 std::tuple<at::Tensor, at::Tensor> update_prototypes_cpu(const at::Tensor& prototypes, const at::Tensor& features,
                                                          const at::Tensor& labels, double momentum,
                                                          int64_t ignore_index) {
-  TORCH_CHECK(prototypes.dim() == 2, "update_prototypes: prototypes must be (K, D)");
-  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "update_prototypes: features must be (N, D) or (B, D, H, W)");
-  TORCH_CHECK(labels.dim() == features.dim() - 1, "update_prototypes: labels must be (N,) or (B, H, W)");
-  TORCH_CHECK(features.size(1) == prototypes.size(1), "update_prototypes: features and prototypes differ in D");
-  TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "update_prototypes: features and prototypes differ in dtype");
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
-              "update_prototypes: labels must have an integer dtype");
-  TORCH_CHECK(momentum >= 0 && momentum <= 1, "update_prototypes: momentum must lie in [0, 1], got ", momentum);
+  check_update_prototypes_inputs(prototypes, features, labels, momentum);
   at::Tensor new_prototypes = at::empty(prototypes.sizes(), prototypes.options());
   at::Tensor counts = at::zeros({prototypes.size(0)}, prototypes.options().dtype(at::kLong));
   CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "update_prototypes_cpu", [&] {

@@ -9,6 +9,7 @@
 #include "cpsl_ops/cpu_math.h"
 #include "cpsl_ops/cpu_tile.h"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/rectify_math.h"
 
 namespace cpsl_ops {
@@ -73,9 +74,7 @@ void rectify_kernel(const at::Tensor& soft, const at::Tensor& logits, double thr
 
 std::tuple<at::Tensor, at::Tensor> rectify_pseudo_labels_cpu(const at::Tensor& soft, const at::Tensor& logits,
                                                              double threshold, int64_t ignore_index) {
-  TORCH_CHECK(soft.dim() == 4 && soft.sizes() == logits.sizes(),
-              "rectify_pseudo_labels: soft_pseudo_labels and prototype_logits must both be (B, K, H, W)");
-  TORCH_CHECK(soft.scalar_type() == logits.scalar_type(), "rectify_pseudo_labels: inputs differ in dtype");
+  check_rectify_inputs(soft, logits);
   at::Tensor labels = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options().dtype(at::kLong));
   at::Tensor confidence = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options());
   if (labels.numel() == 0) return {labels, confidence};

@@ -8,26 +8,11 @@
 
 #include "cpsl_ops/cpu_tile.h"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/similarity_math.h"
 
 namespace cpsl_ops {
 namespace {
-
-void check_similarity_inputs(const at::Tensor& features, const at::Tensor& prototypes, double temperature) {
-  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "similarity: features must be (N, D) or (B, D, H, W)");
-  TORCH_CHECK(prototypes.dim() == 2, "similarity: prototypes must be (K, D)");
-  TORCH_CHECK(features.size(1) == prototypes.size(1), "similarity: features have D = ", features.size(1),
-              " channels but prototypes have D = ", prototypes.size(1));
-  TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "similarity: features and prototypes differ in dtype");
-  TORCH_CHECK(temperature > 0, "similarity: temperature must be positive, got ", temperature);
-}
-
-// (N, K) for flat features, (B, K, H, W) for channel-first ones.
-std::vector<int64_t> logits_shape(const at::Tensor& features, int64_t num_classes) {
-  std::vector<int64_t> shape(features.sizes().begin(), features.sizes().end());
-  shape[1] = num_classes;  // channels are dim 1 in both layouts
-  return shape;
-}
 
 template <typename acc_t>
 struct NormalizedRows {
@@ -188,9 +173,7 @@ at::Tensor similarity_cpu(const at::Tensor& features, const at::Tensor& prototyp
 
 std::tuple<at::Tensor, at::Tensor> similarity_backward_cpu(const at::Tensor& grad_logits, const at::Tensor& features,
                                                            const at::Tensor& prototypes, double temperature) {
-  check_similarity_inputs(features, prototypes, temperature);
-  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef(logits_shape(features, prototypes.size(0))),
-              "similarity_backward: grad_logits has the wrong shape");
+  check_similarity_backward_inputs(grad_logits, features, prototypes, temperature);
   at::Tensor grad_features = at::empty(features.sizes(), features.options());
   at::Tensor grad_prototypes = at::zeros(prototypes.sizes(), prototypes.options());
   if (grad_features.numel() == 0) return {grad_features, grad_prototypes};

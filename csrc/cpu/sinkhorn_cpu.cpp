@@ -10,6 +10,7 @@
 
 #include "cpsl_ops/cpu_math.h"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/sinkhorn_math.h"
 #include "cpsl_ops/sinkhorn_prior.h"
 
@@ -225,13 +226,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
 
 at::Tensor balanced_sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
                                  int64_t num_iters) {
-  TORCH_CHECK(scores.dim() == 3, "balanced_sinkhorn: scores must be (B, N, K), got ", scores.dim(), " dims");
-  TORCH_CHECK(class_prior.dim() == 2 && class_prior.size(0) == scores.size(0) && class_prior.size(1) == scores.size(2),
-              "balanced_sinkhorn: class_prior must be (B, K) = (", scores.size(0), ", ", scores.size(2), "), got ",
-              class_prior.sizes());
-  TORCH_CHECK(epsilon > 0, "balanced_sinkhorn: epsilon must be positive, got ", epsilon);
-  TORCH_CHECK(num_iters >= 1, "balanced_sinkhorn: num_iters must be at least 1, got ", num_iters);
-  TORCH_CHECK(at::isFloatingType(class_prior.scalar_type()), "balanced_sinkhorn: class_prior must be floating point");
+  check_sinkhorn_inputs(scores, class_prior, epsilon, num_iters);
   const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
   at::Tensor assignment = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
   if (assignment.numel() == 0) return assignment;

@@ -8,6 +8,7 @@
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/macros.h"
 
 namespace cpsl_ops {
@@ -32,12 +33,7 @@ __global__ void one_hot_kernel(const label_t* __restrict__ labels, int64_t strid
 std::tuple<at::Tensor, at::Tensor> update_prototypes_cuda(const at::Tensor& prototypes, const at::Tensor& features,
                                                           const at::Tensor& labels, double momentum,
                                                           int64_t ignore_index) {
-  TORCH_CHECK(prototypes.dim() == 2, "update_prototypes: prototypes must be (K, D)");
-  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "update_prototypes: features must be (N, D) or (B, D, H, W)");
-  TORCH_CHECK(labels.dim() == features.dim() - 1, "update_prototypes: labels must be (N,) or (B, H, W)");
-  TORCH_CHECK(features.size(1) == prototypes.size(1), "update_prototypes: features and prototypes differ in D");
-  TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "update_prototypes: features and prototypes differ in dtype");
-  TORCH_CHECK(momentum >= 0 && momentum <= 1, "update_prototypes: momentum must lie in [0, 1]");
+  check_update_prototypes_inputs(prototypes, features, labels, momentum);
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor f = as_batch_channel_pixel(features), label_view = as_batch_pixel(labels);
   const int64_t batch = f.size(0), pixels = f.size(2), classes = prototypes.size(0);

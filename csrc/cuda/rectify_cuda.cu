@@ -4,6 +4,7 @@
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/macros.h"
 #include "cpsl_ops/rectify_math.h"
 
@@ -33,9 +34,7 @@ __global__ void rectify_kernel(const scalar_t* __restrict__ soft, cuda::Strides3
 
 std::tuple<at::Tensor, at::Tensor> rectify_pseudo_labels_cuda(const at::Tensor& soft, const at::Tensor& logits,
                                                               double threshold, int64_t ignore_index) {
-  TORCH_CHECK(soft.dim() == 4 && soft.sizes() == logits.sizes(),
-              "rectify_pseudo_labels: soft_pseudo_labels and prototype_logits must both be (B, K, H, W)");
-  TORCH_CHECK(soft.scalar_type() == logits.scalar_type(), "rectify_pseudo_labels: inputs differ in dtype");
+  check_rectify_inputs(soft, logits);
   const c10::cuda::CUDAGuard guard(soft.device());
   at::Tensor labels = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options().dtype(at::kLong));
   at::Tensor confidence = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options());

@@ -9,6 +9,7 @@
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/macros.h"
 #include "cpsl_ops/similarity_math.h"
 
@@ -106,17 +107,8 @@ __global__ void similarity_feature_grad_kernel(const scalar_t* __restrict__ feat
                                                             switch_on[pixel]));
 }
 
-std::vector<int64_t> logits_shape(const at::Tensor& features, int64_t num_classes) {
-  std::vector<int64_t> shape(features.sizes().begin(), features.sizes().end());
-  shape[1] = num_classes;  // channels are dim 1 in both layouts
-  return shape;
-}
-
 at::Tensor similarity_cuda(const at::Tensor& features, const at::Tensor& prototypes, double temperature) {
-  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "similarity: features must be (N, D) or (B, D, H, W)");
-  TORCH_CHECK(prototypes.dim() == 2 && features.size(1) == prototypes.size(1), "similarity: prototypes must be (K, D)");
-  TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "similarity: features and prototypes differ in dtype");
-  TORCH_CHECK(temperature > 0, "similarity: temperature must be positive");
+  check_similarity_inputs(features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   at::Tensor logits = at::empty(logits_shape(features, prototypes.size(0)), features.options());
   if (logits.numel() == 0) return logits;
@@ -136,8 +128,7 @@ at::Tensor similarity_cuda(const at::Tensor& features, const at::Tensor& prototy
 
 std::tuple<at::Tensor, at::Tensor> similarity_backward_cuda(const at::Tensor& grad_logits, const at::Tensor& features,
                                                             const at::Tensor& prototypes, double temperature) {
-  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef(logits_shape(features, prototypes.size(0))),
-              "similarity_backward: grad_logits has the wrong shape");
+  check_similarity_backward_inputs(grad_logits, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   at::Tensor grad_features = at::empty(features.sizes(), features.options());
   at::Tensor grad_prototypes = at::zeros(prototypes.sizes(), prototypes.options());

@@ -11,6 +11,7 @@
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/macros.h"
+#include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/sinkhorn_math.h"
 #include "cpsl_ops/sinkhorn_prior.h"
 
@@ -199,11 +200,7 @@ void run_sinkhorn(const at::Tensor& scores, const at::Tensor& log_prior, double 
 
 at::Tensor balanced_sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
                                   int64_t num_iters) {
-  TORCH_CHECK(scores.dim() == 3, "balanced_sinkhorn: scores must be (B, N, K)");
-  TORCH_CHECK(class_prior.dim() == 2 && class_prior.size(0) == scores.size(0) && class_prior.size(1) == scores.size(2),
-              "balanced_sinkhorn: class_prior must be (B, K)");
-  TORCH_CHECK(epsilon > 0, "balanced_sinkhorn: epsilon must be positive");
-  TORCH_CHECK(num_iters >= 1, "balanced_sinkhorn: num_iters must be at least 1");
+  check_sinkhorn_inputs(scores, class_prior, epsilon, num_iters);
   TORCH_CHECK(scores.size(2) <= 8 * cuda::kWarp, "balanced_sinkhorn: the CUDA kernel supports K <= 256, got ",
               scores.size(2));
   const c10::cuda::CUDAGuard guard(scores.device());
