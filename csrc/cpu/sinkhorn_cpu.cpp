@@ -109,9 +109,14 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   // The assignment between iterations, class-major: workspace[k * class_stride + i]; uninitialized.
   // The padding keeps the K row streams of a tile off the same cache sets when N is a power of two.
   const int64_t class_stride = (samples + 15) / 16 * 16 + 16;
-  const at::Tensor workspace_tensor = at::empty({num_iters > 1 ? classes * class_stride : 0},
-                                                scores.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* const workspace = workspace_tensor.data_ptr<acc_t>();
+  // Reused across calls from the same thread: a fresh buffer of this size would be page-faulted
+  // in (and zeroed by the OS) on every call, which costs as much as a pass over it.
+  // It is kept from call to call of the same thread (one per dtype): a fresh buffer this large
+  // would be page-faulted in and zeroed by the OS on every call, which costs as much as a pass.
+  static thread_local std::vector<acc_t> cached_workspace;
+  if (num_iters > 1 && cached_workspace.size() < static_cast<size_t>(classes * class_stride))
+    cached_workspace.resize(classes * class_stride);
+  acc_t* const workspace = cached_workspace.data();
   for (int64_t b = 0; b < batch; ++b) {
     const scalar_t* s = scores.data_ptr<scalar_t>() + b * scores.stride(0);
     scalar_t* out = assignment.data_ptr<scalar_t>() + b * samples * classes;
