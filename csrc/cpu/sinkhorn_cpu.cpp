@@ -106,16 +106,14 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
 
   std::vector<OnlineLogSumExp<acc_t>> column_lse(num_blocks * classes);
   std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), step(classes), no_shift(classes, acc_t(0));
-  // The assignment between iterations, class-major: workspace[k * class_stride + i]; uninitialized.
-  // The padding keeps the K row streams of a tile off the same cache sets when N is a power of two.
-  const int64_t class_stride = (samples + 15) / 16 * 16 + 16;
-  // Reused across calls from the same thread: a fresh buffer of this size would be page-faulted
-  // in (and zeroed by the OS) on every call, which costs as much as a pass over it.
+  // The assignment between iterations, tile by tile as the tiles hold it (class-major inside a
+  // tile), so that a tile is one contiguous block of K × kRowTile values to stream in and out.
   // It is kept from call to call of the same thread (one per dtype): a fresh buffer this large
   // would be page-faulted in and zeroed by the OS on every call, which costs as much as a pass.
   static thread_local std::vector<acc_t> cached_workspace;
-  if (num_iters > 1 && cached_workspace.size() < static_cast<size_t>(classes * class_stride))
-    cached_workspace.resize(classes * class_stride);
+  const int64_t workspace_size = tiles * classes * kRowTile;
+  if (num_iters > 1 && cached_workspace.size() < static_cast<size_t>(workspace_size))
+    cached_workspace.resize(workspace_size);
   acc_t* const workspace = cached_workspace.data();
   for (int64_t b = 0; b < batch; ++b) {
     const scalar_t* s = scores.data_ptr<scalar_t>() + b * scores.stride(0);
@@ -166,7 +164,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       acc_t* mass = column_mass.data() + blk * classes;
       for (int64_t k = 0; k < classes; ++k) {
         const acc_t* __restrict src = x + k * kRowTile;
-        acc_t* __restrict dst = workspace + k * class_stride + first;
+        acc_t* __restrict dst = workspace + (first / kRowTile * classes + k) * kRowTile;
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t r = 0; r < rows; ++r) {
@@ -200,7 +198,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         acc_t row_sum[kRowTile] = {};
         for (int64_t k = 0; k < classes; ++k) {
-          const acc_t* __restrict previous = workspace + k * class_stride + first;
+          const acc_t* __restrict previous = workspace + (first / kRowTile * classes + k) * kRowTile;
           acc_t* __restrict column = x + k * kRowTile;
           const acc_t weight = step[k];
           for (int64_t r = 0; r < rows; ++r) {
