@@ -120,6 +120,7 @@ class SelfLabelingLoss(nn.Module):
     restricted to the current rows; the loss is the soft cross-entropy ``-mean Σ_k Q log P``.
     When the EMA segmentation ``logits`` are given, a second target is computed the same way from
     their L2-normalized rows and a logit queue (CPSL's two branches), and the two terms are added.
+    Pass ``logits`` on every call or on none: both queues advance together.
     CPSL passes features of the EMA network computed under ``no_grad``, so only the prototypes
     learn from this loss; gradients still reach ``features`` if they require them.
 
