@@ -88,6 +88,9 @@ def balanced_sinkhorn(
 
     Raises:
         ValueError: on NaN or infinite scores, or a prior entry that is not positive.
+
+    The CPU kernel keeps, per calling thread, a workspace the size of the largest problem it has
+    solved (N × K floats), so that repeated calls do not page-fault fresh memory.
     """
     check_tensor(scores, "scores", (2, 3), "(N, K) or (B, N, K)")
     batched = scores.dim() == 3
