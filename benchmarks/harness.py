@@ -46,15 +46,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-            min_seconds: float = 0.0) -> List[float]:
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> List[float]:
     """Times of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     times: List[float] = []
-    deadline = time.perf_counter() + min_seconds
-    while len(times) < repeats or time.perf_counter() < deadline:
+    for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -66,8 +64,6 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
             start_s = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start_s) * 1e3)
-        if len(times) >= 10 * repeats:
-            break
     return times
 
 
