@@ -55,12 +55,12 @@ std::tuple<at::Tensor, at::Tensor> update_prototypes_cuda(const at::Tensor& prot
     TORCH_CHECK_VALUE(!cuda::flag_raised(bad_label), "update_prototypes: labels must lie in [0, ", classes,
                       ") or equal ignore_index=", ignore_index);
     const at::Tensor sums = at::matmul(one_hot, f.to(acc_type).transpose(1, 2)).sum(0);  // (K, D)
-    const at::Tensor class_counts = one_hot.sum({0, 2});                                  // (K,)
+    // Summed as int64: fp32 sums of ones stop being exact past 2^24 pixels of one class.
+    counts = one_hot.sum({0, 2}, false, at::kLong);  // (K,)
     const at::Tensor old = prototypes.to(acc_type);
-    const at::Tensor means = sums / class_counts.clamp_min(1).unsqueeze(1);
-    const at::Tensor updated = at::where((class_counts > 0).unsqueeze(1), momentum * old + (1 - momentum) * means, old);
+    const at::Tensor means = sums / counts.clamp_min(1).to(acc_type).unsqueeze(1);
+    const at::Tensor updated = at::where((counts > 0).unsqueeze(1), momentum * old + (1 - momentum) * means, old);
     new_prototypes = updated.to(prototypes.scalar_type());
-    counts = class_counts.round().to(at::kLong);
   });
   return {new_prototypes, counts};
 }
