@@ -1,0 +1,180 @@
+"""Batched augmentation on tensors, with every random draw taken from an explicit generator.
+
+Geometry is described in normalized coordinates, so one draw can be applied at any resolution:
+the weak crop is cut from the full image, from its soft pseudo label at stride 8 and from the EMA
+features of the full image (the official ``full2weak``), and the strong view's warp is applied to
+the teacher's maps at stride 4 (the official ``label_strong_T``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .labels import IGNORE_INDEX
+
+GREY = 0.5  # fill of cutout and of pixels warped in from outside the image
+
+
+def uniform(generator: torch.Generator, size: Sequence[int], low: float, high: float) -> Tensor:
+    return low + (high - low) * torch.rand(tuple(size), generator=generator)
+
+
+def bernoulli(generator: torch.Generator, size: int, p: float) -> Tensor:
+    return torch.rand(size, generator=generator) < p
+
+
+@dataclass
+class CropBoxes:
+    """Per-sample crop boxes (top, left, height, width) as fractions of the image, and h-flips."""
+
+    boxes: Tensor  # (B, 4) float
+    flips: Tensor  # (B,) bool
+
+    @classmethod
+    def sample(
+        cls,
+        generator: torch.Generator,
+        batch: int,
+        image_size: Sequence[int],
+        crop_size: Sequence[int],
+        scale_range: Sequence[float],
+    ) -> "CropBoxes":
+        """Random-size crops: the image is rescaled by U(scale_range) and a crop of ``crop_size`` cut.
+
+        Where the rescaled image is smaller than the crop, the crop covers that whole side.
+        """
+        scale = uniform(generator, (batch,), *scale_range)
+        height = (crop_size[0] / (scale * image_size[0])).clamp(max=1.0)
+        width = (crop_size[1] / (scale * image_size[1])).clamp(max=1.0)
+        top = torch.rand(batch, generator=generator) * (1 - height)
+        left = torch.rand(batch, generator=generator) * (1 - width)
+        return cls(torch.stack([top, left, height, width], 1), bernoulli(generator, batch, 0.5))
+
+    def theta(self) -> Tensor:
+        """(B, 2, 3) affine maps from output to input normalized coordinates."""
+        top, left, height, width = self.boxes.unbind(1)
+        sign = 1.0 - 2.0 * self.flips.float()
+        theta = torch.zeros(len(self.boxes), 2, 3)
+        theta[:, 0, 0] = width * sign
+        theta[:, 0, 2] = 2 * left + width - 1
+        theta[:, 1, 1] = height
+        theta[:, 1, 2] = 2 * top + height - 1
+        return theta
+
+
+def warp(maps: Tensor, theta: Tensor, size: Sequence[int], mode: str = "bilinear", fill: float = 0.0) -> Tensor:
+    """Samples (B, C, H, W) float ``maps`` through the (B, 2, 3) ``theta`` onto a ``size`` grid.
+
+    Integer maps (labels) are sampled with nearest and keep their dtype; points that fall
+    outside the input get ``fill`` (IGNORE_INDEX for integer maps).
+    """
+    grid = F.affine_grid(theta.to(maps.device, torch.float32), [maps.shape[0], 1, *size], align_corners=False)
+    if not maps.is_floating_point():
+        sampled = warp(maps.float(), theta, size, "nearest", float(IGNORE_INDEX))
+        return sampled.round().to(maps.dtype)
+    grid = grid.to(maps.dtype)
+    out = F.grid_sample(maps, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    if fill != 0.0:
+        inside = F.grid_sample(torch.ones_like(maps[:, :1]), grid, mode="nearest", align_corners=False)
+        out = torch.where(inside > 0.5, out, torch.full_like(out, fill))
+    return out
+
+
+def crop(maps: Tensor, boxes: CropBoxes, size: Sequence[int], mode: str = "bilinear") -> Tensor:
+    return warp(maps, boxes.theta(), size, mode)
+
+
+@dataclass
+class StrongAugment:
+    """CPSL's strong view: photometric jitter and blur, then flip, rotation, shear, translation
+    and a cutout square. The geometric part is kept, so teacher maps can be warped alike."""
+
+    theta: Tensor  # (B, 2, 3), output → input coordinates of the strong view
+    cutout: Tensor  # (B, 4) fractions (top, left, height, width)
+
+    @classmethod
+    def sample(cls, generator: torch.Generator, batch: int, aspect: float) -> "StrongAugment":
+        flips = 1.0 - 2.0 * bernoulli(generator, batch, 0.5).float()
+        angle = uniform(generator, (batch,), -15.0, 15.0) * math.pi / 180
+        shear = uniform(generator, (batch,), -0.15, 0.15)
+        shift = uniform(generator, (batch, 2), -0.1, 0.1)
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.zeros(batch, 2, 3)
+        # Rotation in pixel units (aspect-corrected), then shear, in normalized coordinates.
+        theta[:, 0, 0] = cos * flips
+        theta[:, 0, 1] = -sin / aspect + shear
+        theta[:, 1, 0] = sin * aspect * flips
+        theta[:, 1, 1] = cos
+        theta[:, :, 2] = shift
+        side = torch.tensor([1.0 / 3, 1.0 / (3 * aspect)]) if aspect >= 1 else torch.tensor([aspect / 3, 1.0 / 3])
+        corner = torch.rand(batch, 2, generator=generator) * (1 - side)
+        return cls(theta, torch.cat([corner, side.expand(batch, 2)], 1))
+
+    def cutout_mask(self, size: Sequence[int], device: torch.device) -> Tensor:
+        """(B, 1, H, W) bool, True inside the cutout square."""
+        return box_mask(self.cutout, size, device)[:, None]
+
+    def apply_to_maps(self, maps: Tensor, fill: float) -> Tuple[Tensor, Tensor]:
+        """Warps teacher maps (B, C, h, w) as the image was warped; returns (maps, valid mask)."""
+        size = maps.shape[-2:]
+        warped = warp(maps.float(), self.theta, size, "nearest", fill=float("nan"))
+        valid = ~(warped[:, :1].isnan() | self.cutout_mask(size, maps.device))
+        warped = torch.where(valid, warped, torch.full_like(warped, fill))
+        return warped.to(maps.dtype), valid[:, 0]
+
+
+def photometric(generator: torch.Generator, images: Tensor) -> Tensor:
+    """Colour jitter (brightness, contrast, saturation; each with p = 0.5) and a 3×3 blur (p = 0.5)."""
+    batch = images.shape[0]
+
+    def factor(strength: float) -> Tensor:
+        apply = bernoulli(generator, batch, 0.5)
+        value = uniform(generator, (batch,), 1 - strength, 1 + strength)
+        return torch.where(apply, value, torch.ones(batch)).to(images)[:, None, None, None]
+
+    images = images * factor(0.4)
+    mean = images.mean((1, 2, 3), keepdim=True)
+    images = (images - mean) * factor(0.4) + mean
+    grey = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(1, keepdim=True)
+    images = (images - grey) * factor(0.4) + grey
+    blur = bernoulli(generator, batch, 0.5).to(images.device)[:, None, None, None]
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=images.device, dtype=images.dtype)
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    return torch.where(blur, blurred, images).clamp(0, 1)
+
+
+def strong_view(generator: torch.Generator, images: Tensor) -> Tuple[Tensor, StrongAugment]:
+    """The strong view of (B, 3, H, W) images in [0, 1], and the draw that made it."""
+    batch, _, height, width = images.shape
+    augment = StrongAugment.sample(generator, batch, width / height)
+    jittered = photometric(generator, images)
+    strong = warp(jittered, augment.theta, (height, width), "bilinear", fill=GREY)
+    strong = torch.where(augment.cutout_mask((height, width), images.device), GREY, strong)
+    return strong, augment
+
+
+def cutmix_box(generator: torch.Generator) -> Tensor:
+    """A (1, 4) box (top, left, height, width) of half the image area, as the official
+    ``rand_bbox`` draws it (centre uniform, clipped at the borders), shared by the batch."""
+    side = math.sqrt(0.5)
+    centre = torch.rand(2, generator=generator)
+    low = (centre - side / 2).clamp(0, 1)
+    high = (centre + side / 2).clamp(0, 1)
+    return torch.cat([low, high - low])[None]
+
+
+def box_mask(boxes: Tensor, size: Sequence[int], device: torch.device) -> Tensor:
+    """(B, H, W) bool masks of (B, 4) fractional (top, left, height, width) boxes."""
+    ys = (torch.arange(size[0], device=device) + 0.5) / size[0]
+    xs = (torch.arange(size[1], device=device) + 0.5) / size[1]
+    top, left, height, width = (v.to(device)[:, None] for v in boxes.unbind(1))
+    rows = (ys >= top) & (ys < top + height)
+    cols = (xs >= left) & (xs < left + width)
+    return rows[:, :, None] & cols[:, None, :]

@@ -1,0 +1,61 @@
+"""Command line of the example trainer: ``train`` (the default) and ``prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .config import load_config
+from .data import prepare_main
+from .demo_data import write_demo_datasets
+from .engine import Pipeline
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+USAGE = """\
+train (default):  train_cpsl.py [--demo | --config FILE] [--resume PATH|auto] [section.field=value ...]
+check datasets:   train_cpsl.py prepare --gta5 DIR --cityscapes DIR [--synthia DIR]
+"""
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train_cpsl.py", usage=USAGE,
+        description="CPSL (class-balanced pixel-level self-labeling) domain-adaptive segmentation on cpsl_ops.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML config (see examples/configs/)")
+    parser.add_argument("--demo", action="store_true",
+                        help="generate synthetic GTA5/Cityscapes-format data and run the whole pipeline on the CPU")
+    parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as cpsl.iterations=2000")
+    args = parser.parse_args(argv)
+    if args.demo and args.config:
+        parser.error("--demo uses examples/configs/demo.yaml; pass overrides instead of --config")
+    if not args.demo and not args.config:
+        parser.error("pass --config FILE (real datasets) or --demo (synthetic data)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(CONFIGS / "demo.yaml" if args.demo else args.config, args.overrides)
+    if args.demo:
+        demo_root = Path(config.train.output_dir) / "demo_data"
+        gta5, cityscapes = write_demo_datasets(demo_root, tuple(config.data.source_size), progress=config.train.progress)
+        config = load_config(None, [f"data.source_root={gta5}", f"data.target_root={cityscapes}"], base=config)
+    resume = None
+    if args.resume:
+        resume = Path(config.train.output_dir) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+        if not resume.exists():
+            parser.error(f"--resume: {resume} does not exist")
+    Pipeline(config).run(resume)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "prepare":
+        return prepare_main(argv[1:])
+    return train_main(argv[1:] if argv and argv[0] == "train" else argv)

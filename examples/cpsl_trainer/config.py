@@ -1,0 +1,178 @@
+"""The trainer's configuration: dataclasses with the paper's defaults, YAML files and overrides.
+
+A run is described by one YAML file (any subset of the fields below) plus command-line overrides
+``section.field=value`` whose values are parsed as YAML (``cpsl.iterations=2000``,
+``data.crop_size=[512,896]``, ``model.pretrained=null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    source: str = "gta5"  # gta5 | synthia
+    source_root: str = "data/GTA5"
+    target_root: str = "data/cityscapes"
+    # Images are resized to these (H, W) on loading, as in the official code.
+    source_size: List[int] = field(default_factory=lambda: [1024, 2048])
+    target_size: List[int] = field(default_factory=lambda: [1024, 2048])
+    crop_size: List[int] = field(default_factory=lambda: [512, 896])
+    # Weak augmentation: the crop is taken from the image rescaled by U(scale_range).
+    scale_range: List[float] = field(default_factory=lambda: [0.5, 1.5])
+    batch_size: int = 4
+    num_workers: int = 4
+    # 19 Cityscapes classes; SYNTHIA trains 16 and also reports the 13-class mIoU.
+    protocol: str = "cityscapes19"  # cityscapes19 | synthia16
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet101"
+    # A local ImageNet checkpoint of the backbone (never downloaded), e.g. resnet101-63fe2227.pth.
+    pretrained: Optional[str] = None
+    feat_dim: int = 256
+    dilations: List[int] = field(default_factory=lambda: [6, 12, 18, 24])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    poly_power: float = 0.9
+
+
+@dataclass
+class WarmupConfig:
+    """Stage 0: source-only training (the official warm-up adds AdaptSegNet's adversarial loss)."""
+
+    iterations: int = 20000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class CPSLConfig:
+    """Stage 1: class-balanced pixel-level self-labeling, with the paper's defaults."""
+
+    iterations: int = 90000
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, head_lr_mult=5.0))
+    prototype_lr_mult: float = 5.0
+    ema_momentum: float = 0.999
+    temperature: float = 0.08
+    epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    queue_size: int = 65536
+    samples_per_image: int = 256
+    rce_alpha: float = 0.1
+    rce_beta: float = 1.0
+    consistency_weight: float = 5.0
+    self_labeling_weight: float = 0.1
+    rectify_threshold: float = 0.0
+    cutmix_prob: float = 0.5
+    # Prototype initialization: per image and class, the mean feature of classes with at least
+    # this many predicted pixels.
+    prototype_min_pixels: int = 10
+
+
+@dataclass
+class DistillConfig:
+    """Stages 2 and 3: ProDA's self-distillation, with the KL term computed on log-probabilities."""
+
+    stages: int = 2
+    iterations: int = 90000
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-4, head_lr_mult=10.0))
+    confidence: float = 0.95
+    kd_weight: float = 1.0
+    # "pretrained": a fresh student from model.pretrained (the official code uses SimCLRv2
+    # weights); "teacher": start from the teacher's weights.
+    student_init: str = "pretrained"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1000  # iterations between evaluations inside a stage (0: only at stage ends)
+    mode: str = "whole"  # whole | slide
+    window: List[int] = field(default_factory=lambda: [512, 1024])
+    save_images: int = 8  # colour PNGs of predictions and pseudo labels written per evaluation
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/cpsl"
+    seed: int = 6523
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    cpsl: CPSLConfig = field(default_factory=CPSLConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _merge(instance: Any, values: Dict[str, Any], where: str) -> Any:
+    """A copy of the dataclass ``instance`` with ``values`` applied; unknown keys are errors."""
+    names = {f.name: f for f in dataclasses.fields(instance)}
+    updates = {}
+    for key, value in values.items():
+        if key not in names:
+            raise KeyError(f"unknown config key {where}{key}; known: {', '.join(names)}")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"config section {where}{key} must be a mapping, got {value!r}")
+            value = _merge(current, value, f"{where}{key}.")
+        updates[key] = value
+    return dataclasses.replace(instance, **updates)
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``"a.b.c=value"`` → ``{"a": {"b": {"c": value}}}`` with value parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.field=value")
+    path, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw)
+    for key in reversed(path.strip().split(".")):
+        value = {key: value}
+    return value
+
+
+def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Config] = None) -> Config:
+    """The default (or ``base``) config, updated by a YAML file, then by each override in turn."""
+    config = base or Config()
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise TypeError(f"{path}: a config file must hold a mapping of sections")
+        config = _merge(config, values, "")
+    for override in overrides:
+        config = _merge(config, parse_override(override), "")
+    return config
+
+
+def config_from_dict(values: Dict[str, Any]) -> Config:
+    """Rebuilds a Config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+    return _merge(Config(), values, "")

@@ -1,0 +1,623 @@
+"""The training pipeline: warm-up, pseudo labels, CPSL self-labeling, distillation, evaluation.
+
+Every stage is a loop of iterations whose randomness (data order, augmentation, dropout, pixel
+sampling) is a function of the seed, the stage and the iteration number, so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import cpsl_ops
+from cpsl_ops import SelfLabelingLoss, class_distribution, prototype_similarity, rectify_pseudo_labels
+
+from .augment import CropBoxes, box_mask, crop, cutmix_box, strong_view
+from .config import Config, config_from_dict
+from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset, write_rgb
+from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA_13_TRAIN_IDS, SYNTHIA_16_TRAIN_IDS, colorize
+from .metrics import ConfusionMatrix, iou_table
+from .model import DeepLabV2, parameter_groups
+
+RCE_LOG_CLAMP = -math.log(1e-4)  # the reverse CE's log of a clamped one-hot label
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which Cityscapes train ids the model predicts, and which subsets the report averages."""
+
+    kept_train_ids: List[int]
+    extra_subsets: Dict[str, List[int]] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.kept_train_ids)
+
+    @property
+    def class_names(self) -> List[str]:
+        return [CITYSCAPES_CLASSES[t] for t in self.kept_train_ids]
+
+    @property
+    def classes_argument(self) -> Optional[List[int]]:
+        return None if self.num_classes == 19 else self.kept_train_ids
+
+
+def protocol_of(name: str) -> Protocol:
+    if name == "cityscapes19":
+        return Protocol(list(range(19)))
+    if name == "synthia16":
+        positions = [SYNTHIA_16_TRAIN_IDS.index(t) for t in SYNTHIA_13_TRAIN_IDS]
+        return Protocol(SYNTHIA_16_TRAIN_IDS, {"mIoU-13": positions})
+    raise ValueError(f"data.protocol must be cityscapes19 or synthia16, got {name!r}")
+
+
+class EpochBatches(Sampler):
+    """An endless stream of batches: a fresh seeded permutation per epoch, starting at any batch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_batch: int = 0) -> None:
+        self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        epoch, offset = divmod(self.start_batch * self.batch_size, self.size)
+        batch: List[int] = []
+        while True:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            for index in order[offset:].tolist():
+                batch.append(index)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            epoch, offset = epoch + 1, 0
+
+
+class WithSoftLabels(Dataset):
+    """Adds the stored soft pseudo label (K, h, w) of each image as ``sample["soft"]``."""
+
+    def __init__(self, dataset: Dataset, directory: Path) -> None:
+        self.dataset, self.directory = dataset, Path(directory)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        sample = dict(self.dataset[index])
+        sample["soft"] = torch.from_numpy(np.load(self.directory / f"{index:06d}.npy"))
+        return sample
+
+
+def batches(dataset: Dataset, config: Config, seed: int, start_batch: int) -> Iterator[Dict[str, Any]]:
+    sampler = EpochBatches(len(dataset), config.data.batch_size, seed, start_batch)
+    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def as_float_images(images: Tensor, device: torch.device) -> Tensor:
+    """uint8 (B, 3, H, W) → float in [0, 1] (the official preprocessing: x/255, no mean/std)."""
+    return images.to(device, non_blocking=True).float().div_(255)
+
+
+def resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """The official RCE: mean over valid pixels of −Σ_k p_k log clamp(onehot_k, 1e-4, 1)."""
+    probabilities = logits.float().softmax(1).clamp(1e-7, 1.0)
+    valid = labels != IGNORE_INDEX
+    picked = probabilities.gather(1, labels.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+    per_pixel = RCE_LOG_CLAMP * (probabilities.sum(1) - picked)
+    return per_pixel[valid].mean() if valid.any() else per_pixel.sum() * 0
+
+
+def iteration_seed(seed: int, stage: str, iteration: int) -> int:
+    """A distinct, reproducible seed for every (stage, iteration)."""
+    return (seed * 1_000_003 + sum(map(ord, stage)) * 7_919 + iteration) % (2**63)
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, iteration: int, total: int, power: float) -> float:
+    factor = max(1.0 - iteration / max(total, 1), 0.0) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group["lr_mult"] * factor
+    return base_lr * factor
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher ← m·teacher + (1 − m)·student for parameters; buffers (BN statistics) copied."""
+    for ema_param, param in zip(teacher.parameters(), student.parameters()):
+        ema_param.lerp_(param.detach(), 1.0 - momentum)
+    for ema_buffer, buffer in zip(teacher.buffers(), student.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def colour_png(path: Path, labels: Tensor, protocol: Protocol) -> None:
+    """Writes (H, W) class indices of ``protocol`` as a Cityscapes-palette colour PNG."""
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    table[: protocol.num_classes] = protocol.kept_train_ids
+    write_rgb(path, colorize(table[labels.cpu().numpy().astype(np.uint8)]))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class StopRequested(Exception):
+    """Raised after the checkpoint at ``stop_after`` is written (simulates a killed job)."""
+
+
+class Pipeline:
+    """One training run: builds the data and models and runs the stages, resuming where asked."""
+
+    def __init__(self, config: Config, stop_after: Optional[Tuple[str, int]] = None) -> None:
+        self.config = config
+        self.stop_after = stop_after
+        self.output = Path(config.train.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        wanted = config.train.device
+        self.device = torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else
+                                   "cpu" if wanted == "auto" else wanted)
+        self.protocol = protocol_of(config.data.protocol)
+        self.state: Dict[str, Any] = {"completed": [], "metrics": {}}
+        self.writer = None
+        if config.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output / "tensorboard"))
+        self.source = self._source_dataset()
+        self.target_train = CityscapesDataset(
+            config.data.target_root, "train", size=tuple(config.data.target_size),
+            classes=self.protocol.classes_argument, with_labels=False,
+        )
+        self.target_val = CityscapesDataset(config.data.target_root, "val", classes=self.protocol.classes_argument)
+
+    # -- setup
+
+    def _source_dataset(self) -> Dataset:
+        data = self.config.data
+        size = tuple(data.source_size)
+        if data.source == "gta5":
+            return GTA5Dataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+        if data.source == "synthia":
+            return SynthiaDataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+        raise ValueError(f"data.source must be gta5 or synthia, got {data.source!r}")
+
+    def new_model(self, pretrained: Optional[str]) -> DeepLabV2:
+        model = self.config.model
+        return DeepLabV2(model.backbone, self.protocol.num_classes, model.feat_dim, tuple(model.dilations), pretrained)
+
+    def autocast(self):
+        amp = self.config.train.amp
+        if amp == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+    def describe(self) -> str:
+        environment = {
+            "python": platform.python_version(), "torch": torch.__version__, "cpsl_ops": cpsl_ops.__version__,
+            "cpsl_ops build": cpsl_ops.build_info(), "device": str(self.device), "threads": torch.get_num_threads(),
+            "source images": len(self.source), "target train images": len(self.target_train),
+            "target val images": len(self.target_val),
+        }
+        return "config:\n" + self.config.to_yaml() + "environment:\n" + "\n".join(f"  {k}: {v}" for k, v in environment.items())
+
+    # -- checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
+        payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
+                   "completed": self.state["completed"], "metrics": self.state["metrics"],
+                   "modules": {name: module.state_dict() for name, module in modules.items()}}
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(payload, partial)
+        os.replace(partial, self.checkpoint_path)  # a job killed while saving leaves the last good one
+
+    def load_checkpoint(self, path: Path) -> None:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        def comparable(config: Config) -> Dict[str, Any]:
+            values = config.to_dict()
+            values["train"].pop("output_dir")  # a run directory may be moved
+            return values
+
+        if comparable(config_from_dict(payload["config"])) != comparable(self.config):
+            raise ValueError(f"{path} was written with another config; resume with the same config file and overrides")
+        self.state = payload
+
+    def resume_modules(self, stage: str, modules: Dict[str, Any]) -> int:
+        """Restores ``modules`` if the checkpoint stopped inside ``stage``; returns the start iteration."""
+        if self.state.get("stage") != stage or stage in self.state["completed"]:
+            return 0
+        for name, module in modules.items():
+            module.load_state_dict(self.state["modules"][name])
+        return int(self.state["iteration"])
+
+    def stage_weights(self, stage: str) -> Path:
+        return self.output / "checkpoints" / f"{stage}.pt"
+
+    # -- the loop shared by the training stages
+
+    def train_loop(
+        self,
+        stage: str,
+        start: int,
+        total: int,
+        modules: Dict[str, Any],
+        step: Callable[[int, torch.Generator], Dict[str, float]],
+        evaluate_model: nn.Module,
+    ) -> None:
+        """Runs ``step`` for iterations start..total-1 with per-iteration seeds, logging,
+        evaluations and checkpoints; saves the final weights of ``evaluate_model``."""
+        train = self.config.train
+        bar = tqdm(range(start, total), desc=stage, initial=start, total=total, disable=not train.progress,
+                   dynamic_ncols=True)
+        tick, recent = time.perf_counter(), []
+        for iteration in bar:
+            torch.manual_seed(iteration_seed(train.seed, stage, iteration))
+            generator = torch.Generator().manual_seed(iteration_seed(train.seed + 1, stage, iteration))
+            losses = step(iteration, generator)
+            recent.append(losses)
+            done = iteration + 1
+            if done % train.log_every == 0 or done == total:
+                seconds = (time.perf_counter() - tick) / len(recent)
+                means = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]}
+                text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+                tqdm.write(f"[{stage} {done}/{total}] {text} {seconds:.2f}s/it peak_mem={peak_memory_mb(self.device):.0f}MB")
+                if self.writer is not None:
+                    for key, value in means.items():
+                        self.writer.add_scalar(f"{stage}/{key}", value, done)
+                tick, recent = time.perf_counter(), []
+            if self.config.eval.every and done % self.config.eval.every == 0 and done < total:
+                self.evaluate(evaluate_model, f"{stage}-{done}", save_images=False)
+            if done % train.checkpoint_every == 0 or done == total or self.stop_after == (stage, done):
+                self.save_checkpoint(stage, done, modules)
+            if self.stop_after == (stage, done) and done < total:
+                raise StopRequested(f"stopped after {stage} iteration {done}")
+        bar.close()
+        torch.save(evaluate_model.state_dict(), self.stage_weights(stage))
+
+    def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tensor:
+        """CE of the model on a weakly augmented source crop."""
+        data = self.config.data
+        images = as_float_images(batch["image"], self.device)
+        boxes = CropBoxes.sample(generator, images.shape[0], images.shape[-2:], data.crop_size, data.scale_range)
+        crops = crop(images, boxes, data.crop_size)
+        labels = crop(batch["label"].to(self.device)[:, None], boxes, data.crop_size)[:, 0]
+        with self.autocast():
+            logits = resize(model(crops)["out"], tuple(data.crop_size))
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+    def optimizer(self, model: nn.Module, optim_config: Any, extra: List[Dict[str, Any]] = ()) -> torch.optim.SGD:
+        groups = parameter_groups(model, optim_config.lr, optim_config.head_lr_mult) + list(extra)
+        return torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
+                               weight_decay=optim_config.weight_decay)
+
+    # -- stage 0: source-only warm-up
+
+    def warmup(self) -> None:
+        stage, stage_config = "warmup", self.config.warmup
+        model = self.new_model(self.config.model.pretrained).to(self.device).train()
+        optimizer = self.optimizer(model, stage_config.optim)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+        modules = {"model": model, "optimizer": optimizer, "scaler": scaler}
+        start = self.resume_modules(stage, modules)
+        source = batches(self.source, self.config, self.config.train.seed, start)
+
+        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
+            lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
+            loss = self.source_loss(model, next(source), generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return {"loss_source": loss.item(), "lr": lr}
+
+        self.train_loop(stage, start, stage_config.iterations, modules, step, model)
+
+    # -- pseudo labels of a trained model on the target train set
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: Tensor, flip: bool) -> Dict[str, Tensor]:
+        with self.autocast():
+            out = model(images)
+            probabilities = out["out"].float().softmax(1)
+            if flip:
+                flipped = model(images.flip(-1))["out"].float().softmax(1).flip(-1)
+                probabilities = (probabilities + flipped) / 2
+        return {"probabilities": probabilities, "feat": out["feat"].float()}
+
+    @torch.no_grad()
+    def generate_pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
+        """Soft labels (K, h, w) fp16 of every target train image at stride 8, the class prior of
+        the argmax predictions and, for stage 1, the prototype initialization (class means)."""
+        directory = self.output / "pseudo" / name
+        if (directory / "summary.pt").exists():
+            return directory
+        directory.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        classes, feat_dim = self.protocol.num_classes, self.config.model.feat_dim
+        counts = torch.zeros(classes, dtype=torch.float64)
+        prototypes = torch.zeros(classes, feat_dim, dtype=torch.float64)
+        prototype_images = torch.zeros(classes, dtype=torch.long)
+        image_means = torch.zeros(classes, feat_dim, device=self.device)
+        loader = DataLoader(self.target_train, batch_size=self.config.data.batch_size, num_workers=self.config.data.num_workers)
+        index = 0
+        for batch in tqdm(loader, desc=f"pseudo labels ({name})", disable=not self.config.train.progress, leave=False):
+            out = self.predict(model, as_float_images(batch["image"], self.device), flip)
+            predictions = out["probabilities"].argmax(1)
+            counts += class_distribution(predictions, classes).double() * predictions.numel()
+            for soft, feat, labels in zip(out["probabilities"], out["feat"], predictions):
+                np.save(directory / f"{index:06d}.npy", soft.half().cpu().numpy())
+                if index < self.config.eval.save_images:
+                    colour_png(self.output / "pseudo_labels" / name / f"{index:06d}.png", labels, self.protocol)
+                index += 1
+                if not with_prototypes:
+                    continue
+                # Class means of this image (momentum 0 replaces the buffer), then a running
+                # mean over images capped at 3000, as the official calc_prototype.py does.
+                image_means.zero_()
+                pixels = cpsl_ops.update_prototypes_(image_means, feat[None], labels[None], momentum=0.0)
+                present = (pixels.cpu() >= self.config.cpsl.prototype_min_pixels)
+                seen = prototype_images[present].double()[:, None]
+                prototypes[present] = (prototypes[present] * seen + image_means.cpu()[present].double()) / (seen + 1)
+                prototype_images[present] = (prototype_images[present] + 1).clamp(max=3000)
+        if with_prototypes and (prototype_images == 0).any():
+            missing = [self.protocol.class_names[k] for k in (prototype_images == 0).nonzero().flatten().tolist()]
+            tqdm.write(f"note: no target image predicts {missing}; their prototypes start random")
+            prototypes[prototype_images == 0] = torch.randn(int((prototype_images == 0).sum()), feat_dim).double()
+        prior = (counts / counts.sum()).float().clamp_min(1e-6)
+        torch.save({"prior": prior / prior.sum(), "prototypes": prototypes.float()}, directory / "summary.pt")
+        return directory
+
+    # -- stage 1: CPSL
+
+    def cpsl(self) -> None:
+        stage, cfg, data = "cpsl", self.config.cpsl, self.config.data
+        warm = self.new_model(None)
+        warm.load_state_dict(torch.load(self.stage_weights("warmup"), map_location="cpu"))
+        warm.to(self.device)
+        pseudo = self.generate_pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
+        summary = torch.load(pseudo / "summary.pt")
+        student = warm.train()
+        teacher = copy.deepcopy(student)  # the official EMA network stays in training mode
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        loss_sl = SelfLabelingLoss(
+            self.protocol.num_classes, self.config.model.feat_dim, summary["prior"], cfg.temperature, cfg.epsilon,
+            cfg.sinkhorn_iters, cfg.queue_size, cfg.samples_per_image, cfg.ema_momentum, IGNORE_INDEX,
+        ).to(self.device)
+        loss_sl.init_prototypes(summary["prototypes"])
+        optimizer = self.optimizer(student, cfg.optim, [{"params": [loss_sl.prototypes], "lr_mult": cfg.prototype_lr_mult}])
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+        modules = {"model": student, "teacher": teacher, "self_labeling": loss_sl, "optimizer": optimizer, "scaler": scaler}
+        start = self.resume_modules(stage, modules)
+        source = batches(self.source, self.config, self.config.train.seed, start)
+        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start)
+        quarter = (data.crop_size[0] // 4, data.crop_size[1] // 4)
+
+        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
+            lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
+            optimizer.zero_grad(set_to_none=True)
+            source_batch = next(source)
+            loss_source = self.source_loss(student, source_batch, generator)
+            scaler.scale(loss_source).backward()  # first, as the official code does: frees its graph
+
+            batch = next(target)
+            full = as_float_images(batch["image"], self.device)
+            boxes = CropBoxes.sample(generator, full.shape[0], full.shape[-2:], data.crop_size, data.scale_range)
+            weak = crop(full, boxes, data.crop_size)
+            strong, strong_augment = strong_view(generator, weak)
+            mix = bool(torch.rand(1, generator=generator) < cfg.cutmix_prob)
+            if mix:  # CutMix: a box of the source crop pasted into the weak target crop
+                mix_box = cutmix_box(generator)
+                source_images = as_float_images(source_batch["image"], self.device)
+                source_boxes = CropBoxes.sample(generator, full.shape[0], source_images.shape[-2:], data.crop_size, data.scale_range)
+                weak = torch.where(box_mask(mix_box, data.crop_size, self.device)[:, None],
+                                   crop(source_images, source_boxes, data.crop_size), weak)
+
+            with torch.no_grad(), self.autocast():
+                ema_out = teacher(full)
+                ema_feat, ema_logits = ema_out["feat"].float(), ema_out["out"].float()
+                weak_feat = crop(ema_feat, boxes, quarter)
+                prototype_logits = prototype_similarity(weak_feat, loss_sl.prototypes_ema, cfg.temperature)
+                soft = crop(batch["soft"].to(self.device).float(), boxes, quarter)
+                labels, confidence = rectify_pseudo_labels(soft, prototype_logits, cfg.rectify_threshold, IGNORE_INDEX)
+                if mix:
+                    source_labels = crop(source_batch["label"].to(self.device)[:, None], source_boxes, quarter)[:, 0]
+                    labels = torch.where(box_mask(mix_box, quarter, self.device), source_labels, labels)
+                warped, valid = strong_augment.apply_to_maps(prototype_logits, fill=0.0)
+                consistency_target = warped.softmax(1)
+
+            with self.autocast():
+                weak_logits = resize(student(weak)["out"], quarter).float()
+                strong_feat = resize(student(strong)["feat"], quarter).float()
+            loss_seg = cfg.rce_alpha * F.cross_entropy(weak_logits, labels, ignore_index=IGNORE_INDEX) \
+                + cfg.rce_beta * reverse_cross_entropy(weak_logits, labels)
+            strong_log_probabilities = prototype_similarity(strong_feat, loss_sl.prototypes_ema, cfg.temperature).log_softmax(1)
+            entropy_terms = consistency_target * (consistency_target.clamp_min(1e-12).log() - strong_log_probabilities)
+            # The official mask counts (class, pixel) entries: the mean KL per pixel over K.
+            valid_entries = valid.sum().clamp_min(1) * self.protocol.num_classes
+            loss_consistency = (entropy_terms.sum(1) * valid).sum() / valid_entries
+            loss_self_labeling = loss_sl(ema_feat, ema_logits)
+            total_loss = loss_seg + cfg.consistency_weight * loss_consistency + cfg.self_labeling_weight * loss_self_labeling
+            scaler.scale(total_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            ema_update(teacher, student, cfg.ema_momentum)
+            loss_sl.update_ema()
+            return {"loss_source": loss_source.item(), "loss_seg": loss_seg.item(), "loss_consist": loss_consistency.item(),
+                    "loss_SL": loss_self_labeling.item(), "pseudo_conf": confidence.float().mean().item(), "lr": lr}
+
+        self.train_loop(stage, start, cfg.iterations, modules, step, student)
+
+    # -- stages 2 and 3: self-distillation
+
+    def distill(self, number: int, teacher_stage: str) -> None:
+        stage, cfg, data = f"distill{number}", self.config.distill, self.config.data
+        teacher = self.new_model(None)
+        teacher.load_state_dict(torch.load(self.stage_weights(teacher_stage), map_location="cpu"))
+        teacher.to(self.device).eval()
+        pseudo = self.generate_pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
+        if cfg.student_init == "teacher":
+            student = copy.deepcopy(teacher)
+        elif cfg.student_init == "pretrained":
+            student = self.new_model(self.config.model.pretrained).to(self.device)
+        else:
+            raise ValueError(f"distill.student_init must be pretrained or teacher, got {cfg.student_init!r}")
+        student.train()
+        for param in student.parameters():
+            param.requires_grad_(True)
+        optimizer = self.optimizer(student, cfg.optim)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+        modules = {"model": student, "optimizer": optimizer, "scaler": scaler}
+        start = self.resume_modules(stage, modules)
+        source = batches(self.source, self.config, self.config.train.seed, start)
+        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start)
+        quarter = (data.crop_size[0] // 4, data.crop_size[1] // 4)
+
+        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
+            lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
+            optimizer.zero_grad(set_to_none=True)
+            loss_source = self.source_loss(student, next(source), generator)
+            scaler.scale(loss_source).backward()
+            batch = next(target)
+            full = as_float_images(batch["image"], self.device)
+            boxes = CropBoxes.sample(generator, full.shape[0], full.shape[-2:], data.crop_size, data.scale_range)
+            strong, strong_augment = strong_view(generator, crop(full, boxes, data.crop_size))
+            with torch.no_grad():
+                soft = crop(batch["soft"].to(self.device).float(), boxes, quarter)
+                confidence, labels = soft.max(1)
+                labels = torch.where(confidence > cfg.confidence, labels, IGNORE_INDEX)
+                labels = strong_augment.apply_to_maps(labels[:, None], fill=IGNORE_INDEX)[0][:, 0]
+                with self.autocast():
+                    teacher_probabilities = resize(teacher(strong)["out"].float(), quarter).softmax(1)
+            with self.autocast():
+                student_logits = resize(student(strong)["out"], quarter).float()
+            loss_pseudo = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX)
+            # KL(p_t || p_s) on log-probabilities (the official code passes probabilities).
+            loss_kd = F.kl_div(student_logits.log_softmax(1), teacher_probabilities, reduction="none").sum(1).mean()
+            total_loss = loss_pseudo + cfg.kd_weight * loss_kd
+            scaler.scale(total_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return {"loss_source": loss_source.item(), "loss_pseudo": loss_pseudo.item(), "loss_kd": loss_kd.item(), "lr": lr}
+
+        self.train_loop(stage, start, cfg.iterations, modules, step, student)
+
+    # -- evaluation
+
+    @torch.no_grad()
+    def logits_of(self, model: nn.Module, image: Tensor) -> Tensor:
+        """(1, K, H, W) logits at the image's size: whole image, or averaged sliding windows."""
+        size = tuple(image.shape[-2:])
+        if self.config.eval.mode == "whole":
+            with self.autocast():
+                return resize(model(image)["out"].float(), size)
+        if self.config.eval.mode != "slide":
+            raise ValueError(f"eval.mode must be whole or slide, got {self.config.eval.mode!r}")
+        window = [min(w, s) for w, s in zip(self.config.eval.window, size)]
+        stride = [max(w * 2 // 3, 1) for w in window]
+        total = torch.zeros(1, self.protocol.num_classes, *size, device=image.device)
+        hits = torch.zeros(1, 1, *size, device=image.device)
+        tops = sorted({min(t, size[0] - window[0]) for t in range(0, size[0], stride[0])})
+        lefts = sorted({min(l, size[1] - window[1]) for l in range(0, size[1], stride[1])})
+        for top in tops:
+            for left in lefts:
+                part = image[..., top:top + window[0], left:left + window[1]]
+                with self.autocast():
+                    total[..., top:top + window[0], left:left + window[1]] += resize(model(part)["out"].float(), window).softmax(1)
+                hits[..., top:top + window[0], left:left + window[1]] += 1
+        return total / hits
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, name: str, save_images: bool = True) -> Dict[str, Any]:
+        """mIoU of ``model`` on the target val set; prints the per-class table."""
+        was_training = model.training
+        model.eval()
+        confusion = ConfusionMatrix(self.protocol.num_classes)
+        input_size = tuple(self.config.data.target_size)
+        for index in tqdm(range(len(self.target_val)), desc=f"evaluate {name}", disable=not self.config.train.progress, leave=False):
+            sample = self.target_val[index]
+            image = as_float_images(sample["image"][None], self.device)
+            label = sample["label"]
+            logits = self.logits_of(model, resize(image, input_size) if tuple(image.shape[-2:]) != input_size else image)
+            prediction = resize(logits, tuple(label.shape)).argmax(1)[0].cpu()
+            confusion.update(prediction, label)
+            if save_images and index < self.config.eval.save_images:
+                colour_png(self.output / "predictions" / name / f"{index:06d}.png", prediction, self.protocol)
+        model.train(was_training)
+        iou = confusion.iou()
+        result = {"per_class_iou": dict(zip(self.protocol.class_names, [None if v != v else round(100 * v, 2) for v in iou.tolist()])),
+                  "mIoU": round(100 * confusion.miou(), 2)}
+        for subset, positions in self.protocol.extra_subsets.items():
+            result[subset] = round(100 * confusion.miou(positions), 2)
+        tqdm.write(iou_table(self.protocol.class_names, iou, title=f"== {name}: target val IoU (%)"))
+        if self.writer is not None:
+            self.writer.add_scalar("mIoU", result["mIoU"], len(self.state["metrics"]))
+        return result
+
+    # -- the whole run
+
+    def stages(self) -> List[Tuple[str, Callable[[], None]]]:
+        plan = [("warmup", self.warmup), ("cpsl", self.cpsl)]
+        previous = "cpsl"
+        for number in range(1, self.config.distill.stages + 1):
+            plan.append((f"distill{number}", lambda n=number, p=previous: self.distill(n, p)))
+            previous = f"distill{number}"
+        return plan
+
+    def run(self, resume: Optional[Path] = None) -> Dict[str, Any]:
+        if resume is not None:
+            self.load_checkpoint(resume)
+        (self.output / "config.yaml").write_text(self.config.to_yaml())
+        tqdm.write(self.describe())
+        for name, stage in self.stages():
+            if name in self.state["completed"]:
+                continue
+            stage()
+            model = self.new_model(None)
+            model.load_state_dict(torch.load(self.stage_weights(name), map_location="cpu"))
+            self.state["metrics"][name] = self.evaluate(model.to(self.device), name)
+            self.state["completed"] = self.state["completed"] + [name]
+            self.save_checkpoint(name, 0, {})
+        return self.write_metrics()
+
+    def write_metrics(self) -> Dict[str, Any]:
+        stages = self.state["metrics"]
+        final = list(stages)[-1]
+        metrics = {"source_only": stages["warmup"], "adapted": stages[final], "adapted_stage": final,
+                   "mIoU_gain": round(stages[final]["mIoU"] - stages["warmup"]["mIoU"], 2), "stages": stages}
+        path = self.output / "metrics.json"
+        path.write_text(json.dumps(metrics, indent=2))
+        tqdm.write(f"source-only mIoU {stages['warmup']['mIoU']:.2f} → adapted ({final}) mIoU "
+                   f"{stages[final]['mIoU']:.2f} (gain {metrics['mIoU_gain']:+.2f}); metrics written to {path}")
+        return metrics

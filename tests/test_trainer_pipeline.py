@@ -1,0 +1,163 @@
+"""The example trainer's config, augmentation and stages, on tiny synthetic datasets (CPU)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from cpsl_trainer.augment import CropBoxes, StrongAugment, box_mask, crop, cutmix_box, strong_view  # noqa: E402
+from cpsl_trainer.config import Config, load_config, parse_override  # noqa: E402
+from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
+from cpsl_trainer.engine import EpochBatches, Pipeline, StopRequested, reverse_cross_entropy  # noqa: E402
+from cpsl_trainer.labels import IGNORE_INDEX  # noqa: E402
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo.yaml"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    assert parse_override("cpsl.optim.lr=0.5") == {"cpsl": {"optim": {"lr": 0.5}}}
+    config = load_config(None, ["cpsl.optim.lr=0.5", "data.crop_size=[32, 64]", "model.pretrained=null"])
+    assert config.cpsl.optim.lr == 0.5 and config.data.crop_size == [32, 64] and config.model.pretrained is None
+    assert config.warmup.optim.lr == Config().warmup.optim.lr  # other sections keep their defaults
+
+
+def test_config_rejects_unknown_keys_and_round_trips(tmp_path):
+    with pytest.raises(KeyError, match="cpsl.itertions"):
+        load_config(None, ["cpsl.itertions=3"])
+    with pytest.raises(ValueError, match="section.field=value"):
+        parse_override("cpsl")
+    path = tmp_path / "config.yaml"
+    path.write_text(load_config(None, ["cpsl.epsilon=0.01"]).to_yaml())
+    assert load_config(path).cpsl.epsilon == 0.01
+
+
+def test_paper_defaults():
+    cpsl = Config().cpsl
+    assert (cpsl.temperature, cpsl.epsilon, cpsl.sinkhorn_iters, cpsl.queue_size) == (0.08, 0.05, 3, 65536)
+    assert (cpsl.rce_alpha, cpsl.rce_beta, cpsl.consistency_weight, cpsl.self_labeling_weight) == (0.1, 1.0, 5.0, 0.1)
+    assert cpsl.optim.lr == 1e-4 and cpsl.optim.head_lr_mult == 5.0 and cpsl.ema_momentum == 0.999
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_identity_and_flipped_crop_boxes():
+    images = torch.rand(2, 3, 8, 12)
+    identity = CropBoxes(torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), torch.tensor([False, True]))
+    out = crop(images, identity, (8, 12))
+    torch.testing.assert_close(out[0], images[0])
+    torch.testing.assert_close(out[1], images[1].flip(-1))
+
+
+def test_crop_of_labels_is_nearest_and_matches_the_image_crop():
+    labels = torch.randint(0, 5, (3, 1, 16, 32))
+    boxes = CropBoxes.sample(torch.Generator().manual_seed(0), 3, (16, 32), (8, 16), (1.0, 1.0))
+    cropped = crop(labels, boxes, (8, 16))
+    assert cropped.dtype == labels.dtype and set(cropped.unique().tolist()) <= set(range(5))
+    # At scale 1 the crop is a plain sub-window: compare with slicing.
+    for b in range(3):
+        top, left = (boxes.boxes[b, :2] * torch.tensor([16, 32])).round().long().tolist()
+        window = labels[b, 0, top:top + 8, left:left + 16]
+        expected = window.flip(-1) if boxes.flips[b] else window
+        assert torch.equal(cropped[b, 0], expected)
+
+
+def test_strong_view_warp_is_shared_by_image_and_maps():
+    generator = torch.Generator().manual_seed(3)
+    coordinates = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(32.0), indexing="ij"))[None].repeat(2, 1, 1, 1)
+    _, augment = strong_view(generator, torch.rand(2, 3, 16, 32))
+    warped, valid = augment.apply_to_maps(coordinates, fill=-1.0)
+    assert valid.any() and not valid.all()  # cutout and borders are masked out
+    assert (warped[:, :1][~valid[:, None]] == -1).all()
+    # A map warped at half resolution samples the same places (coordinates halve).
+    half, half_valid = augment.apply_to_maps(coordinates[..., ::2, ::2] / 2, fill=-1.0)
+    both = valid[..., ::2, ::2] & half_valid
+    assert (both.float().mean() > 0.3) and ((warped[..., ::2, ::2] / 2 - half).abs()[both[:, None].expand_as(half)].max() <= 1.0)
+
+
+def test_cutmix_box_covers_half_the_image_unless_clipped():
+    areas = torch.stack([box_mask(cutmix_box(torch.Generator().manual_seed(s)), (64, 64), torch.device("cpu")).float().mean()
+                         for s in range(20)])
+    assert (areas <= 0.51).all() and (areas > 0.1).all() and (areas > 0.49).any()
+
+
+def test_reverse_cross_entropy_matches_its_definition():
+    logits, labels = torch.randn(2, 5, 3, 4), torch.randint(0, 5, (2, 3, 4))
+    labels[0, 0, 0] = IGNORE_INDEX
+    p = logits.softmax(1).clamp(1e-7, 1)
+    one_hot = torch.nn.functional.one_hot(labels.clamp(0, 4), 5).permute(0, 3, 1, 2).float().clamp(1e-4, 1)
+    expected = -(p * one_hot.log()).sum(1)[labels != IGNORE_INDEX].mean()
+    torch.testing.assert_close(reverse_cross_entropy(logits, labels), expected)
+
+
+def test_epoch_batches_resume_where_they_stopped():
+    def take(sampler, count):
+        stream = iter(sampler)
+        return [next(stream) for _ in range(count)]
+
+    full = take(EpochBatches(10, 3, seed=5), 8)
+    assert sorted(sum(full[:3], []) + full[3][:1]) == list(range(10))  # one epoch is a permutation
+    assert take(EpochBatches(10, 3, seed=5, start_batch=5), 3) == full[5:]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def tiny_config(tmp_path: Path, name: str, *overrides: str) -> Config:
+    gta5, cityscapes = write_demo_datasets(tmp_path / "data", (32, 64), 8, 6, 4, seed=1, progress=False)
+    return load_config(DEMO_CONFIG, [
+        f"data.source_root={gta5}", f"data.target_root={cityscapes}", f"train.output_dir={tmp_path / name}",
+        "data.source_size=[32, 64]", "data.target_size=[32, 64]", "data.crop_size=[32, 64]", "data.batch_size=2",
+        "warmup.iterations=2", "cpsl.iterations=3", "cpsl.queue_size=64", "cpsl.samples_per_image=16",
+        "distill.stages=2", "distill.iterations=2", "distill.student_init=teacher", "train.progress=false",
+        "train.checkpoint_every=100", "eval.save_images=2", *overrides,
+    ])
+
+
+def final_weights(config: Config) -> dict:
+    return torch.load(Path(config.train.output_dir) / "checkpoints" / "distill2.pt")
+
+
+def test_every_stage_runs_and_writes_metrics_and_pictures(tmp_path):
+    config = tiny_config(tmp_path, "run")
+    metrics = Pipeline(config).run()
+    output = Path(config.train.output_dir)
+    saved = json.loads((output / "metrics.json").read_text())
+    assert saved == metrics and list(saved["stages"]) == ["warmup", "cpsl", "distill1", "distill2"]
+    assert saved["adapted_stage"] == "distill2" and 0 <= saved["source_only"]["mIoU"] <= 100
+    assert len(list((output / "predictions" / "cpsl").glob("*.png"))) == 2
+    assert len(list((output / "pseudo_labels" / "warmup").glob("*.png"))) == 2
+    summary = torch.load(output / "pseudo" / "warmup" / "summary.pt")
+    torch.testing.assert_close(summary["prior"].sum(), torch.tensor(1.0))
+    assert (summary["prior"] > 0).all() and summary["prototypes"].shape == (19, 256)
+
+
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    uninterrupted = tiny_config(tmp_path, "straight")
+    Pipeline(uninterrupted).run()
+    interrupted = tiny_config(tmp_path, "killed")
+    with pytest.raises(StopRequested):
+        Pipeline(interrupted, stop_after=("cpsl", 2)).run()
+    checkpoint = Path(interrupted.train.output_dir) / "checkpoints" / "last.pt"
+    assert torch.load(checkpoint, weights_only=False)["iteration"] == 2
+    Pipeline(interrupted).run(resume=checkpoint)
+    expected, resumed = final_weights(uninterrupted), final_weights(interrupted)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_resume_refuses_another_config(tmp_path):
+    config = tiny_config(tmp_path, "run", "distill.stages=0")
+    with pytest.raises(StopRequested):
+        Pipeline(config, stop_after=("warmup", 1)).run()
+    changed = tiny_config(tmp_path, "run", "distill.stages=0", "cpsl.epsilon=0.1")
+    with pytest.raises(ValueError, match="another config"):
+        Pipeline(changed).run(resume=Path(config.train.output_dir) / "checkpoints" / "last.pt")
