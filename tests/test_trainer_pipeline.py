@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from cpsl_trainer.augment import CropBoxes, StrongAugment, box_mask, crop, cutmix_box, strong_view  # noqa: E402
+from cpsl_trainer.cli import main  # noqa: E402
 from cpsl_trainer.config import Config, load_config, parse_override  # noqa: E402
 from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
 from cpsl_trainer.engine import EpochBatches, Pipeline, StopRequested, reverse_cross_entropy  # noqa: E402
@@ -161,3 +162,22 @@ def test_resume_refuses_another_config(tmp_path):
     changed = tiny_config(tmp_path, "run", "distill.stages=0", "cpsl.epsilon=0.1")
     with pytest.raises(ValueError, match="another config"):
         Pipeline(changed).run(resume=Path(config.train.output_dir) / "checkpoints" / "last.pt")
+
+
+def test_command_line_trains_resumes_evaluates_and_prepares(tmp_path, capsys):
+    config = tiny_config(tmp_path, "run", "distill.stages=0")
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    output = Path(config.train.output_dir)
+    assert main(["--config", str(path)]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert main(["--config", str(path), "--resume", "auto"]) == 0  # every stage done: nothing retrained
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(path), "--weights", str(output / "checkpoints" / "cpsl.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "== cpsl: target val IoU" in printed
+    assert float(printed.strip().splitlines()[-1].split()[-1]) == pytest.approx(metrics["adapted"]["mIoU"], abs=0.01)
+    data = Path(config.data.source_root).parent
+    assert main(["prepare", "--gta5", str(data / "GTA5"), "--cityscapes", str(data / "cityscapes")]) == 0
+    assert main(["prepare", "--gta5", str(tmp_path / "nowhere")]) == 1

@@ -18,11 +18,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 USAGE = """\
 train (default):  train_cpsl.py [--demo | --config FILE] [--resume PATH|auto] [section.field=value ...]
+evaluate weights: train_cpsl.py evaluate (--demo | --config FILE) --weights PATH [section.field=value ...]
 check datasets:   train_cpsl.py prepare --gta5 DIR --cityscapes DIR [--synthia DIR]
 """
 
 
-def train_main(argv: Optional[List[str]] = None) -> int:
+def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) -> int:
     parser = argparse.ArgumentParser(
         prog="train_cpsl.py", usage=USAGE,
         description="CPSL (class-balanced pixel-level self-labeling) domain-adaptive segmentation on cpsl_ops.",
@@ -30,7 +31,10 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config", type=Path, help="YAML config (see examples/configs/)")
     parser.add_argument("--demo", action="store_true",
                         help="generate synthetic GTA5/Cityscapes-format data and run the whole pipeline on the CPU")
-    parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt")
+    if evaluate_only:
+        parser.add_argument("--weights", type=Path, required=True, help="model weights, e.g. OUTPUT_DIR/checkpoints/cpsl.pt")
+    else:
+        parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as cpsl.iterations=2000")
     args = parser.parse_args(argv)
@@ -45,6 +49,12 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         demo_root = Path(config.train.output_dir) / "demo_data"
         gta5, cityscapes = write_demo_datasets(demo_root, tuple(config.data.source_size), progress=config.train.progress)
         config = load_config(None, [f"data.source_root={gta5}", f"data.target_root={cityscapes}"], base=config)
+    if evaluate_only:
+        pipeline = Pipeline(config)
+        model = pipeline.new_model(None)
+        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+        pipeline.evaluate(model.to(pipeline.device), args.weights.stem)
+        return 0
     resume = None
     if args.resume:
         resume = Path(config.train.output_dir) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
@@ -58,4 +68,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "prepare":
         return prepare_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        return train_main(argv[1:], evaluate_only=True)
     return train_main(argv[1:] if argv and argv[0] == "train" else argv)

@@ -16,6 +16,7 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -190,16 +191,18 @@ class Pipeline:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output / "tensorboard"))
-        self.source = self._source_dataset()
-        self.target_train = CityscapesDataset(
-            config.data.target_root, "train", size=tuple(config.data.target_size),
-            classes=self.protocol.classes_argument, with_labels=False,
-        )
         self.target_val = CityscapesDataset(config.data.target_root, "val", classes=self.protocol.classes_argument)
 
     # -- setup
 
-    def _source_dataset(self) -> Dataset:
+    @cached_property
+    def target_train(self) -> Dataset:
+        data = self.config.data
+        return CityscapesDataset(data.target_root, "train", size=tuple(data.target_size),
+                                 classes=self.protocol.classes_argument, with_labels=False)
+
+    @cached_property
+    def source(self) -> Dataset:
         data = self.config.data
         size = tuple(data.source_size)
         if data.source == "gta5":
