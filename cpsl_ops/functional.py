@@ -12,9 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
+from cpsl_ops import distributed, reference
 from cpsl_ops import ops as _ops  # noqa: F401  (fake kernels and autograd of the native ops)
-from cpsl_ops import reference
 from cpsl_ops._loader import use_native
 from cpsl_ops._validation import (
     INTEGER_DTYPES,
@@ -66,7 +67,11 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
 
 
 def balanced_sinkhorn(
-    scores: Tensor, class_prior: Optional[Tensor] = None, epsilon: float = 0.05, num_iters: int = 3
+    scores: Tensor,
+    class_prior: Optional[Tensor] = None,
+    epsilon: float = 0.05,
+    num_iters: int = 3,
+    process_group: Optional[ProcessGroup] = None,
 ) -> Tensor:
     """Class-balanced Sinkhorn-Knopp assignment of CPSL (SwAV's with a class prior).
 
@@ -82,12 +87,21 @@ def balanced_sinkhorn(
             (:func:`class_distribution`).
         epsilon: entropic regularization ε > 0 (CPSL: 0.05).
         num_iters: iterations T >= 1 (CPSL: 3).
+        process_group: a ``torch.distributed`` group whose ranks each hold some samples (rows)
+            of the same problems. Each rank gets its rows of the assignment of the concatenated
+            problems, as SwAV's distributed Sinkhorn does with CPSL's prior. Every rank must pass
+            the same B, K, prior, ε and T; a rank may hold zero samples. The fused single kernel
+            is then replaced by a PyTorch loop with one collective of B·K numbers per iteration
+            (``cpsl_ops.distributed``). None, an uninitialized torch.distributed or a world size
+            of 1 mean a single process.
 
     Returns:
         Assignment of the shape and dtype of ``scores``; each row sums to 1. No gradient flows.
 
     Raises:
-        ValueError: on NaN or infinite scores, or a prior entry that is not positive.
+        ValueError: on NaN or infinite scores, or a prior entry that is not positive (with a
+            group: on every rank, when any rank has them). Shape, dtype and device errors are
+            raised before any communication.
 
     The CPU kernel keeps, per calling thread, a workspace the size of the largest problem it has
     solved (N × K floats), so that repeated calls do not page-fault fresh memory.
@@ -96,7 +110,9 @@ def balanced_sinkhorn(
     batched = scores.dim() == 3
     problems = scores if batched else scores.unsqueeze(0)
     batch, samples, classes = problems.shape
-    check_nonzero(samples, "scores (N samples)")
+    group = distributed.active_group(process_group)
+    if group is None:
+        check_nonzero(samples, "scores (N samples)")
     check_nonzero(classes, "scores (K classes)")
     epsilon = check_positive(epsilon, "epsilon")
     num_iters = check_int(num_iters, "num_iters", minimum=1)
@@ -112,15 +128,31 @@ def balanced_sinkhorn(
             )
         prior = class_prior.expand(batch, classes)
     with torch.no_grad():
-        if use_native("balanced_sinkhorn", scores.device):
+        if group is not None:
+            assignment = distributed.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters, group)
+        elif use_native("balanced_sinkhorn", scores.device):
             assignment = torch.ops.cpsl_ops.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters)
         else:
             assignment = reference.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters)
     return assignment if batched else assignment.squeeze(0)
 
 
+def _update_prototypes(
+    prototypes: Tensor, features: Tensor, labels: Tensor, momentum: float, ignore_index: int
+) -> Tuple[Tensor, Tensor]:
+    """The single-process op on validated tensors: (new prototypes, counts)."""
+    if use_native("update_prototypes", prototypes.device):
+        return torch.ops.cpsl_ops.update_prototypes(prototypes, features, labels, momentum, ignore_index)
+    return reference.update_prototypes(prototypes, features, labels, momentum, ignore_index)
+
+
 def update_prototypes_(
-    prototypes: Tensor, features: Tensor, labels: Tensor, momentum: float = 0.999, ignore_index: int = 255
+    prototypes: Tensor,
+    features: Tensor,
+    labels: Tensor,
+    momentum: float = 0.999,
+    ignore_index: int = 255,
+    process_group: Optional[ProcessGroup] = None,
 ) -> Tensor:
     """ProDA-style prototype update, in place: class-wise masked means with an EMA step.
 
@@ -134,12 +166,16 @@ def update_prototypes_(
         labels: (N,) or (B, H, W) integer labels in [0, K) or ``ignore_index``.
         momentum: m in [0, 1]; 1 leaves the prototypes unchanged.
         ignore_index: label of pixels to skip.
+        process_group: a ``torch.distributed`` group: the class means cover the pixels of all
+            its ranks (class sums and counts are all-reduced in one fp64 collective before the
+            EMA step), so every rank ends with the same prototypes. A rank may hold no pixel.
 
     Returns:
-        (K,) int64 pixel count of each class.
+        (K,) int64 pixel count of each class (over all ranks with a group).
 
     Raises:
-        ValueError: on a label outside [0, K) that is not ``ignore_index`` (nothing is written).
+        ValueError: on a label outside [0, K) that is not ``ignore_index`` (nothing is written;
+            with a group, on every rank when any rank has one).
     """
     check_tensor(prototypes, "prototypes", (2,), "(K, D)")
     check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
@@ -157,12 +193,13 @@ def update_prototypes_(
     ignore_index = check_int(ignore_index, "ignore_index")
     with torch.no_grad():
         features = features.detach().to(prototypes.dtype)
-        if use_native("update_prototypes", prototypes.device):
-            updated, counts = torch.ops.cpsl_ops.update_prototypes(
-                prototypes.detach(), features, labels, momentum, ignore_index
-            )
+        group = distributed.active_group(process_group)
+        if group is None:
+            updated, counts = _update_prototypes(prototypes.detach(), features, labels, momentum, ignore_index)
         else:
-            updated, counts = reference.update_prototypes(prototypes.detach(), features, labels, momentum, ignore_index)
+            updated, counts = distributed.update_prototypes(
+                prototypes.detach(), features, labels, momentum, ignore_index, group, _update_prototypes
+            )
         prototypes.copy_(updated)
     return counts
 
@@ -207,7 +244,9 @@ def rectify_pseudo_labels(
         return reference.rectify_pseudo_labels(soft, logits, float(threshold), ignore_index)
 
 
-def class_distribution(labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+def class_distribution(
+    labels: Tensor, num_classes: int, ignore_index: int = 255, process_group: Optional[ProcessGroup] = None
+) -> Tensor:
     """Normalized class histogram of ``labels``: the class prior r of :func:`balanced_sinkhorn`.
 
     CPSL computes it once from the warm-up model's argmax predictions on the target train set.
@@ -216,6 +255,8 @@ def class_distribution(labels: Tensor, num_classes: int, ignore_index: int = 255
         labels: integer tensor of any shape, values in [0, num_classes) or ``ignore_index``.
         num_classes: K >= 1.
         ignore_index: label to skip.
+        process_group: a ``torch.distributed`` group: the histogram of all its ranks' labels
+            (one all-reduce of the counts); a rank may hold none.
 
     Returns:
         (K,) float32 frequencies summing to 1. A class never seen gets 0: clamp it (e.g.
@@ -228,14 +269,8 @@ def class_distribution(labels: Tensor, num_classes: int, ignore_index: int = 255
         raise TypeError(f"labels must be an integer torch.Tensor, got {getattr(labels, 'dtype', type(labels))}")
     num_classes = check_int(num_classes, "num_classes", minimum=1)
     ignore_index = check_int(ignore_index, "ignore_index")
-    flat = labels.reshape(-1).long()
-    valid = flat[flat != ignore_index]
-    if valid.numel() == 0:
+    counts = distributed.class_counts(labels, num_classes, ignore_index, distributed.active_group(process_group))
+    if counts.sum() == 0:
         raise ValueError(f"class_distribution: every label equals ignore_index={ignore_index}; the prior is undefined")
-    if int(valid.min()) < 0 or int(valid.max()) >= num_classes:
-        raise ValueError(
-            f"class_distribution: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, "
-            f"found values in [{int(valid.min())}, {int(valid.max())}]"
-        )
-    counts = torch.bincount(valid, minlength=num_classes).to(torch.float32)
+    counts = counts.to(torch.float32)
     return counts / counts.sum()

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from cpsl_ops.functional import (
     balanced_sinkhorn,
@@ -143,6 +144,12 @@ class SelfLabelingLoss(nn.Module):
         samples_per_image: pixels drawn per image (256).
         ema_momentum: momentum m of :meth:`update_ema` (0.999).
         ignore_index: label of ignored pixels in :meth:`rectify` (255).
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``
+            under DDP): each image's Sinkhorn problem spans the samples (queue window and image
+            b) of all ranks, as in SwAV; the queues stay per rank, and so do their checkpoints.
+            Every rank must pass the same batch size B (problem b of one rank is matched with
+            problem b of the others). The prototypes' gradient is not averaged here: DDP does
+            it when the module is inside the wrapped model, otherwise all-reduce it yourself.
     """
 
     def __init__(
@@ -157,6 +164,7 @@ class SelfLabelingLoss(nn.Module):
         samples_per_image: int = 256,
         ema_momentum: float = 0.999,
         ignore_index: int = 255,
+        process_group: Optional[ProcessGroup] = None,
     ) -> None:
         super().__init__()
         if queue_size < 0 or samples_per_image < 1:
@@ -168,6 +176,7 @@ class SelfLabelingLoss(nn.Module):
         self.samples_per_image = samples_per_image
         self.ema_momentum = ema_momentum
         self.ignore_index = ignore_index
+        self.process_group = process_group
         initial = F.normalize(torch.randn(num_classes, feat_dim), dim=1)
         self.prototypes = nn.Parameter(initial.clone())
         self.register_buffer("prototypes_ema", initial.clone())
@@ -232,12 +241,13 @@ class SelfLabelingLoss(nn.Module):
         """Sinkhorn targets (B, S, K) of the current scores (B, S, K), balanced with the queue."""
         batch, samples, classes = current.shape
         if queued is None:
-            return balanced_sinkhorn(current, self.class_prior, self.epsilon, self.sinkhorn_iters)
+            return balanced_sinkhorn(current, self.class_prior, self.epsilon, self.sinkhorn_iters, self.process_group)
         extended = torch.cat([queued.to(current.dtype), current.reshape(-1, classes)])
         window = queued.shape[0] + samples
         # Problem b covers the queue as it stands after images 0..b-1 were pushed, then image b.
         problems = extended.as_strided((batch, window, classes), (samples * classes, classes, 1))
-        return balanced_sinkhorn(problems, self.class_prior, self.epsilon, self.sinkhorn_iters)[:, -samples:]
+        return balanced_sinkhorn(problems, self.class_prior, self.epsilon, self.sinkhorn_iters,
+                                 self.process_group)[:, -samples:]
 
     @torch.no_grad()
     def _enqueue(self, queue: Tensor, rows: Tensor) -> None:

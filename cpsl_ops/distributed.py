@@ -1,0 +1,125 @@
+"""The ops over a ``torch.distributed`` process group: the result on every rank is that of the
+single-process op on the concatenation of all ranks' inputs.
+
+Only PyTorch's own collectives are used, in the no-grad part of each op, as few as the math
+allows, and every rank issues the same ones in the same order whatever its inputs (even none),
+so bad values on one rank make every rank raise the same ``ValueError`` instead of leaving the
+others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from cpsl_ops.reference import accumulation_dtype
+
+LocalUpdate = Callable[[Tensor, Tensor, Tensor, float, int], Tuple[Tensor, Tensor]]
+
+
+def active_group(process_group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    """``process_group`` when it spans more than one process; None (single process) when it is
+    None, torch.distributed is unavailable or uninitialized, or the group has one rank."""
+    if process_group is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return process_group if dist.get_world_size(process_group) > 1 else None
+
+
+def balanced_sinkhorn(
+    scores: Tensor, class_prior: Tensor, epsilon: float, num_iters: int, group: dist.ProcessGroup
+) -> Tensor:
+    """:func:`cpsl_ops.reference.balanced_sinkhorn` of (B, N_r, K) ``scores`` whose problem b is
+    the concatenation over ranks of every rank's problem b; returns this rank's rows.
+
+    The log-domain class potentials need, over all ranks, the per-class log-sum-exp of S/ε and N
+    first (one all-gather that also carries a bad-input flag), then the per-class column masses
+    in each later iteration (one all-reduce): ``num_iters`` collectives in all, of B·K numbers.
+    """
+    acc = accumulation_dtype(scores.dtype)
+    batch, samples, classes = scores.shape
+    scaled = scores.to(acc) / epsilon
+    prior = class_prior.to(acc)
+    bad = not (torch.isfinite(scaled).all() and torch.isfinite(prior).all() and (prior > 0).all())
+    local_lse = scaled.logsumexp(dim=1) if samples and not bad else scaled.new_full((batch, classes), -math.inf)
+    packed = torch.cat([local_lse.flatten(), scaled.new_tensor([samples, float(bad)])])
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, packed, group=group)
+    everyone = torch.stack(gathered)
+    if everyone[:, -1].any():
+        raise ValueError(
+            "balanced_sinkhorn: some rank has NaN or infinite scores / epsilon, or a class_prior entry that is not "
+            "positive and finite"
+        )
+    total_samples = int(everyone[:, -2].sum())
+    if total_samples == 0:
+        raise ValueError("balanced_sinkhorn: no rank of the process group has any sample (N = 0 on every rank)")
+    log_prior = (prior / prior.sum(-1, keepdim=True)).log()[:, None, :]
+    global_lse = everyone[:, :-2].view(-1, batch, classes).logsumexp(dim=0)
+    potential = log_prior - global_lse[:, None, :]
+    for _ in range(num_iters - 1):
+        column_mass = (scaled + potential).softmax(dim=-1).sum(dim=1)
+        dist.all_reduce(column_mass, group=group)
+        potential = potential + log_prior + math.log(total_samples) \
+            - column_mass.clamp_min(torch.finfo(acc).tiny).log()[:, None, :]
+    return (scaled + potential).softmax(dim=-1).to(scores.dtype)
+
+
+def update_prototypes(
+    prototypes: Tensor,
+    features: Tensor,
+    labels: Tensor,
+    momentum: float,
+    ignore_index: int,
+    group: dist.ProcessGroup,
+    local_update: LocalUpdate,
+) -> Tuple[Tensor, Tensor]:
+    """The EMA step with class means over all ranks' pixels; returns (new prototypes, counts).
+
+    ``local_update`` is the single-process op (native kernel or reference): with momentum 0 on a
+    zero buffer it gives this rank's class means and counts at the kernel's speed. Sums, counts
+    and a bad-label count travel in one all-reduce of a (K, D + 2) fp64 buffer.
+    """
+    num_classes, dim = prototypes.shape
+    acc = accumulation_dtype(prototypes.dtype)
+    buffer = prototypes.new_zeros((num_classes, dim + 2), dtype=torch.float64)
+    try:
+        means, counts = local_update(prototypes.new_zeros((num_classes, dim), dtype=acc), features.to(acc), labels,
+                                     0.0, ignore_index)
+        buffer[:, :dim] = means.double() * counts[:, None]
+        buffer[:, dim] = counts
+    except ValueError:  # a label out of range: every rank must learn it, after the collective
+        buffer[0, dim + 1] = 1
+    dist.all_reduce(buffer, group=group)
+    if buffer[:, dim + 1].any():
+        raise ValueError(
+            f"update_prototypes: some rank has a label outside [0, {num_classes}) that is not "
+            f"ignore_index={ignore_index}; no prototype was changed"
+        )
+    counts = buffer[:, dim]
+    present = counts > 0
+    means = buffer[:, :dim] / counts.clamp_min(1)[:, None]
+    old = prototypes.to(torch.float64)
+    updated = torch.where(present[:, None], momentum * old + (1 - momentum) * means, old)
+    return updated.to(prototypes.dtype), counts.long()
+
+
+def class_counts(labels: Tensor, num_classes: int, ignore_index: int, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """(K,) int64 histogram of the valid labels of all ranks (one all-reduce, which also carries
+    the number of out-of-range labels); raises on every rank if any rank has one."""
+    flat = labels.reshape(-1).long()
+    valid = flat[flat != ignore_index]
+    in_range = (valid >= 0) & (valid < num_classes)
+    counts = torch.cat([torch.bincount(valid[in_range], minlength=num_classes),
+                        (~in_range).sum().reshape(1)])
+    if group is not None:
+        dist.all_reduce(counts, group=group)
+    if counts[-1] > 0:
+        found = "some rank has others" if group is not None else f"found values in [{int(valid.min())}, {int(valid.max())}]"
+        raise ValueError(
+            f"class_distribution: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, {found}"
+        )
+    return counts[:-1]
