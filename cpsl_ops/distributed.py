@@ -43,28 +43,31 @@ def balanced_sinkhorn(
     batch, samples, classes = scores.shape
     scaled = scores.to(acc) / epsilon
     prior = class_prior.to(acc)
-    bad = not (torch.isfinite(scaled).all() and torch.isfinite(prior).all() and (prior > 0).all())
-    local_lse = scaled.logsumexp(dim=1) if samples and not bad else scaled.new_full((batch, classes), -math.inf)
-    packed = torch.cat([local_lse.flatten(), scaled.new_tensor([samples, float(bad)])])
+    # The flag stays on the device: no host sync before the collective. A bad shard's
+    # log-sum-exp (NaN or inf) is never used, as every rank raises below; an empty shard's is
+    # -inf, which adds nothing over ranks. fp64 keeps N exact past 2^24 samples.
+    bad = ~(torch.isfinite(scaled).all() & torch.isfinite(prior).all() & (prior > 0).all())
+    packed = torch.cat([scaled.logsumexp(dim=1).flatten().double(),
+                        scaled.new_tensor([samples], dtype=torch.float64), bad.double().reshape(1)])
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, packed, group=group)
     everyone = torch.stack(gathered)
-    if everyone[:, -1].any():
+    total_samples, bad_ranks = everyone[:, -2:].sum(dim=0).tolist()  # one host sync for both
+    if bad_ranks:
         raise ValueError(
             "balanced_sinkhorn: some rank has NaN or infinite scores / epsilon, or a class_prior entry that is not "
             "positive and finite"
         )
-    total_samples = int(everyone[:, -2].sum())
     if total_samples == 0:
         raise ValueError("balanced_sinkhorn: no rank of the process group has any sample (N = 0 on every rank)")
     log_prior = (prior / prior.sum(-1, keepdim=True)).log()[:, None, :]
-    global_lse = everyone[:, :-2].view(-1, batch, classes).logsumexp(dim=0)
+    global_lse = everyone[:, :-2].view(len(gathered), batch, classes).logsumexp(dim=0).to(acc)
     potential = log_prior - global_lse[:, None, :]
     for _ in range(num_iters - 1):
         column_mass = (scaled + potential).softmax(dim=-1).sum(dim=1)
         dist.all_reduce(column_mass, group=group)
-        potential = potential + log_prior + math.log(total_samples) \
-            - column_mass.clamp_min(torch.finfo(acc).tiny).log()[:, None, :]
+        potential = (potential + log_prior + math.log(total_samples)
+                     - column_mass.clamp_min(torch.finfo(acc).tiny).log()[:, None, :])
     return (scaled + potential).softmax(dim=-1).to(scores.dtype)
 
 
@@ -80,8 +83,9 @@ def update_prototypes(
     """The EMA step with class means over all ranks' pixels; returns (new prototypes, counts).
 
     ``local_update`` is the single-process op (native kernel or reference): with momentum 0 on a
-    zero buffer it gives this rank's class means and counts at the kernel's speed. Sums, counts
-    and a bad-label count travel in one all-reduce of a (K, D + 2) fp64 buffer.
+    zero buffer it gives this rank's class means and counts at the kernel's speed, and its bad-label
+    ValueError. Class sums, counts and the number of ranks with a bad label travel in one
+    all-reduce of a (K, D + 2) fp64 buffer (exact counts, and sums as precise as the means).
     """
     num_classes, dim = prototypes.shape
     acc = accumulation_dtype(prototypes.dtype)
@@ -118,7 +122,7 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int, group: Opt
     if group is not None:
         dist.all_reduce(counts, group=group)
     if counts[-1] > 0:
-        found = "some rank has others" if group is not None else f"found values in [{int(valid.min())}, {int(valid.max())}]"
+        found = f"found values in [{int(valid.min())}, {int(valid.max())}]" if group is None else "some rank has others"
         raise ValueError(
             f"class_distribution: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, {found}"
         )

@@ -4,6 +4,9 @@ Every function validates shapes, dtypes and devices here, then runs the native k
 (``torch.ops.cpsl_ops.*``) where the build has one for the tensors' device, or the pure-PyTorch
 reference (:mod:`cpsl_ops.reference`) otherwise or when the reference backend is selected
 (:func:`cpsl_ops.set_backend`). Values (NaN, label range, prior sign) are checked by the kernels.
+With a ``process_group`` of more than one rank, :func:`balanced_sinkhorn`,
+:func:`update_prototypes_` and :func:`class_distribution` run their :mod:`cpsl_ops.distributed`
+form instead, which returns the single-process result on the concatenation of all ranks' inputs.
 """
 
 from __future__ import annotations
@@ -99,9 +102,11 @@ def balanced_sinkhorn(
         Assignment of the shape and dtype of ``scores``; each row sums to 1. No gradient flows.
 
     Raises:
-        ValueError: on NaN or infinite scores, or a prior entry that is not positive (with a
-            group: on every rank, when any rank has them). Shape, dtype and device errors are
-            raised before any communication.
+        ValueError: on NaN or infinite scores, a prior entry that is not positive, or N = 0 (with
+            a group: on every rank, when any rank has bad values or no rank has a sample). Shape,
+            dtype, device and argument errors are raised before any communication, on the ranks
+            that make them only: the others then wait in the first collective until the group's
+            timeout.
 
     The CPU kernel keeps, per calling thread, a workspace the size of the largest problem it has
     solved (N × K floats), so that repeated calls do not page-fault fresh memory.
@@ -175,7 +180,8 @@ def update_prototypes_(
 
     Raises:
         ValueError: on a label outside [0, K) that is not ``ignore_index`` (nothing is written;
-            with a group, on every rank when any rank has one).
+            with a group, on every rank when any rank has one). Shape, dtype and device errors
+            are raised before any communication, as in :func:`balanced_sinkhorn`.
     """
     check_tensor(prototypes, "prototypes", (2,), "(K, D)")
     check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
@@ -263,7 +269,9 @@ def class_distribution(
         ``prior.clamp_min(1e-6)``) before using it as a Sinkhorn prior, which must be positive.
 
     Raises:
-        ValueError: on labels out of range, or when no label differs from ``ignore_index``.
+        ValueError: on labels out of range, or when no label differs from ``ignore_index`` (with
+            a group: on every rank, when any rank has labels out of range or no rank has a
+            valid label).
     """
     if not isinstance(labels, Tensor) or labels.dtype not in INTEGER_DTYPES:
         raise TypeError(f"labels must be an integer torch.Tensor, got {getattr(labels, 'dtype', type(labels))}")

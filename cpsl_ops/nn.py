@@ -150,6 +150,8 @@ class SelfLabelingLoss(nn.Module):
             Every rank must pass the same batch size B (problem b of one rank is matched with
             problem b of the others). The prototypes' gradient is not averaged here: DDP does
             it when the module is inside the wrapped model, otherwise all-reduce it yourself.
+            The group is a plain attribute, not state: it is not in ``state_dict``, and a module
+            holding one cannot be deep-copied or pickled (a process group cannot).
     """
 
     def __init__(

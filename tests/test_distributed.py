@@ -1,12 +1,13 @@
 """The ops with a process group (gloo, spawned CPU processes) equal the single-process ops on
-the concatenation of all ranks' inputs, with uneven and empty shards, and bad values on one rank
-make every rank raise instead of hanging."""
+the concatenation of all ranks' inputs, with uneven, empty and all-ignored shards, and bad values
+on one rank make every rank raise the same error instead of hanging."""
 
 import datetime
 import multiprocessing
+import time
 import traceback
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -21,10 +22,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 K, D, IGNORE = 5, 6, 255
 # Rows of each rank; zeros are ranks without any sample.
 SHARDS = {2: [7, 0], 3: [4, 0, 9]}
+# A rank whose rows all carry ignore_index: a shard with pixels but no valid label.
+ALL_IGNORED_RANK = {3: 0}
+SINKHORN_DTYPES = (torch.float32, torch.float64)
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)  # a hang in a collective fails the test instead
+JOIN_TIMEOUT_S = 120
 
 
-def split(tensor: torch.Tensor, sizes: List[int], dim: int = 0) -> List[torch.Tensor]:
-    return list(torch.split(tensor, sizes, dim=dim))
+def split(tensor: torch.Tensor, world_size: int, dim: int = 0) -> List[torch.Tensor]:
+    return list(torch.split(tensor, SHARDS[world_size], dim=dim))
 
 
 def make_inputs(world_size: int) -> Dict[str, torch.Tensor]:
@@ -33,8 +40,10 @@ def make_inputs(world_size: int) -> Dict[str, torch.Tensor]:
     total = sum(SHARDS[world_size])
     labels = torch.randint(0, K, (total,), generator=generator)
     labels[torch.rand(total, generator=generator) < 0.3] = IGNORE
+    if world_size in ALL_IGNORED_RANK:
+        split(labels, world_size)[ALL_IGNORED_RANK[world_size]].fill_(IGNORE)  # a view: writes into labels
     return {
-        "scores": torch.randn(total, K, generator=generator),
+        "scores": torch.randn(total, K, generator=generator, dtype=torch.float64),
         "batched_scores": torch.randn(3, total, K, generator=generator, dtype=torch.float64),
         "prior": torch.rand(K, generator=generator) + 0.2,
         "batched_prior": torch.rand(3, K, generator=generator, dtype=torch.float64) + 0.2,
@@ -46,25 +55,40 @@ def make_inputs(world_size: int) -> Dict[str, torch.Tensor]:
     }
 
 
+def sinkhorn_cases(inputs: Dict[str, torch.Tensor], dtype: torch.dtype):
+    """(name, global scores, prior, epsilon, num_iters, sample dim) of the Sinkhorn checks."""
+    return [
+        ("sinkhorn", inputs["scores"].to(dtype), inputs["prior"], 0.05, 4, 0),
+        ("sinkhorn_batched", inputs["batched_scores"].to(dtype), inputs["batched_prior"], 0.1, 3, 1),
+        ("sinkhorn_no_problem", inputs["batched_scores"][:0].to(dtype), inputs["batched_prior"][:0], 0.1, 3, 1),
+    ]
+
+
+def raised_by(call: Callable[[], object]) -> Optional[str]:
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def worker(rank: int, world_size: int, directory: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails instead of blocking
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         group = dist.group.WORLD
         inputs = make_inputs(world_size)
-        mine = SHARDS[world_size]
+        features, labels = split(inputs["features"], world_size)[rank], split(inputs["labels"], world_size)[rank]
         out: Dict[str, object] = {}
-        out["sinkhorn"] = cpsl_ops.balanced_sinkhorn(
-            split(inputs["scores"], mine)[rank], inputs["prior"], 0.05, 4, process_group=group)
-        out["sinkhorn_batched"] = cpsl_ops.balanced_sinkhorn(
-            split(inputs["batched_scores"], mine, dim=1)[rank], inputs["batched_prior"], 0.1, 3, process_group=group)
+        for dtype in SINKHORN_DTYPES:
+            for name, scores, prior, epsilon, num_iters, dim in sinkhorn_cases(inputs, dtype):
+                out[name, dtype] = cpsl_ops.balanced_sinkhorn(
+                    split(scores, world_size, dim)[rank], prior, epsilon, num_iters, process_group=group)
         prototypes = inputs["prototypes"].clone()
-        out["counts"] = cpsl_ops.update_prototypes_(
-            prototypes, split(inputs["features"], mine)[rank], split(inputs["labels"], mine)[rank], 0.9,
-            process_group=group)
-        out["prototypes"] = prototypes
-        out["distribution"] = cpsl_ops.class_distribution(split(inputs["labels"], mine)[rank], K, process_group=group)
+        out["counts"] = cpsl_ops.update_prototypes_(prototypes, features, labels, 0.9, process_group=group)
+        out["prototypes"] = prototypes.clone()
+        out["distribution"] = cpsl_ops.class_distribution(labels, K, process_group=group)
 
         criterion = cpsl_ops.SelfLabelingLoss(K, D, inputs["prior"], queue_size=4, samples_per_image=4,
                                               process_group=group)
@@ -72,24 +96,23 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         out["loss_without_queue"] = criterion(inputs["image_features"][0, rank:rank + 1])
         out["loss_with_queue"] = criterion(inputs["image_features"][1, rank:rank + 1])
 
-        # Bad values on one rank only: every rank must raise, none may hang.
-        scores = split(inputs["scores"], mine)[rank].clone()
-        labels = split(inputs["labels"], mine)[rank].clone()
+        # Bad values on the last rank only (no sample at all for the third call): every rank must
+        # raise, and none may hang or leave the group out of step.
+        scores = split(inputs["scores"].float(), world_size)[rank]
+        nan_scores, zero_prior, bad_features, bad_labels = scores, inputs["prior"].clone(), features, labels
         if rank == world_size - 1:
-            scores = torch.cat([scores, torch.full((1, K), float("nan"))])
-            labels = torch.cat([labels, torch.tensor([K])])
-        raised = []
-        for call in (
-            lambda: cpsl_ops.balanced_sinkhorn(scores, inputs["prior"], process_group=group),
-            lambda: cpsl_ops.update_prototypes_(prototypes, torch.randn(labels.numel(), D), labels, process_group=group),
-            lambda: cpsl_ops.class_distribution(labels, K, process_group=group),
-        ):
-            try:
-                call()
-            except ValueError as error:
-                raised.append(str(error))
-        out["raised"] = raised
+            nan_scores = torch.cat([scores, torch.full((1, K), float("nan"))])
+            zero_prior[1] = 0.0
+            bad_features, bad_labels = torch.cat([features, torch.randn(1, D)]), torch.cat([labels, torch.tensor([K])])
+        out["raised"] = [
+            raised_by(lambda: cpsl_ops.balanced_sinkhorn(nan_scores, inputs["prior"], process_group=group)),
+            raised_by(lambda: cpsl_ops.balanced_sinkhorn(scores, zero_prior, process_group=group)),
+            raised_by(lambda: cpsl_ops.balanced_sinkhorn(scores[:0], inputs["prior"], process_group=group)),
+            raised_by(lambda: cpsl_ops.update_prototypes_(prototypes, bad_features, bad_labels, process_group=group)),
+            raised_by(lambda: cpsl_ops.class_distribution(bad_labels, K, process_group=group)),
+        ]
         out["prototypes_after_bad_labels"] = prototypes
+        out["distribution_after_errors"] = cpsl_ops.class_distribution(labels, K, process_group=group)
         torch.save(out, f"{directory}/rank{rank}.pt")
     except Exception:
         Path(f"{directory}/rank{rank}.error").write_text(traceback.format_exc())
@@ -103,11 +126,13 @@ def run_workers(world_size: int, directory: Path) -> List[Dict[str, object]]:
     processes = [context.Process(target=worker, args=(rank, world_size, str(directory))) for rank in range(world_size)]
     for process in processes:
         process.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
     for process in processes:
-        process.join(timeout=180)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
     hung = [process for process in processes if process.is_alive()]
     for process in hung:
         process.kill()
+        process.join()
     errors = "\n".join(path.read_text() for path in sorted(directory.glob("*.error")))
     assert not hung, f"{len(hung)} ranks hung\n{errors}"
     assert all(process.exitcode == 0 for process in processes), errors
@@ -115,56 +140,89 @@ def run_workers(world_size: int, directory: Path) -> List[Dict[str, object]]:
 
 
 def expected_self_labeling_losses(inputs: Dict[str, torch.Tensor], world_size: int) -> List[List[float]]:
-    """Each rank's loss when its samples are balanced together with all ranks' (queue included)."""
+    """Each rank's loss when its samples are balanced together with all ranks' (queue included),
+    written without SelfLabelingLoss. Sampling order does not matter: Sinkhorn is equivariant to
+    row permutations and the loss is a mean over rows."""
     prototypes = F.normalize(inputs["prototypes"], dim=1)
     features = F.normalize(inputs["image_features"].flatten(3).transpose(2, 3), dim=-1)  # (2, W, 4, D)
     cosines = features @ prototypes.T  # (2, W, 4, K)
     log_probabilities = (cosines / 0.08).log_softmax(-1)
-    losses = []
     first = cpsl_ops.balanced_sinkhorn(cosines[0].reshape(-1, K), inputs["prior"]).view(world_size, 4, K)
     # Second call: each rank's problem is its queue (its first image) and its new image.
-    second = cpsl_ops.balanced_sinkhorn(cosines.transpose(0, 1).reshape(-1, K), inputs["prior"]).view(world_size, 2, 4, K)
-    for rank in range(world_size):
-        losses.append([
-            float(-(first[rank] * log_probabilities[0, rank]).sum(-1).mean()),
-            float(-(second[rank, 1] * log_probabilities[1, rank]).sum(-1).mean()),
-        ])
-    return losses
+    second = cpsl_ops.balanced_sinkhorn(cosines.transpose(0, 1).reshape(-1, K), inputs["prior"])
+    second = second.view(world_size, 2, 4, K)[:, 1]
+    return [
+        [float(-(first[rank] * log_probabilities[0, rank]).sum(-1).mean()),
+         float(-(second[rank] * log_probabilities[1, rank]).sum(-1).mean())]
+        for rank in range(world_size)
+    ]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ops_with_a_process_group_equal_the_single_process_ops_on_the_gathered_input(world_size, tmp_path):
     results = run_workers(world_size, tmp_path)
     inputs = make_inputs(world_size)
-    sizes = SHARDS[world_size]
-    sinkhorn = cpsl_ops.balanced_sinkhorn(inputs["scores"], inputs["prior"], 0.05, 4)
-    batched = cpsl_ops.balanced_sinkhorn(inputs["batched_scores"], inputs["batched_prior"], 0.1, 3)
     prototypes = inputs["prototypes"].clone()
     counts = cpsl_ops.update_prototypes_(prototypes, inputs["features"], inputs["labels"], 0.9)
     distribution = cpsl_ops.class_distribution(inputs["labels"], K)
     losses = expected_self_labeling_losses(inputs, world_size)
+    for dtype in SINKHORN_DTYPES:
+        for name, scores, prior, epsilon, num_iters, dim in sinkhorn_cases(inputs, dtype):
+            expected = split(cpsl_ops.balanced_sinkhorn(scores, prior, epsilon, num_iters), world_size, dim)
+            for rank, result in enumerate(results):
+                assert result[name, dtype].dtype == dtype
+                torch.testing.assert_close(result[name, dtype], expected[rank], **TOLERANCES[dtype])
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result["sinkhorn"], split(sinkhorn, sizes)[rank], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(result["sinkhorn_batched"], split(batched, sizes, dim=1)[rank], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(result["prototypes"], prototypes, rtol=1e-5, atol=1e-6)
         assert torch.equal(result["counts"], counts)
         torch.testing.assert_close(result["distribution"], distribution)
         assert result["loss_without_queue"].item() == pytest.approx(losses[rank][0], rel=1e-5)
         assert result["loss_with_queue"].item() == pytest.approx(losses[rank][1], rel=1e-5)
-        assert len(result["raised"]) == 3, result["raised"]  # every rank, for each of the three ops
-        assert "some rank" in result["raised"][0] and "some rank" in result["raised"][1]
-        assert torch.equal(result["prototypes_after_bad_labels"], result["prototypes"])  # nothing written
+        # Every rank raised, for each bad call, the same error as rank 0, and wrote nothing.
+        assert None not in result["raised"], result["raised"]
+        assert result["raised"] == results[0]["raised"]
+        assert torch.equal(result["prototypes_after_bad_labels"], result["prototypes"])
+        torch.testing.assert_close(result["distribution_after_errors"], distribution)
+    nan_scores, zero_prior, no_sample, bad_update, bad_histogram = results[0]["raised"]
+    assert "some rank" in nan_scores and "some rank" in zero_prior and "some rank" in bad_update
+    assert "no rank" in no_sample and "some rank" in bad_histogram
 
 
-def test_one_rank_or_no_group_is_the_single_process_path(tmp_path):
+def fail_if_called(*args, **kwargs):
+    raise AssertionError("a collective was issued on the single-process path")
+
+
+def test_one_rank_or_no_group_is_the_single_process_path(tmp_path, monkeypatch):
     assert active_group(None) is None  # torch.distributed not initialized in this process
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        assert active_group(dist.group.WORLD) is None
-        scores, prior = torch.randn(50, K), torch.rand(K) + 0.1
-        assert torch.equal(cpsl_ops.balanced_sinkhorn(scores, prior, process_group=dist.group.WORLD),
+        group = dist.group.WORLD
+        assert active_group(group) is None
+        for collective in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"):
+            monkeypatch.setattr(dist, collective, fail_if_called)
+        inputs = make_inputs(2)
+        scores, prior = inputs["batched_scores"], inputs["batched_prior"]
+        assert torch.equal(cpsl_ops.balanced_sinkhorn(scores, prior, process_group=group),
                            cpsl_ops.balanced_sinkhorn(scores, prior))
         with pytest.raises(ValueError, match="N samples"):  # a lone process still needs samples
-            cpsl_ops.balanced_sinkhorn(scores[:0], prior, process_group=dist.group.WORLD)
+            cpsl_ops.balanced_sinkhorn(scores[:, :0], prior, process_group=group)
+        updated = [inputs["prototypes"].clone() for _ in range(2)]
+        counts = [cpsl_ops.update_prototypes_(prototypes, inputs["features"], inputs["labels"], 0.9,
+                                              process_group=process_group)
+                  for prototypes, process_group in zip(updated, (group, None))]
+        assert torch.equal(updated[0], updated[1]) and torch.equal(counts[0], counts[1])
+        assert torch.equal(cpsl_ops.class_distribution(inputs["labels"], K, process_group=group),
+                           cpsl_ops.class_distribution(inputs["labels"], K))
+
+        losses = []
+        for process_group in (group, None):
+            criterion = cpsl_ops.SelfLabelingLoss(K, D, inputs["prior"], queue_size=4, samples_per_image=3,
+                                                  process_group=process_group)
+            criterion.init_prototypes(inputs["prototypes"])
+            assert criterion.process_group is process_group
+            assert not any("process_group" in key for key in criterion.state_dict())
+            torch.manual_seed(0)  # the same pixels are sampled in both runs
+            losses.append([criterion(inputs["image_features"][step]) for step in range(2)])
+        assert torch.equal(torch.stack(losses[0]), torch.stack(losses[1]))
     finally:
         dist.destroy_process_group()
