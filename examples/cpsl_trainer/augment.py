@@ -56,6 +56,9 @@ class CropBoxes:
         left = torch.rand(batch, generator=generator) * (1 - width)
         return cls(torch.stack([top, left, height, width], 1), bernoulli(generator, batch, 0.5))
 
+    def __getitem__(self, rows: slice) -> "CropBoxes":
+        return CropBoxes(self.boxes[rows], self.flips[rows])
+
     def theta(self) -> Tensor:
         """(B, 2, 3) affine maps from output to input normalized coordinates."""
         top, left, height, width = self.boxes.unbind(1)

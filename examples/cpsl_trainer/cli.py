@@ -9,15 +9,17 @@ from typing import List, Optional
 
 import torch
 
-from .config import load_config
+from .config import Config, load_config
 from .data import prepare_main
 from .demo_data import write_demo_datasets
-from .engine import Pipeline
+from .distributed import Distributed
+from .engine import Pipeline, StopRequested, choose_device
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 USAGE = """\
 train (default):  train_cpsl.py [--demo | --config FILE] [--resume PATH|auto] [section.field=value ...]
+  on N devices:   torchrun --nproc-per-node=N train_cpsl.py [same arguments]
 evaluate weights: train_cpsl.py evaluate (--demo | --config FILE) --weights PATH [section.field=value ...]
 check datasets:   train_cpsl.py prepare --gta5 DIR --cityscapes DIR [--synthia DIR]
 """
@@ -45,11 +47,8 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(CONFIGS / "demo.yaml" if args.demo else args.config, args.overrides)
-    if args.demo:
-        demo_root = Path(config.train.output_dir) / "demo_data"
-        gta5, cityscapes = write_demo_datasets(demo_root, tuple(config.data.source_size), progress=config.train.progress)
-        config = load_config(None, [f"data.source_root={gta5}", f"data.target_root={cityscapes}"], base=config)
     if evaluate_only:
+        config = with_demo_data(config) if args.demo else config
         pipeline = Pipeline(config)
         model = pipeline.new_model(None)
         model.load_state_dict(torch.load(args.weights, map_location="cpu"))
@@ -60,8 +59,27 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
         resume = Path(config.train.output_dir) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
         if not resume.exists():
             parser.error(f"--resume: {resume} does not exist")
-    Pipeline(config).run(resume)
+    context = Distributed.from_environment(choose_device(config.train.device).type)
+    try:
+        if args.demo:
+            if context.is_main:  # the other ranks wait, then find the finished tree
+                with_demo_data(config)
+            context.barrier()
+            config = with_demo_data(config)
+        Pipeline(config, context=context).run(resume)
+    except StopRequested as stop:
+        if context.is_main:
+            print(f"{stop}; continue with --resume auto")
+    finally:
+        context.close()
     return 0
+
+
+def with_demo_data(config: Config) -> Config:
+    """Writes (or reuses) the demo datasets under the output folder and points the config at them."""
+    demo_root = Path(config.train.output_dir) / "demo_data"
+    gta5, cityscapes = write_demo_datasets(demo_root, tuple(config.data.source_size), progress=config.train.progress)
+    return load_config(None, [f"data.source_root={gta5}", f"data.target_root={cityscapes}"], base=config)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

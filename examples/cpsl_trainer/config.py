@@ -39,6 +39,7 @@ class ModelConfig:
     pretrained: Optional[str] = None
     feat_dim: int = 256
     dilations: List[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    dropout: float = 0.1
 
 
 @dataclass
@@ -114,6 +115,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     tensorboard: bool = False
     progress: bool = True
+    # "stage:iteration" (e.g. "cpsl:500"): checkpoint there and stop; continue with --resume auto.
+    stop_after: Optional[str] = None
 
 
 @dataclass

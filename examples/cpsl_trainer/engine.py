@@ -1,8 +1,13 @@
 """The training pipeline: warm-up, pseudo labels, CPSL self-labeling, distillation, evaluation.
 
 Every stage is a loop of iterations whose randomness (data order, augmentation, dropout, pixel
-sampling) is a function of the seed, the stage and the iteration number, so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have.
+sampling) is a function of the seed, the stage, the iteration number and the rank, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.
+
+Under torchrun each rank trains a DistributedDataParallel replica on its slice of every global
+batch (``data.batch_size`` images per rank); the data order and the crops are drawn for the
+global batch, so they do not depend on the number of ranks. Rank 0 alone writes pseudo labels,
+evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ from cpsl_ops import SelfLabelingLoss, class_distribution, prototype_similarity,
 from .augment import CropBoxes, box_mask, crop, cutmix_box, strong_view
 from .config import Config, config_from_dict
 from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset, write_rgb
+from .distributed import Distributed, synchronize_batch_norm
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA_13_TRAIN_IDS, SYNTHIA_16_TRAIN_IDS, colorize
 from .metrics import ConfusionMatrix, iou_table
 from .model import DeepLabV2, parameter_groups
@@ -73,20 +79,28 @@ def protocol_of(name: str) -> Protocol:
 
 
 class EpochBatches(Sampler):
-    """An endless stream of batches: a fresh seeded permutation per epoch, starting at any batch."""
+    """An endless stream of batches: a fresh seeded permutation per epoch, starting at any batch.
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_batch: int = 0) -> None:
+    Global batches hold ``batch_size * world_size`` indices; rank r gets the r-th slice of each.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[List[int]]:
-        epoch, offset = divmod(self.start_batch * self.batch_size, self.size)
+        global_batch = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        epoch, offset = divmod(self.start_batch * global_batch, self.size)
         batch: List[int] = []
         while True:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             for index in order[offset:].tolist():
                 batch.append(index)
-                if len(batch) == self.batch_size:
-                    yield batch
+                if len(batch) == global_batch:
+                    yield batch[mine]
                     batch = []
             epoch, offset = epoch + 1, 0
 
@@ -106,8 +120,8 @@ class WithSoftLabels(Dataset):
         return sample
 
 
-def batches(dataset: Dataset, config: Config, seed: int, start_batch: int) -> Iterator[Dict[str, Any]]:
-    sampler = EpochBatches(len(dataset), config.data.batch_size, seed, start_batch)
+def batches(dataset: Dataset, config: Config, seed: int, start_batch: int, context: Distributed) -> Iterator[Dict[str, Any]]:
+    sampler = EpochBatches(len(dataset), config.data.batch_size, seed, start_batch, context.rank, context.world_size)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
 
 
@@ -132,9 +146,9 @@ def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return per_pixel[valid].mean() if valid.any() else per_pixel.sum() * 0
 
 
-def iteration_seed(seed: int, stage: str, iteration: int) -> int:
-    """A distinct, reproducible seed for every (stage, iteration)."""
-    return (seed * 1_000_003 + sum(map(ord, stage)) * 7_919 + iteration) % (2**63)
+def iteration_seed(seed: int, stage: str, iteration: int, rank: int = 0) -> int:
+    """A distinct, reproducible seed for every (stage, iteration, rank)."""
+    return (seed * 1_000_003 + sum(map(ord, stage)) * 7_919 + iteration + rank * 2**40) % (2**63)
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, iteration: int, total: int, power: float) -> float:
@@ -173,21 +187,59 @@ class StopRequested(Exception):
     """Raised after the checkpoint at ``stop_after`` is written (simulates a killed job)."""
 
 
+# Modules whose state differs between ranks (the memory-bank queues): checkpointed per rank.
+PER_RANK_MODULES = ("self_labeling",)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random generators of one iteration. ``shared`` is seeded alike on every rank (crops of
+    the global batch, CutMix); ``local`` differs per rank (strong views) and is ``shared`` itself
+    in a single-process run."""
+
+    shared: torch.Generator
+    local: torch.Generator
+
+
+def choose_device(wanted: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` (auto | cpu | cuda) as a device; each torchrun rank gets its own GPU."""
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(wanted)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def parse_stop_after(text: Optional[str]) -> Optional[Tuple[str, int]]:
+    """``train.stop_after`` ("stage:iteration") as a (stage, iteration) pair."""
+    if text is None:
+        return None
+    stage, _, iteration = str(text).partition(":")
+    if not iteration.isdigit():
+        raise ValueError(f"train.stop_after must look like 'cpsl:500', got {text!r}")
+    return stage, int(iteration)
+
+
+def no_sync(model: nn.Module):
+    """Accumulate this backward locally; DDP averages the sum at the iteration's last backward."""
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
+
+
 class Pipeline:
     """One training run: builds the data and models and runs the stages, resuming where asked."""
 
-    def __init__(self, config: Config, stop_after: Optional[Tuple[str, int]] = None) -> None:
+    def __init__(
+        self, config: Config, stop_after: Optional[Tuple[str, int]] = None, context: Optional[Distributed] = None
+    ) -> None:
         self.config = config
-        self.stop_after = stop_after
+        self.stop_after = stop_after or parse_stop_after(config.train.stop_after)
+        self.dist = context or Distributed()
         self.output = Path(config.train.output_dir)
         self.output.mkdir(parents=True, exist_ok=True)
-        wanted = config.train.device
-        self.device = torch.device("cuda" if wanted == "auto" and torch.cuda.is_available() else
-                                   "cpu" if wanted == "auto" else wanted)
+        self.device = choose_device(config.train.device, self.dist.local_rank)
         self.protocol = protocol_of(config.data.protocol)
         self.state: Dict[str, Any] = {"completed": [], "metrics": {}}
         self.writer = None
-        if config.train.tensorboard:
+        if config.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output / "tensorboard"))
@@ -213,7 +265,26 @@ class Pipeline:
 
     def new_model(self, pretrained: Optional[str]) -> DeepLabV2:
         model = self.config.model
-        return DeepLabV2(model.backbone, self.protocol.num_classes, model.feat_dim, tuple(model.dilations), pretrained)
+        return DeepLabV2(model.backbone, self.protocol.num_classes, model.feat_dim, tuple(model.dilations), pretrained,
+                         model.dropout)
+
+    def parallel(self, model: nn.Module) -> nn.Module:
+        """Under torchrun: BatchNorm over the global batch and a DDP wrapper; else ``model`` itself."""
+        if self.dist.group is None:
+            return model
+        model = synchronize_batch_norm(model, self.dist, self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.dist.group)
+
+    def crop_boxes(self, generator: torch.Generator, batch: int, image_size: Sequence[int]) -> CropBoxes:
+        """Crops drawn for the global batch, this rank's rows: the same crops at any world size."""
+        data = self.config.data
+        boxes = CropBoxes.sample(generator, batch * self.dist.world_size, image_size, data.crop_size, data.scale_range)
+        return boxes[self.dist.rank * batch:(self.dist.rank + 1) * batch]
+
+    def log(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(text)
 
     def autocast(self):
         amp = self.config.train.amp
@@ -225,6 +296,7 @@ class Pipeline:
         environment = {
             "python": platform.python_version(), "torch": torch.__version__, "cpsl_ops": cpsl_ops.__version__,
             "cpsl_ops build": cpsl_ops.build_info(), "device": str(self.device), "threads": torch.get_num_threads(),
+            "world size": self.dist.world_size,
             "source images": len(self.source), "target train images": len(self.target_train),
             "target val images": len(self.target_val),
         }
@@ -237,9 +309,17 @@ class Pipeline:
         return self.output / "checkpoints" / "last.pt"
 
     def save_checkpoint(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
+        """Rank 0 writes one file; the per-rank states are gathered into it (a collective)."""
+        per_rank = {name: {key: value.cpu() for key, value in module.state_dict().items()}
+                    for name, module in modules.items() if name in PER_RANK_MODULES}
+        rank_modules = self.dist.gather_to_main(per_rank)
+        if not self.dist.is_main:
+            return
         payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
                    "completed": self.state["completed"], "metrics": self.state["metrics"],
-                   "modules": {name: module.state_dict() for name, module in modules.items()}}
+                   "world_size": self.dist.world_size, "rank_modules": rank_modules,
+                   "modules": {name: module.state_dict() for name, module in modules.items()
+                               if name not in PER_RANK_MODULES}}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.checkpoint_path.with_suffix(".tmp")
         torch.save(payload, partial)
@@ -250,10 +330,14 @@ class Pipeline:
         def comparable(config: Config) -> Dict[str, Any]:
             values = config.to_dict()
             values["train"].pop("output_dir")  # a run directory may be moved
+            values["train"].pop("stop_after")  # the very option that interrupted the run
             return values
 
         if comparable(config_from_dict(payload["config"])) != comparable(self.config):
             raise ValueError(f"{path} was written with another config; resume with the same config file and overrides")
+        if payload["world_size"] != self.dist.world_size:
+            raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
+                             f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
         self.state = payload
 
     def resume_modules(self, stage: str, modules: Dict[str, Any]) -> int:
@@ -261,7 +345,10 @@ class Pipeline:
         if self.state.get("stage") != stage or stage in self.state["completed"]:
             return 0
         for name, module in modules.items():
-            module.load_state_dict(self.state["modules"][name])
+            if name in PER_RANK_MODULES:
+                module.load_state_dict(self.state["rank_modules"][self.dist.rank][name])
+            else:
+                module.load_state_dict(self.state["modules"][name])
         return int(self.state["iteration"])
 
     def stage_weights(self, stage: str) -> Path:
@@ -275,44 +362,53 @@ class Pipeline:
         start: int,
         total: int,
         modules: Dict[str, Any],
-        step: Callable[[int, torch.Generator], Dict[str, float]],
+        step: Callable[[int, Draws], Dict[str, float]],
         evaluate_model: nn.Module,
     ) -> None:
-        """Runs ``step`` for iterations start..total-1 with per-iteration seeds, logging,
-        evaluations and checkpoints; saves the final weights of ``evaluate_model``."""
-        train = self.config.train
-        bar = tqdm(range(start, total), desc=stage, initial=start, total=total, disable=not train.progress,
-                   dynamic_ncols=True)
+        """Runs ``step`` for iterations start..total-1 with per-iteration seeds, logging (the
+        mean over ranks, also appended to ``log.jsonl``), evaluations and checkpoints; saves the
+        final weights of ``evaluate_model``."""
+        train, rank = self.config.train, self.dist.rank
+        bar = tqdm(range(start, total), desc=stage, initial=start, total=total,
+                   disable=not (train.progress and self.dist.is_main), dynamic_ncols=True)
         tick, recent = time.perf_counter(), []
         for iteration in bar:
-            torch.manual_seed(iteration_seed(train.seed, stage, iteration))
-            generator = torch.Generator().manual_seed(iteration_seed(train.seed + 1, stage, iteration))
-            losses = step(iteration, generator)
-            recent.append(losses)
+            torch.manual_seed(iteration_seed(train.seed, stage, iteration, rank))
+            shared = torch.Generator().manual_seed(iteration_seed(train.seed + 1, stage, iteration))
+            local = shared if self.dist.group is None else \
+                torch.Generator().manual_seed(iteration_seed(train.seed + 2, stage, iteration, rank))
+            recent.append(step(iteration, Draws(shared, local)))
             done = iteration + 1
             if done % train.log_every == 0 or done == total:
                 seconds = (time.perf_counter() - tick) / len(recent)
-                means = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]}
+                means = self.dist.mean({k: sum(r[k] for r in recent) / len(recent) for k in recent[0]})
                 text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-                tqdm.write(f"[{stage} {done}/{total}] {text} {seconds:.2f}s/it peak_mem={peak_memory_mb(self.device):.0f}MB")
+                self.log(f"[{stage} {done}/{total}] {text} {seconds:.2f}s/it peak_mem={peak_memory_mb(self.device):.0f}MB")
+                if self.dist.is_main:
+                    with open(self.output / "log.jsonl", "a") as log:
+                        log.write(json.dumps({"stage": stage, "iteration": done, **means, "s_per_it": seconds}) + "\n")
                 if self.writer is not None:
                     for key, value in means.items():
                         self.writer.add_scalar(f"{stage}/{key}", value, done)
                 tick, recent = time.perf_counter(), []
             if self.config.eval.every and done % self.config.eval.every == 0 and done < total:
-                self.evaluate(evaluate_model, f"{stage}-{done}", save_images=False)
+                if self.dist.is_main:
+                    self.evaluate(evaluate_model, f"{stage}-{done}", save_images=False)
+                self.dist.barrier()
             if done % train.checkpoint_every == 0 or done == total or self.stop_after == (stage, done):
                 self.save_checkpoint(stage, done, modules)
             if self.stop_after == (stage, done) and done < total:
                 raise StopRequested(f"stopped after {stage} iteration {done}")
         bar.close()
-        torch.save(evaluate_model.state_dict(), self.stage_weights(stage))
+        if self.dist.is_main:
+            torch.save(evaluate_model.state_dict(), self.stage_weights(stage))
+        self.dist.barrier()
 
     def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tensor:
         """CE of the model on a weakly augmented source crop."""
         data = self.config.data
         images = as_float_images(batch["image"], self.device)
-        boxes = CropBoxes.sample(generator, images.shape[0], images.shape[-2:], data.crop_size, data.scale_range)
+        boxes = self.crop_boxes(generator, images.shape[0], images.shape[-2:])
         crops = crop(images, boxes, data.crop_size)
         labels = crop(batch["label"].to(self.device)[:, None], boxes, data.crop_size)[:, 0]
         with self.autocast():
@@ -329,15 +425,16 @@ class Pipeline:
     def warmup(self) -> None:
         stage, stage_config = "warmup", self.config.warmup
         model = self.new_model(self.config.model.pretrained).to(self.device).train()
+        net = self.parallel(model)
         optimizer = self.optimizer(model, stage_config.optim)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
         modules = {"model": model, "optimizer": optimizer, "scaler": scaler}
         start = self.resume_modules(stage, modules)
-        source = batches(self.source, self.config, self.config.train.seed, start)
+        source = batches(self.source, self.config, self.config.train.seed, start, self.dist)
 
-        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
+        def step(iteration: int, draws: Draws) -> Dict[str, float]:
             lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
-            loss = self.source_loss(model, next(source), generator)
+            loss = self.source_loss(net, next(source), draws.shared)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -357,6 +454,13 @@ class Pipeline:
                 flipped = model(images.flip(-1))["out"].float().softmax(1).flip(-1)
                 probabilities = (probabilities + flipped) / 2
         return {"probabilities": probabilities, "feat": out["feat"].float()}
+
+    def pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
+        """Rank 0 writes them (:meth:`generate_pseudo_labels`) while the other ranks wait."""
+        if self.dist.is_main:
+            self.generate_pseudo_labels(model, name, flip, with_prototypes)
+        self.dist.barrier()
+        return self.output / "pseudo" / name
 
     @torch.no_grad()
     def generate_pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
@@ -408,42 +512,46 @@ class Pipeline:
         warm = self.new_model(None)
         warm.load_state_dict(torch.load(self.stage_weights("warmup"), map_location="cpu"))
         warm.to(self.device)
-        pseudo = self.generate_pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
+        pseudo = self.pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
         summary = torch.load(pseudo / "summary.pt")
         student = warm.train()
         teacher = copy.deepcopy(student)  # the official EMA network stays in training mode
         for param in teacher.parameters():
             param.requires_grad_(False)
+        teacher = synchronize_batch_norm(teacher, self.dist, self.device)
+        net = self.parallel(student)
         loss_sl = SelfLabelingLoss(
             self.protocol.num_classes, self.config.model.feat_dim, summary["prior"], cfg.temperature, cfg.epsilon,
             cfg.sinkhorn_iters, cfg.queue_size, cfg.samples_per_image, cfg.ema_momentum, IGNORE_INDEX,
+            process_group=self.dist.group,
         ).to(self.device)
         loss_sl.init_prototypes(summary["prototypes"])
         optimizer = self.optimizer(student, cfg.optim, [{"params": [loss_sl.prototypes], "lr_mult": cfg.prototype_lr_mult}])
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
         modules = {"model": student, "teacher": teacher, "self_labeling": loss_sl, "optimizer": optimizer, "scaler": scaler}
         start = self.resume_modules(stage, modules)
-        source = batches(self.source, self.config, self.config.train.seed, start)
-        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start)
+        source = batches(self.source, self.config, self.config.train.seed, start, self.dist)
+        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start, self.dist)
         quarter = (data.crop_size[0] // 4, data.crop_size[1] // 4)
 
-        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
+        def step(iteration: int, draws: Draws) -> Dict[str, float]:
             lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
             optimizer.zero_grad(set_to_none=True)
             source_batch = next(source)
-            loss_source = self.source_loss(student, source_batch, generator)
-            scaler.scale(loss_source).backward()  # first, as the official code does: frees its graph
+            with no_sync(net):
+                loss_source = self.source_loss(net, source_batch, draws.shared)
+                scaler.scale(loss_source).backward()  # first, as the official code does: frees its graph
 
             batch = next(target)
             full = as_float_images(batch["image"], self.device)
-            boxes = CropBoxes.sample(generator, full.shape[0], full.shape[-2:], data.crop_size, data.scale_range)
+            boxes = self.crop_boxes(draws.shared, full.shape[0], full.shape[-2:])
             weak = crop(full, boxes, data.crop_size)
-            strong, strong_augment = strong_view(generator, weak)
-            mix = bool(torch.rand(1, generator=generator) < cfg.cutmix_prob)
+            strong, strong_augment = strong_view(draws.local, weak)
+            mix = bool(torch.rand(1, generator=draws.shared) < cfg.cutmix_prob)
             if mix:  # CutMix: a box of the source crop pasted into the weak target crop
-                mix_box = cutmix_box(generator)
+                mix_box = cutmix_box(draws.shared)
                 source_images = as_float_images(source_batch["image"], self.device)
-                source_boxes = CropBoxes.sample(generator, full.shape[0], source_images.shape[-2:], data.crop_size, data.scale_range)
+                source_boxes = self.crop_boxes(draws.shared, full.shape[0], source_images.shape[-2:])
                 weak = torch.where(box_mask(mix_box, data.crop_size, self.device)[:, None],
                                    crop(source_images, source_boxes, data.crop_size), weak)
 
@@ -461,8 +569,8 @@ class Pipeline:
                 consistency_target = warped.softmax(1)
 
             with self.autocast():
-                weak_logits = resize(student(weak)["out"], quarter).float()
-                strong_feat = resize(student(strong)["feat"], quarter).float()
+                weak_logits = resize(net(weak)["out"], quarter).float()
+                strong_feat = resize(net(strong)["feat"], quarter).float()
             loss_seg = cfg.rce_alpha * F.cross_entropy(weak_logits, labels, ignore_index=IGNORE_INDEX) \
                 + cfg.rce_beta * reverse_cross_entropy(weak_logits, labels)
             strong_log_probabilities = prototype_similarity(strong_feat, loss_sl.prototypes_ema, cfg.temperature).log_softmax(1)
@@ -473,6 +581,7 @@ class Pipeline:
             loss_self_labeling = loss_sl(ema_feat, ema_logits)
             total_loss = loss_seg + cfg.consistency_weight * loss_consistency + cfg.self_labeling_weight * loss_self_labeling
             scaler.scale(total_loss).backward()
+            self.dist.average_gradients([loss_sl.prototypes])  # DDP averages only the network's
             scaler.step(optimizer)
             scaler.update()
             ema_update(teacher, student, cfg.ema_momentum)
@@ -489,7 +598,7 @@ class Pipeline:
         teacher = self.new_model(None)
         teacher.load_state_dict(torch.load(self.stage_weights(teacher_stage), map_location="cpu"))
         teacher.to(self.device).eval()
-        pseudo = self.generate_pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
+        pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
         if cfg.student_init == "teacher":
             student = copy.deepcopy(teacher)
         elif cfg.student_init == "pretrained":
@@ -499,23 +608,25 @@ class Pipeline:
         student.train()
         for param in student.parameters():
             param.requires_grad_(True)
+        net = self.parallel(student)
         optimizer = self.optimizer(student, cfg.optim)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
         modules = {"model": student, "optimizer": optimizer, "scaler": scaler}
         start = self.resume_modules(stage, modules)
-        source = batches(self.source, self.config, self.config.train.seed, start)
-        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start)
+        source = batches(self.source, self.config, self.config.train.seed, start, self.dist)
+        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start, self.dist)
         quarter = (data.crop_size[0] // 4, data.crop_size[1] // 4)
 
-        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
+        def step(iteration: int, draws: Draws) -> Dict[str, float]:
             lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
             optimizer.zero_grad(set_to_none=True)
-            loss_source = self.source_loss(student, next(source), generator)
-            scaler.scale(loss_source).backward()
+            with no_sync(net):
+                loss_source = self.source_loss(net, next(source), draws.shared)
+                scaler.scale(loss_source).backward()
             batch = next(target)
             full = as_float_images(batch["image"], self.device)
-            boxes = CropBoxes.sample(generator, full.shape[0], full.shape[-2:], data.crop_size, data.scale_range)
-            strong, strong_augment = strong_view(generator, crop(full, boxes, data.crop_size))
+            boxes = self.crop_boxes(draws.shared, full.shape[0], full.shape[-2:])
+            strong, strong_augment = strong_view(draws.local, crop(full, boxes, data.crop_size))
             with torch.no_grad():
                 soft = crop(batch["soft"].to(self.device).float(), boxes, quarter)
                 confidence, labels = soft.max(1)
@@ -524,7 +635,7 @@ class Pipeline:
                 with self.autocast():
                     teacher_probabilities = resize(teacher(strong)["out"].float(), quarter).softmax(1)
             with self.autocast():
-                student_logits = resize(student(strong)["out"], quarter).float()
+                student_logits = resize(net(strong)["out"], quarter).float()
             loss_pseudo = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX)
             # KL(p_t || p_s) on log-probabilities (the official code passes probabilities).
             loss_kd = F.kl_div(student_logits.log_softmax(1), teacher_probabilities, reduction="none").sum(1).mean()
@@ -601,18 +712,22 @@ class Pipeline:
     def run(self, resume: Optional[Path] = None) -> Dict[str, Any]:
         if resume is not None:
             self.load_checkpoint(resume)
-        (self.output / "config.yaml").write_text(self.config.to_yaml())
-        tqdm.write(self.describe())
+        if self.dist.is_main:
+            (self.output / "config.yaml").write_text(self.config.to_yaml())
+        self.log(self.describe())
         for name, stage in self.stages():
             if name in self.state["completed"]:
                 continue
+            torch.manual_seed(iteration_seed(self.config.train.seed, name, -1))  # initial weights, alike on all ranks
             stage()
-            model = self.new_model(None)
-            model.load_state_dict(torch.load(self.stage_weights(name), map_location="cpu"))
-            self.state["metrics"][name] = self.evaluate(model.to(self.device), name)
+            if self.dist.is_main:
+                model = self.new_model(None)
+                model.load_state_dict(torch.load(self.stage_weights(name), map_location="cpu"))
+                self.state["metrics"][name] = self.evaluate(model.to(self.device), name)
+            self.dist.barrier()
             self.state["completed"] = self.state["completed"] + [name]
             self.save_checkpoint(name, 0, {})
-        return self.write_metrics()
+        return self.write_metrics() if self.dist.is_main else {}
 
     def write_metrics(self) -> Dict[str, Any]:
         stages = self.state["metrics"]

@@ -93,7 +93,9 @@ class ASPPSEHead(nn.Module):
     ``feat_dim * (len(dilations) + 1)`` channels and the SE gate reduces it 16-fold (1280 -> 80).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, feat_dim: int, dilations: Sequence[int]) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, feat_dim: int, dilations: Sequence[int], dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if feat_dim % _GN_GROUPS:
             raise ValueError(f"feat_dim must be a multiple of {_GN_GROUPS} for GroupNorm, got {feat_dim}")
@@ -107,7 +109,7 @@ class ASPPSEHead(nn.Module):
             nn.Conv2d(concat, feat_dim, 3, padding=1),
             nn.GroupNorm(_GN_GROUPS, feat_dim),
         )
-        self.dropout = nn.Dropout2d(0.1)
+        self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(feat_dim, num_classes, 1, bias=False)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -146,6 +148,7 @@ class DeepLabV2(nn.Module):
         dilations: dilations of the four 3x3 ASPP branches.
         pretrained: optional local file, either a torchvision ImageNet checkpoint of ``backbone``
             (its ``fc.*`` keys are ignored) or a state dict of this class. Nothing is downloaded.
+        dropout: channel dropout before ``feat`` (CPSL: 0.1).
     """
 
     def __init__(
@@ -155,13 +158,14 @@ class DeepLabV2(nn.Module):
         feat_dim: int = 256,
         dilations: Sequence[int] = (6, 12, 18, 24),
         pretrained: Optional[Union[str, Path]] = None,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.backbone = _build_backbone(backbone)
         # torchvision leaves the last stage's output width in ``inplanes`` (512 or 2048).
         in_channels = self.backbone.inplanes
-        self.head = ASPPSEHead(in_channels, num_classes, feat_dim, dilations)
+        self.head = ASPPSEHead(in_channels, num_classes, feat_dim, dilations, dropout)
         if pretrained is not None:
             self.load_pretrained(pretrained)
 
