@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpsl_ops/cpu_math.h"
+#include "cpsl_ops/cpu_memory.h"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/sinkhorn_math.h"
@@ -233,6 +234,7 @@ at::Tensor balanced_sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& cla
   const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
   at::Tensor assignment = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
   if (assignment.numel() == 0) return assignment;
+  prefer_huge_pages(assignment.data_ptr(), assignment.nbytes());
   CPSL_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "balanced_sinkhorn_cpu", [&] {
     const at::Tensor log_prior = normalized_log_prior(class_prior, c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value);
     sinkhorn_kernel<scalar_t>(rows, log_prior, epsilon, num_iters, assignment);
