@@ -26,15 +26,15 @@ constexpr int64_t kRowTile = 64;
 template <typename scalar_t, typename acc_t>
 bool load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, int64_t rows, int64_t classes,
                       acc_t inv_epsilon, const acc_t* shift, acc_t* x) {
+  transpose(scores + i0 * row_stride, row_stride, rows, classes, x, kRowTile);
   int finite = 1;
   for (int64_t k = 0; k < classes; ++k) {
-    const scalar_t* __restrict column = scores + i0 * row_stride + k;
-    acc_t* __restrict out = x + k * kRowTile;
+    acc_t* __restrict column = x + k * kRowTile;
     const acc_t offset = shift[k];
     for (int64_t r = 0; r < rows; ++r) {
-      const acc_t value = static_cast<acc_t>(column[r * row_stride]) * inv_epsilon + offset;
+      const acc_t value = column[r] * inv_epsilon + offset;
       finite &= (value - value == acc_t(0));  // false for NaN and ±inf
-      out[r] = value;
+      column[r] = value;
     }
   }
   return finite != 0;
@@ -148,8 +148,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
 
     // out[first + r][k] = x[k][r]
     auto store_tile = [&](const acc_t* x, int64_t first, int64_t rows) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t k = 0; k < classes; ++k) out[(first + r) * classes + k] = static_cast<scalar_t>(x[k * kRowTile + r]);
+      transpose(x, kRowTile, classes, rows, out + first * classes, classes);
     };
     if (num_iters == 1) {
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {

@@ -4,6 +4,10 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace cpsl_ops {
 
@@ -34,5 +38,50 @@ inline float vector_exp(float x) {
 
 // fp64 inputs keep libm's exp: they are for checking, not for speed.
 inline double vector_exp(double x) { return std::exp(x); }
+
+#if defined(__AVX2__)
+// dst[j * dst_stride + i] = src[i * src_stride + j] for an 8 × 8 block, in registers.
+inline void transpose_8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m256 rows[8], pairs[8];
+  for (int i = 0; i < 8; ++i) rows[i] = _mm256_loadu_ps(src + i * src_stride);
+  // pairs[i] interleaves rows i and i + 1: columns 0,1 | 4,5 (even i) or 2,3 | 6,7 (odd i).
+  for (int i = 0; i < 8; i += 2) {
+    pairs[i] = _mm256_unpacklo_ps(rows[i], rows[i + 1]);
+    pairs[i + 1] = _mm256_unpackhi_ps(rows[i], rows[i + 1]);
+  }
+  // rows[q + j] now holds column j (low half) and column j + 4 (high half) of rows q..q+3.
+  for (int q = 0; q < 8; q += 4) {
+    rows[q] = _mm256_shuffle_ps(pairs[q], pairs[q + 2], 0x44);
+    rows[q + 1] = _mm256_shuffle_ps(pairs[q], pairs[q + 2], 0xEE);
+    rows[q + 2] = _mm256_shuffle_ps(pairs[q + 1], pairs[q + 3], 0x44);
+    rows[q + 3] = _mm256_shuffle_ps(pairs[q + 1], pairs[q + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * dst_stride, _mm256_permute2f128_ps(rows[j], rows[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * dst_stride, _mm256_permute2f128_ps(rows[j], rows[j + 4], 0x31));
+  }
+}
+#endif
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols, converting the type.
+// The kernels vectorize over rows inside class-major tiles while tensors are row-major (N, K); left
+// to the compiler, this copy becomes one scalar move per element, a third of Sinkhorn's time at
+// large N. With AVX2, float blocks of 8 × 8 go through registers and only the edges are scalar.
+template <typename Src, typename Dst>
+inline void transpose(const Src* src, int64_t src_stride, int64_t rows, int64_t cols, Dst* dst, int64_t dst_stride) {
+  int64_t block_rows = 0, block_cols = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Src, float> && std::is_same_v<Dst, float>) {
+    block_rows = rows / 8 * 8;
+    block_cols = cols / 8 * 8;
+    for (int64_t i = 0; i < block_rows; i += 8)
+      for (int64_t j = 0; j < block_cols; j += 8)
+        transpose_8x8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < block_rows ? block_cols : 0; j < cols; ++j)
+      dst[j * dst_stride + i] = static_cast<Dst>(src[i * src_stride + j]);
+}
 
 }  // namespace cpsl_ops
