@@ -19,9 +19,11 @@ import cpsl_ops
 from cpsl_ops import reference
 
 try:
-    from harness import REFERENCE, Row, add_speedups, common_arguments, make_row, measure, print_table, save
+    from harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, print_table, save,
+                         warmup_seconds)
 except ImportError:
-    from benchmarks.harness import REFERENCE, Row, add_speedups, common_arguments, make_row, measure, print_table, save
+    from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, print_table,
+                                    save, warmup_seconds)
 
 
 def index_add_update(prototypes, features, labels, momentum, ignore_index):
@@ -41,10 +43,10 @@ def compile_or_none(fn: Callable, enabled: bool) -> Callable | None:
 
 
 def bench_case(rows: List[Row], op: str, size: str, gbytes: float, device: torch.device, repeats: int,
-               implementations: dict) -> None:
+               warmup_s: float, implementations: dict) -> None:
     for impl, fn in implementations.items():
         if fn is not None:
-            rows.append(make_row(op, size, impl, measure(fn, device, 2, repeats), gbytes))
+            rows.append(make_row(op, size, impl, measure(fn, device, 2, repeats, warmup_s), gbytes))
 
 
 def main() -> None:
@@ -53,6 +55,7 @@ def main() -> None:
     args = args.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
+    warmup_s = warmup_seconds(args)
     native = f"native-{device.type}"
     compile_enabled = not args.no_compile
     rows: List[Row] = []
@@ -67,7 +70,7 @@ def main() -> None:
     logits_gb = batch * classes * height * width * element / 1e9
 
     compiled_similarity = compile_or_none(reference.similarity, compile_enabled)
-    bench_case(rows, "similarity forward", size, feature_gb + logits_gb, device, repeats, {
+    bench_case(rows, "similarity forward", size, feature_gb + logits_gb, device, repeats, warmup_s, {
         native: lambda: cpsl_ops.prototype_similarity(features, prototypes, 0.08),
         REFERENCE: lambda: reference.similarity(features, prototypes, 0.08),
         "reference-compiled": (lambda: compiled_similarity(features, prototypes, 0.08)) if compiled_similarity else None,
@@ -84,7 +87,7 @@ def main() -> None:
         return run
 
     with_native = lambda f, c, t: cpsl_ops.prototype_similarity(f, c, t)  # noqa: E731
-    bench_case(rows, "similarity fwd+bwd", size, 3 * feature_gb + 2 * logits_gb, device, repeats, {
+    bench_case(rows, "similarity fwd+bwd", size, 3 * feature_gb + 2 * logits_gb, device, repeats, warmup_s, {
         native: forward_backward(with_native),
         REFERENCE: forward_backward(reference.similarity),
         "reference-compiled": forward_backward(compiled_similarity) if compiled_similarity else None,
@@ -94,7 +97,7 @@ def main() -> None:
     labels[:, : height // 8] = 255
     target = prototypes.clone()
     compiled_update = compile_or_none(reference.update_prototypes, compile_enabled)
-    bench_case(rows, "prototype update", size, feature_gb, device, repeats, {
+    bench_case(rows, "prototype update", size, feature_gb, device, repeats, warmup_s, {
         native: lambda: cpsl_ops.update_prototypes_(target, features, labels, 0.999),
         REFERENCE: lambda: reference.update_prototypes(prototypes, features, labels, 0.999, 255),
         "reference-compiled": (lambda: compiled_update(prototypes, features, labels, 0.999, 255))
@@ -104,7 +107,7 @@ def main() -> None:
 
     soft = torch.rand(batch, classes, height, width, generator=generator).to(device)
     compiled_rectify = compile_or_none(reference.rectify_pseudo_labels, compile_enabled)
-    bench_case(rows, "rectification", f"{batch}x{classes}x{height}x{width}", 2 * logits_gb, device, repeats, {
+    bench_case(rows, "rectification", f"{batch}x{classes}x{height}x{width}", 2 * logits_gb, device, repeats, warmup_s, {
         native: lambda: cpsl_ops.rectify_pseudo_labels(soft, grad_logits),
         REFERENCE: lambda: reference.rectify_pseudo_labels(soft, grad_logits, 0.0, 255),
         "reference-compiled": (lambda: compiled_rectify(soft, grad_logits, 0.0, 255)) if compiled_rectify else None,
@@ -131,7 +134,7 @@ def main() -> None:
                 criterion.update_ema()
         step_rows[impl] = step
     bench_case(rows, "SelfLabelingLoss step", f"{batch}x{dim}x{ema_height}x{ema_width} queue={queue}",
-               queue * (dim + classes) * element / 1e9, device, repeats, step_rows)
+               queue * (dim + classes) * element / 1e9, device, repeats, warmup_s, step_rows)
 
     add_speedups(rows)
     print_table(rows, f"cpsl_ops on {device} (median of repeats)")

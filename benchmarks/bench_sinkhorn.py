@@ -15,7 +15,6 @@ the iteration count — the memory bound of an unfused iteration.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List
 
 import torch
@@ -24,10 +23,11 @@ import cpsl_ops
 from cpsl_ops import reference
 
 try:  # run as a script (python benchmarks/bench_sinkhorn.py) or as a module
-    from harness import REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot, print_table, save
+    from harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot, print_table, save,
+                         warmup_seconds)
 except ImportError:
     from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot,
-                                    print_table, save)
+                                    print_table, save, warmup_seconds)
 
 CPSL_PRIOR = [0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338, 0.02424, 0.04341,
               0.01315, 0.00161, 0.06605, 0.00408, 0.00279, 0.00185, 0.00123, 0.00191]
@@ -91,7 +91,7 @@ def run_case(rows: List[Row], label: str, batch: int, samples: int, classes: int
     warmup = 1 if big else 2
 
     def add(impl: str, fn: Callable[[], object]) -> None:
-        rows.append(make_row("balanced_sinkhorn", size, impl, measure(fn, device, warmup, repeats), moved, **params))
+        rows.append(make_row("balanced_sinkhorn", size, impl, measure(fn, device, warmup, repeats, warmup_seconds(args)), moved, **params))
 
     native = "native-" + device.type
     if cpsl_ops.native_available():
@@ -104,7 +104,7 @@ def run_case(rows: List[Row], label: str, batch: int, samples: int, classes: int
         if pot is not None:
             add("pot", lambda: pot(scores, prior, epsilon, num_iters))
     copy_target = torch.empty_like(scores)
-    copy_times = measure(lambda: copy_target.copy_(scores), device, warmup, repeats)
+    copy_times = measure(lambda: copy_target.copy_(scores), device, warmup, repeats, warmup_seconds(args))
     bound = make_row("balanced_sinkhorn", size, f"bound: {num_iters} x copy", [t * num_iters for t in copy_times],
                      moved, **params)
     rows.append(bound)

@@ -46,11 +46,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> List[float]:
-    """Times of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` calls."""
-    for _ in range(warmup):
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+            warmup_s: float) -> List[float]:
+    """Times of ``repeats`` calls of ``fn`` in milliseconds, after at least ``warmup`` calls and at
+    least ``warmup_s`` seconds of calls. The time floor is for the first calls that touch a large
+    fresh output: the OS hands out memory no call has used before more slowly (on the 2-core VM
+    of benchmarks/results, a kernel's first ten calls at CPSL's size took up to 3x its steady time),
+    and a training loop calls the op thousands of times."""
+    start_s = time.perf_counter()
+    calls = 0
+    while calls < warmup or time.perf_counter() - start_s < warmup_s:
         fn()
-    synchronize(device)
+        synchronize(device)
+        calls += 1
     times: List[float] = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -162,11 +170,19 @@ def plot(rows: List[Row], op: str, path: Optional[str], title: str) -> None:
     print(f"wrote {path}")
 
 
+def warmup_seconds(args: argparse.Namespace) -> float:
+    if args.warmup_s is not None:
+        return args.warmup_s
+    return 0.2 if args.quick else 1.0
+
+
 def common_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row")
+    parser.add_argument("--warmup-s", type=float, default=None,
+                        help="least seconds of untimed calls before each row (default 1, 0.2 with --quick)")
     parser.add_argument("--json", default=None, help="write the rows and environment to this JSON file")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     return parser
