@@ -106,7 +106,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   const int64_t row_stride = scores.stride(1);
 
   std::vector<OnlineLogSumExp<acc_t>> column_lse(num_blocks * classes);
-  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), step(classes), no_shift(classes, acc_t(0));
+  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), rescale(classes), no_shift(classes, acc_t(0));
   // The assignment between iterations, tile by tile as the tiles hold it (class-major inside a
   // tile), so that a tile is one contiguous block of K × kRowTile values to stream in and out.
   // It is kept from call to call of the same thread (one per dtype): a fresh buffer this large
@@ -159,8 +159,12 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       continue;
     }
 
-    // mass[k] += sum_r x[k][r], and W[k][first + r] = x[k][r]
-    auto keep_tile = [&](const acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+    // Iteration 1 ends with the row softmax P1 of S/ε + a, computed from the scores once and kept
+    // in the workspace with its column masses.
+    std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
+    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+      load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
+      tile_row_softmax(x, rows, classes);
       acc_t* mass = column_mass.data() + blk * classes;
       for (int64_t k = 0; k < classes; ++k) {
         const acc_t* __restrict src = x + k * kRowTile;
@@ -173,36 +177,30 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
         }
         mass[k] += sum;
       }
-    };
-
-    // Iteration 1 ends with the row softmax of S/ε + a, computed from the scores once.
-    std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
-    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
-      tile_row_softmax(x, rows, classes);
-      keep_tile(x, first, rows, blk);
     });
+    const std::vector<acc_t> first_potential = potential;
 
-    // Iterations 2..T rescale the stored assignment class by class (sinkhorn_math.h).
+    // Iteration t rescales P1 by e^(a_t - a_1) class by class and renormalizes rows (sinkhorn_math.h):
+    // the workspace is read, never rewritten, so an iteration streams the matrix once, and every
+    // iteration's assignment is one rounding away from P1 rather than t - 1.
     for (int64_t iter = 2; iter <= num_iters; ++iter) {
-      acc_t max_step = -std::numeric_limits<acc_t>::infinity();
       for (int64_t k = 0; k < classes; ++k) {
         for (int64_t blk = 1; blk < num_blocks; ++blk) column_mass[k] += column_mass[blk * classes + k];
-        step[k] = class_potential_step(log_r[k], log_num_samples, column_mass[k]);
-        potential[k] += step[k];
-        max_step = std::max(max_step, step[k]);
+        potential[k] += class_potential_step(log_r[k], log_num_samples, column_mass[k]);
       }
-      for (int64_t k = 0; k < classes; ++k) step[k] = std::exp(step[k] - max_step);
+      acc_t max_shift = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t k = 0; k < classes; ++k) max_shift = std::max(max_shift, potential[k] - first_potential[k]);
+      for (int64_t k = 0; k < classes; ++k) rescale[k] = std::exp(potential[k] - first_potential[k] - max_shift);
       const bool last = iter == num_iters;
       std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         acc_t row_sum[kRowTile] = {};
         for (int64_t k = 0; k < classes; ++k) {
-          const acc_t* __restrict previous = workspace + (first / kRowTile * classes + k) * kRowTile;
+          const acc_t* __restrict kept = workspace + (first / kRowTile * classes + k) * kRowTile;
           acc_t* __restrict column = x + k * kRowTile;
-          const acc_t weight = step[k];
+          const acc_t weight = rescale[k];
           for (int64_t r = 0; r < rows; ++r) {
-            column[r] = previous[r] * weight;
+            column[r] = kept[r] * weight;
             row_sum[r] += column[r];
           }
         }
@@ -211,16 +209,23 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
             recompute_row(s + (first + r) * row_stride, potential.data(), inv_epsilon, classes, x + r);
             row_sum[r] = acc_t(1);
           }
-          row_sum[r] = acc_t(1) / row_sum[r];
-        }
-        for (int64_t k = 0; k < classes; ++k) {
-          acc_t* __restrict column = x + k * kRowTile;
-          for (int64_t r = 0; r < rows; ++r) column[r] *= row_sum[r];
+          row_sum[r] = acc_t(1) / row_sum[r];  // from here on, the row's normalizing factor
         }
         if (last) {
+          for (int64_t k = 0; k < classes; ++k) {
+            acc_t* __restrict column = x + k * kRowTile;
+            for (int64_t r = 0; r < rows; ++r) column[r] *= row_sum[r];
+          }
           store_tile(x, first, rows);
-        } else {
-          keep_tile(x, first, rows, blk);
+          return;
+        }
+        acc_t* mass = column_mass.data() + blk * classes;
+        for (int64_t k = 0; k < classes; ++k) {
+          const acc_t* __restrict column = x + k * kRowTile;
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_sum[r];
+          mass[k] += sum;
         }
       });
     }
