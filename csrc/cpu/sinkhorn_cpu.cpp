@@ -107,8 +107,8 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
 
   std::vector<OnlineLogSumExp<acc_t>> column_lse(num_blocks * classes);
   std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), rescale(classes), no_shift(classes, acc_t(0));
-  // The assignment between iterations, tile by tile as the tiles hold it (class-major inside a
-  // tile), so that a tile is one contiguous block of K × kRowTile values to stream in and out.
+  // The first iteration's assignment P1, tile by tile as the tiles hold it (class-major inside a
+  // tile), so that a tile is one contiguous block of K × kRowTile values to stream in.
   // It is kept from call to call of the same thread (one per dtype): a fresh buffer this large
   // would be page-faulted in and zeroed by the OS on every call, which costs as much as a pass.
   static thread_local std::vector<acc_t> cached_workspace;
