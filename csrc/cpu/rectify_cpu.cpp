@@ -50,7 +50,9 @@ void rectify_kernel(const at::Tensor& soft, const at::Tensor& logits, double thr
                           vector_exp(static_cast<acc_t>(l(b, k, p0 + j)) - max_logit[j]);
           total[j] += w;
           const bool better = w > best[j];  // strict: ties keep the first class, as torch.argmax does
-          best_class[j] = better ? acc_t(k) : best_class[j];
+          // Written as an increment rather than a select so that GCC keeps a plain vector store: it
+          // turns `x = c ? y : x` into a masked store, which costs AMD cores a third of this kernel.
+          best_class[j] += better ? acc_t(k) - best_class[j] : acc_t(0);
           best[j] = better ? w : best[j];
         }
       const int64_t offset = b * tiles.pixels + p0;
