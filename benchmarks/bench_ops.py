@@ -6,7 +6,7 @@ reference function), plus the common hand-written alternatives where the issue n
 4×256×128×224 student-resolution features with 19 prototypes; the loss step on 4 EMA feature maps
 of 256×65×113 (129×257 with --full) with the 65,536-row queue.
 
-    python benchmarks/bench_ops.py [--quick] [--device cuda] [--json out.json]
+    python benchmarks/bench_ops.py [--quick] [--device cuda] [--warmup-s S] [--json out.json]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Implementations, side by side in one process:
 Also printed: the time this machine takes to read and write the score matrix once (a copy), times
 the iteration count — the memory bound of an unfused iteration.
 
-    python benchmarks/bench_sinkhorn.py [--quick] [--device cuda] [--json out.json] [--plot out.png]
+    python benchmarks/bench_sinkhorn.py [--quick] [--device cuda] [--warmup-s S] [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
