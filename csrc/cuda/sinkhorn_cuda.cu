@@ -1,10 +1,14 @@
 // CUDA kernel of cpsl_ops::balanced_sinkhorn (schema: ops/sinkhorn.cpp; math: sinkhorn_math.h).
 //
-// One warp per row: lane l holds classes l, l + 32, ... (kClassesPerLane of them), so a row's
-// softmax is two warp reductions. Each block owns a fixed range of rows and writes per-class
-// partial results that a small kernel merges in block order: deterministic, no atomics. All B
-// problems run in the same launches (grid.y). Passes: column log-sum-exp, T − 1 column-mass passes
-// and the final softmax write, each followed by a tiny merge of K values per problem.
+// One cooperative launch runs every iteration of all B problems: a grid of co-resident blocks
+// walks fixed chunks of kRowsPerChunk rows, and grid-wide barriers separate the passes (column
+// log-sum-exp, T − 1 column masses, the final softmax) from the merges of their per-chunk partials
+// into the class potentials. Scores are re-read on every pass; at CPSL's size (8 × 65,792 × 19)
+// they stay in L2. Inside a chunk, one warp takes a row at a time with lane l holding classes
+// l, l + 32, ..., so a row's softmax is two warp reductions. Each chunk's partials are merged in
+// chunk order by one thread per (problem, class): the result does not depend on the grid size, and
+// there are no atomics, so runs are bit-identical.
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -18,68 +22,37 @@
 namespace cpsl_ops {
 namespace {
 
-constexpr int kRowsPerBlock = 1024;
+constexpr int kRowsPerChunk = 1024;
 constexpr int kWarps = cuda::kThreads / cuda::kWarp;
 
-struct Problem {
-  int64_t samples, classes, batch_stride, row_stride;
+// Everything the kernel reads or writes. Buffers written inside the launch are plain pointers (no
+// const __restrict__): other blocks write them before a barrier, so reads must not go through the
+// read-only cache.
+template <typename scalar_t, typename acc_t>
+struct SinkhornArgs {
+  const scalar_t* __restrict__ scores;
+  int64_t batch, samples, classes, batch_stride, row_stride, chunks_per_problem, num_iters;
+  acc_t inv_epsilon, log_num_samples;
+  const acc_t* __restrict__ log_prior;  // (B, K)
+  acc_t* partial_max;                   // (B, chunks, K): per-chunk column maxima, then unused
+  acc_t* partial_sum;                   // (B, chunks, K): per-chunk sums of exp(x - max), then masses
+  acc_t* potential;                     // (B, K)
+  int32_t* non_finite;
+  scalar_t* __restrict__ out;
 };
 
-template <typename scalar_t, typename acc_t, int kClassesPerLane>
-__global__ void column_logsumexp_kernel(const scalar_t* __restrict__ scores, Problem problem, acc_t inv_epsilon,
-                                        acc_t* __restrict__ partial_max, acc_t* __restrict__ partial_sum,
-                                        int32_t* __restrict__ non_finite) {
-  __shared__ acc_t shared_max[kWarps][kClassesPerLane * cuda::kWarp];
-  __shared__ acc_t shared_sum[kWarps][kClassesPerLane * cuda::kWarp];
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const int64_t b = blockIdx.y, first = blockIdx.x * static_cast<int64_t>(kRowsPerBlock);
-  const int64_t last = min(problem.samples, first + kRowsPerBlock);
-  const scalar_t* s = scores + b * problem.batch_stride;
-  OnlineLogSumExp<acc_t> lse[kClassesPerLane];
-  bool finite = true;
-  for (int64_t i = first + warp; i < last; i += kWarps)
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) {
-      const int64_t k = lane + c * cuda::kWarp;
-      if (k < problem.classes) {
-        const acc_t x = static_cast<acc_t>(s[i * problem.row_stride + k]) * inv_epsilon;
-        finite &= isfinite(x);
-        lse[c].add(x);
-      }
-    }
-  if (!finite) *non_finite = 1;
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    shared_max[warp][lane + c * cuda::kWarp] = lse[c].max;
-    shared_sum[warp][lane + c * cuda::kWarp] = lse[c].sum;
-  }
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < problem.classes; k += blockDim.x) {
-    OnlineLogSumExp<acc_t> merged;
-    for (int w = 0; w < kWarps; ++w) merged.merge(OnlineLogSumExp<acc_t>{shared_max[w][k], shared_sum[w][k]});
-    const int64_t index = (b * gridDim.x + blockIdx.x) * problem.classes + k;
-    partial_max[index] = merged.max;
-    partial_sum[index] = merged.sum;
-  }
-}
+struct ChunkRows {
+  int64_t problem, first, last;
+};
 
-template <typename acc_t>
-__global__ void initial_potential_kernel(const acc_t* __restrict__ partial_max, const acc_t* __restrict__ partial_sum,
-                                         const acc_t* __restrict__ log_prior, acc_t* __restrict__ potential,
-                                         int64_t blocks, int64_t classes) {
-  const int64_t b = blockIdx.x;
-  for (int64_t k = threadIdx.x; k < classes; k += blockDim.x) {
-    OnlineLogSumExp<acc_t> merged;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t index = (b * blocks + blk) * classes + k;
-      merged.merge(OnlineLogSumExp<acc_t>{partial_max[index], partial_sum[index]});
-    }
-    potential[b * classes + k] = initial_class_potential(log_prior[b * classes + k], merged.value());
-  }
+template <typename Args>
+__device__ __forceinline__ ChunkRows chunk_rows(const Args& a, int64_t chunk) {
+  const int64_t first = (chunk % a.chunks_per_problem) * kRowsPerChunk;
+  return {chunk / a.chunks_per_problem, first, min(a.samples, first + kRowsPerChunk)};
 }
 
 // The warp's row softmax of S/ε + potential for its lane's classes.
-template <typename scalar_t, typename acc_t, int kClassesPerLane>
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_t* potential, int64_t classes,
                                                  acc_t inv_epsilon, int lane, acc_t* values) {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
@@ -102,100 +75,166 @@ __device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_
   for (int c = 0; c < kClassesPerLane; ++c) values[c] /= sum;
 }
 
-template <typename scalar_t, typename acc_t, int kClassesPerLane>
-__global__ void column_mass_kernel(const scalar_t* __restrict__ scores, Problem problem, acc_t inv_epsilon,
-                                   const acc_t* __restrict__ potential, acc_t* __restrict__ partial_mass) {
-  __shared__ acc_t shared_mass[kWarps][kClassesPerLane * cuda::kWarp];
+// Per-class running log-sum-exp of S/ε over the chunk's rows, merged over warps in warp order.
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+__device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
+                                       acc_t (*shared_max)[kClassesPerLane * cuda::kWarp],
+                                       acc_t (*shared_sum)[kClassesPerLane * cuda::kWarp]) {
   const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const int64_t b = blockIdx.y, first = blockIdx.x * static_cast<int64_t>(kRowsPerBlock);
-  const int64_t last = min(problem.samples, first + kRowsPerBlock);
-  const scalar_t* s = scores + b * problem.batch_stride;
+  const ChunkRows rows = chunk_rows(a, chunk);
+  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
+  OnlineLogSumExp<acc_t> lse[kClassesPerLane];
+  bool finite = true;
+  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps)
+#pragma unroll
+    for (int c = 0; c < kClassesPerLane; ++c) {
+      const int64_t k = lane + c * cuda::kWarp;
+      if (k < a.classes) {
+        const acc_t x = static_cast<acc_t>(s[i * a.row_stride + k]) * a.inv_epsilon;
+        finite &= isfinite(x);
+        lse[c].add(x);
+      }
+    }
+  if (!finite) *a.non_finite = 1;
+#pragma unroll
+  for (int c = 0; c < kClassesPerLane; ++c) {
+    shared_max[warp][lane + c * cuda::kWarp] = lse[c].max;
+    shared_sum[warp][lane + c * cuda::kWarp] = lse[c].sum;
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
+    OnlineLogSumExp<acc_t> merged;
+    for (int w = 0; w < kWarps; ++w) merged.merge(OnlineLogSumExp<acc_t>{shared_max[w][k], shared_sum[w][k]});
+    a.partial_max[chunk * a.classes + k] = merged.max;
+    a.partial_sum[chunk * a.classes + k] = merged.sum;
+  }
+  __syncthreads();  // the block's next chunk rewrites the shared arrays
+}
+
+// Per-class sums of the current row softmax over the chunk's rows, summed over warps in warp order.
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+__device__ void chunk_column_mass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
+                                  acc_t (*shared_mass)[kClassesPerLane * cuda::kWarp]) {
+  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
+  const ChunkRows rows = chunk_rows(a, chunk);
+  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
   acc_t mass[kClassesPerLane] = {}, values[kClassesPerLane];
-  for (int64_t i = first + warp; i < last; i += kWarps) {
-    warp_row_softmax<scalar_t, acc_t, kClassesPerLane>(s + i * problem.row_stride, potential + b * problem.classes,
-                                                        problem.classes, inv_epsilon, lane, values);
+  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
+    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.potential + rows.problem * a.classes, a.classes,
+                                      a.inv_epsilon, lane, values);
 #pragma unroll
     for (int c = 0; c < kClassesPerLane; ++c) mass[c] += values[c];
   }
 #pragma unroll
   for (int c = 0; c < kClassesPerLane; ++c) shared_mass[warp][lane + c * cuda::kWarp] = mass[c];
   __syncthreads();
-  for (int64_t k = threadIdx.x; k < problem.classes; k += blockDim.x) {
+  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
     acc_t total = 0;
     for (int w = 0; w < kWarps; ++w) total += shared_mass[w][k];
-    partial_mass[(b * gridDim.x + blockIdx.x) * problem.classes + k] = total;
+    a.partial_sum[chunk * a.classes + k] = total;
   }
+  __syncthreads();
 }
 
-template <typename acc_t>
-__global__ void potential_step_kernel(const acc_t* __restrict__ partial_mass, const acc_t* __restrict__ log_prior,
-                                      acc_t* __restrict__ potential, int64_t blocks, int64_t classes,
-                                      acc_t log_num_samples) {
-  const int64_t b = blockIdx.x;
-  for (int64_t k = threadIdx.x; k < classes; k += blockDim.x) {
-    acc_t mass = 0;
-    for (int64_t blk = 0; blk < blocks; ++blk) mass += partial_mass[(b * blocks + blk) * classes + k];
-    potential[b * classes + k] += class_potential_step(log_prior[b * classes + k], log_num_samples, mass);
-  }
-}
-
-template <typename scalar_t, typename acc_t, int kClassesPerLane>
-__global__ void assignment_kernel(const scalar_t* __restrict__ scores, Problem problem, acc_t inv_epsilon,
-                                  const acc_t* __restrict__ potential, scalar_t* __restrict__ out) {
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+__device__ void chunk_assignment(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk) {
   const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const int64_t b = blockIdx.y, first = blockIdx.x * static_cast<int64_t>(kRowsPerBlock);
-  const int64_t last = min(problem.samples, first + kRowsPerBlock);
-  const scalar_t* s = scores + b * problem.batch_stride;
-  scalar_t* o = out + b * problem.samples * problem.classes;
+  const ChunkRows rows = chunk_rows(a, chunk);
+  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
+  scalar_t* o = a.out + rows.problem * a.samples * a.classes;
   acc_t values[kClassesPerLane];
-  for (int64_t i = first + warp; i < last; i += kWarps) {
-    warp_row_softmax<scalar_t, acc_t, kClassesPerLane>(s + i * problem.row_stride, potential + b * problem.classes,
-                                                        problem.classes, inv_epsilon, lane, values);
+  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
+    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.potential + rows.problem * a.classes, a.classes,
+                                      a.inv_epsilon, lane, values);
 #pragma unroll
     for (int c = 0; c < kClassesPerLane; ++c) {
       const int64_t k = lane + c * cuda::kWarp;
-      if (k < problem.classes) o[i * problem.classes + k] = static_cast<scalar_t>(values[c]);
+      if (k < a.classes) o[i * a.classes + k] = static_cast<scalar_t>(values[c]);
     }
   }
+}
+
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(cuda::kThreads) sinkhorn_kernel(SinkhornArgs<scalar_t, acc_t> a) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  __shared__ acc_t shared_a[kWarps][kClassesPerLane * cuda::kWarp];
+  __shared__ acc_t shared_b[kWarps][kClassesPerLane * cuda::kWarp];
+  const int64_t chunks = a.batch * a.chunks_per_problem, pairs = a.batch * a.classes;
+  const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x)
+    chunk_column_logsumexp<kClassesPerLane>(a, chunk, shared_a, shared_b);
+  grid.sync();
+  if (*a.non_finite) return;  // every block reads the same flag after the barrier; the host raises
+  for (int64_t pair = thread; pair < pairs; pair += threads) {
+    const int64_t b = pair / a.classes, k = pair % a.classes;
+    OnlineLogSumExp<acc_t> merged;
+    for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
+      merged.merge(OnlineLogSumExp<acc_t>{a.partial_max[c * a.classes + k], a.partial_sum[c * a.classes + k]});
+    a.potential[pair] = initial_class_potential(a.log_prior[pair], merged.value());
+  }
+  grid.sync();
+
+  for (int64_t iter = 1; iter < a.num_iters; ++iter) {
+    for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x)
+      chunk_column_mass<kClassesPerLane>(a, chunk, shared_a);
+    grid.sync();
+    for (int64_t pair = thread; pair < pairs; pair += threads) {
+      const int64_t b = pair / a.classes, k = pair % a.classes;
+      acc_t mass = 0;
+      for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
+        mass += a.partial_sum[c * a.classes + k];
+      a.potential[pair] += class_potential_step(a.log_prior[pair], a.log_num_samples, mass);
+    }
+    grid.sync();
+  }
+
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) chunk_assignment<kClassesPerLane>(a, chunk);
 }
 
 template <typename scalar_t, int kClassesPerLane>
 void run_sinkhorn(const at::Tensor& scores, const at::Tensor& log_prior, double epsilon, int64_t num_iters,
                   at::Tensor& assignment) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Problem problem{scores.size(1), scores.size(2), scores.stride(0), scores.stride(1)};
-  const int64_t batch = scores.size(0), blocks = cuda::blocks_for(problem.samples, kRowsPerBlock);
-  const acc_t inv_epsilon = static_cast<acc_t>(1.0 / epsilon);
+  const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
+  const int64_t chunks_per_problem = cuda::blocks_for(samples, kRowsPerChunk);
   const auto options = scores.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor partial_a = at::empty({batch, blocks, problem.classes}, options);
-  at::Tensor partial_b = at::empty({batch, blocks, problem.classes}, options);
-  at::Tensor potential = at::empty({batch, problem.classes}, options);
+  at::Tensor partial_max = at::empty({batch, chunks_per_problem, classes}, options);
+  at::Tensor partial_sum = at::empty({batch, chunks_per_problem, classes}, options);
+  at::Tensor potential = at::empty({batch, classes}, options);
   at::Tensor non_finite = at::zeros({1}, scores.options().dtype(at::kInt));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(blocks, batch);
-  const scalar_t* s = scores.data_ptr<scalar_t>();
+  SinkhornArgs<scalar_t, acc_t> args{scores.data_ptr<scalar_t>(),
+                                     batch,
+                                     samples,
+                                     classes,
+                                     scores.stride(0),
+                                     scores.stride(1),
+                                     chunks_per_problem,
+                                     num_iters,
+                                     static_cast<acc_t>(1.0 / epsilon),
+                                     static_cast<acc_t>(std::log(static_cast<double>(samples))),
+                                     log_prior.data_ptr<acc_t>(),
+                                     partial_max.data_ptr<acc_t>(),
+                                     partial_sum.data_ptr<acc_t>(),
+                                     potential.data_ptr<acc_t>(),
+                                     non_finite.data_ptr<int32_t>(),
+                                     assignment.data_ptr<scalar_t>()};
 
-  column_logsumexp_kernel<scalar_t, acc_t, kClassesPerLane><<<grid, cuda::kThreads, 0, stream>>>(
-      s, problem, inv_epsilon, partial_a.data_ptr<acc_t>(), partial_b.data_ptr<acc_t>(), non_finite.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // A cooperative launch needs every block resident at once: no more blocks than the device holds.
+  const auto kernel = sinkhorn_kernel<kClassesPerLane, scalar_t, acc_t>;
+  int blocks_per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, cuda::kThreads, 0));
+  const int64_t resident = static_cast<int64_t>(blocks_per_multiprocessor) *
+                           at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  TORCH_CHECK(resident > 0, "balanced_sinkhorn: the CUDA kernel does not fit on this device");
+  const unsigned int grid = static_cast<unsigned int>(std::min(batch * chunks_per_problem, resident));
+  void* kernel_args[] = {&args};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
+                                             dim3(cuda::kThreads), kernel_args, 0,
+                                             at::cuda::getCurrentCUDAStream()));
   TORCH_CHECK_VALUE(!cuda::flag_raised(non_finite), "balanced_sinkhorn: scores / epsilon has NaN or infinite values");
-  initial_potential_kernel<acc_t><<<batch, cuda::kThreads, 0, stream>>>(
-      partial_a.data_ptr<acc_t>(), partial_b.data_ptr<acc_t>(), log_prior.data_ptr<acc_t>(),
-      potential.data_ptr<acc_t>(), blocks, problem.classes);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const acc_t log_num_samples = static_cast<acc_t>(std::log(static_cast<double>(problem.samples)));
-  for (int64_t iter = 1; iter < num_iters; ++iter) {
-    column_mass_kernel<scalar_t, acc_t, kClassesPerLane><<<grid, cuda::kThreads, 0, stream>>>(
-        s, problem, inv_epsilon, potential.data_ptr<acc_t>(), partial_a.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    potential_step_kernel<acc_t><<<batch, cuda::kThreads, 0, stream>>>(
-        partial_a.data_ptr<acc_t>(), log_prior.data_ptr<acc_t>(), potential.data_ptr<acc_t>(), blocks,
-        problem.classes, log_num_samples);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  assignment_kernel<scalar_t, acc_t, kClassesPerLane><<<grid, cuda::kThreads, 0, stream>>>(
-      s, problem, inv_epsilon, potential.data_ptr<acc_t>(), assignment.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor balanced_sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
@@ -204,6 +243,9 @@ at::Tensor balanced_sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& cl
   TORCH_CHECK(scores.size(2) <= 8 * cuda::kWarp, "balanced_sinkhorn: the CUDA kernel supports K <= 256, got ",
               scores.size(2));
   const c10::cuda::CUDAGuard guard(scores.device());
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->cooperativeLaunch,
+              "balanced_sinkhorn: this GPU does not support cooperative launches, which the CUDA kernel needs; "
+              "use cpsl_ops.set_backend('reference') on it");
   const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
   at::Tensor assignment = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
   if (assignment.numel() == 0) return assignment;

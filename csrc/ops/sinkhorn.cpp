@@ -9,8 +9,9 @@
 //     assignment   (B, N, K), dtype of scores, contiguous; each row sums to 1
 //
 // Returns exactly what the official exp-domain iteration returns, computed with the log-domain
-// potentials of include/cpsl_ops/sinkhorn_math.h: num_iters + 1 passes over the scores, each
-// parallel over fixed blocks of rows. NaN or infinite scores raise. No gradient: the targets are
+// potentials of include/cpsl_ops/sinkhorn_math.h: num_iters + 1 passes over the matrix, each
+// parallel over fixed blocks of rows (on a GPU, all of them in one cooperative launch for all B
+// problems). NaN or infinite scores raise. No gradient: the targets are
 // detached by design. Kernels: cpu/sinkhorn_cpu.cpp, cuda/sinkhorn_cuda.cu.
 #include <torch/library.h>
 
