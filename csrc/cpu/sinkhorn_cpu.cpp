@@ -40,18 +40,32 @@ bool load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, in
   return finite != 0;
 }
 
-// Folds the tile's columns into per-class running log-sum-exps.
+// Each class keeps kLanes running log-sum-exps, lane l taking the rows r ≡ l (mod kLanes) of every
+// tile, so a full tile costs whole-register operations only: no horizontal reduction and no scalar
+// exp per tile and class. The lanes are merged once per call, in block and lane order.
+// Folds the tile's columns into the lanes of their class: lane_max/lane_sum[k * kLanes + l].
 template <typename acc_t>
-void accumulate_column_logsumexp(const acc_t* x, int64_t rows, int64_t classes, OnlineLogSumExp<acc_t>* lse) {
+void accumulate_column_logsumexp(const acc_t* x, int64_t rows, int64_t classes, acc_t* lane_max, acc_t* lane_sum) {
+  using Lanes = LanesOf<acc_t>;
   for (int64_t k = 0; k < classes; ++k) {
     const acc_t* column = x + k * kRowTile;
-    acc_t max = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : max)
-    for (int64_t r = 0; r < rows; ++r) max = column[r] > max ? column[r] : max;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t r = 0; r < rows; ++r) sum += vector_exp(column[r] - max);
-    lse[k].merge(OnlineLogSumExp<acc_t>{max, sum});
+    acc_t* class_max = lane_max + k * kLanes;
+    acc_t* class_sum = lane_sum + k * kLanes;
+    if (rows < kRowTile) {  // the last tile of a problem
+      for (int64_t r = 0; r < rows; ++r) {
+        OnlineLogSumExp<acc_t> lane{class_max[r % kLanes], class_sum[r % kLanes]};
+        lane.add(column[r]);
+        class_max[r % kLanes] = lane.max;
+        class_sum[r % kLanes] = lane.sum;
+      }
+      continue;
+    }
+    Lanes max = load_lanes<Lanes>(class_max);
+    for (int64_t r = 0; r < kRowTile; r += kLanes) max = lanes_max(max, load_lanes<Lanes>(column + r));
+    Lanes sum = load_lanes<Lanes>(class_sum) * vector_exp(load_lanes<Lanes>(class_max) - max);
+    for (int64_t r = 0; r < kRowTile; r += kLanes) sum += vector_exp(load_lanes<Lanes>(column + r) - max);
+    store_lanes(class_max, max);
+    store_lanes(class_sum, sum);
   }
 }
 
@@ -105,7 +119,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   const acc_t* log_r_all = log_prior.data_ptr<acc_t>();
   const int64_t row_stride = scores.stride(1);
 
-  std::vector<OnlineLogSumExp<acc_t>> column_lse(num_blocks * classes);
+  std::vector<acc_t> lane_max(num_blocks * classes * kLanes), lane_sum(num_blocks * classes * kLanes);
   std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), rescale(classes), no_shift(classes, acc_t(0));
   // The first iteration's assignment P1, tile by tile as the tiles hold it (class-major inside a
   // tile), so that a tile is one contiguous block of K × kRowTile values to stream in.
@@ -134,16 +148,23 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
     };
 
     std::atomic<bool> non_finite{false};
-    std::fill(column_lse.begin(), column_lse.end(), OnlineLogSumExp<acc_t>());
+    std::fill(lane_max.begin(), lane_max.end(), -std::numeric_limits<acc_t>::infinity());
+    std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
     for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
       if (!load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, no_shift.data(), x)) non_finite = true;
-      accumulate_column_logsumexp(x, rows, classes, column_lse.data() + blk * classes);
+      const int64_t lanes = blk * classes * kLanes;
+      accumulate_column_logsumexp(x, rows, classes, lane_max.data() + lanes, lane_sum.data() + lanes);
     });
     TORCH_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
                       " of ", batch, ")");
     for (int64_t k = 0; k < classes; ++k) {
-      for (int64_t blk = 1; blk < num_blocks; ++blk) column_lse[k].merge(column_lse[blk * classes + k]);
-      potential[k] = initial_class_potential(log_r[k], column_lse[k].value());
+      OnlineLogSumExp<acc_t> column_lse;
+      for (int64_t blk = 0; blk < num_blocks; ++blk)
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t lane = (blk * classes + k) * kLanes + l;
+          column_lse.merge(OnlineLogSumExp<acc_t>{lane_max[lane], lane_sum[lane]});
+        }
+      potential[k] = initial_class_potential(log_r[k], column_lse.value());
     }
 
     // out[first + r][k] = x[k][r]

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -11,36 +12,77 @@
 
 namespace cpsl_ops {
 
-// e^x for float x <= 88, with a relative error below 2.5e-7 (about 2 ulp) on [-87, 88]; 0 below
-// -87 (where the true value is a denormal), -inf included. Every caller passes a value minus a
-// maximum (x <= 0), so there is no upper clamp: a select there costs the kernels a tenth of their
-// time, because GCC turns it into blends, slow on AMD. Above 88 the result is garbage.
-// Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2 (n rounded by the 1.5 * 2^23 trick, whose
-// low mantissa bits then hold n), the degree-6 Taylor polynomial of e^r (truncation error
-// |r|^7/7! < 1.3e-7), and the exact scaling by 2^n through the exponent bits; below -87 the
-// exponent bits wrap and the final select returns 0 instead. Branch-free, so loops over it
-// vectorize (with -fno-trapping-math, which setup.py passes).
-inline float vector_exp(float x) {
+// Eight floats or doubles as one value (GCC/Clang vector extensions): whole-register arithmetic
+// that needs no help from the auto-vectorizer, on whatever SIMD width the build targets.
+// They only pass between inline functions of one translation unit, so the psABI note that their
+// calling convention depends on the ISA flags does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+constexpr int64_t kLanes = 8;
+typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t FloatLaneBits __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef double DoubleLanes __attribute__((vector_size(kLanes * sizeof(double))));
+
+template <typename acc_t>
+using LanesOf = std::conditional_t<std::is_same_v<acc_t, float>, FloatLanes, DoubleLanes>;
+
+template <typename Lanes, typename acc_t>
+inline Lanes load_lanes(const acc_t* source) {
+  Lanes lanes;
+  std::memcpy(&lanes, source, sizeof(lanes));
+  return lanes;
+}
+
+template <typename Lanes, typename acc_t>
+inline void store_lanes(acc_t* destination, const Lanes& lanes) {
+  std::memcpy(destination, &lanes, sizeof(lanes));
+}
+
+template <typename Lanes>
+inline Lanes lanes_max(Lanes a, Lanes b) {
+  return a > b ? a : b;
+}
+
+// e^x for float x <= 88 (a float or FloatLanes), with a relative error below 2.5e-7 (about 2 ulp)
+// on [-87, 88]. Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2 (n rounded by the 1.5 * 2^23
+// trick, whose low mantissa bits then hold n), the degree-6 Taylor polynomial of e^r (truncation
+// error |r|^7/7! < 1.3e-7), and the exact scaling by 2^n through the exponent bits. Below -87 the
+// exponent bits wrap (defined: unsigned), and vector_exp returns 0 there instead.
+template <typename Value, typename Bits>
+inline Value exp_unmasked(Value x) {
   constexpr float kRoundingShift = 12582912.0f;  // 1.5 * 2^23
-  const float shifted = x * 1.44269504088896341f + kRoundingShift;
-  const float n = shifted - kRoundingShift;
+  const Value shifted = x * 1.44269504088896341f + kRoundingShift;
+  const Value n = shifted - kRoundingShift;
   // ln2 split in two so that n * ln2_hi is exact.
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
+  const Value r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  Value p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // Unsigned, so that the wrap-around below -87 is defined behaviour.
-  const uint32_t exponent = std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(kRoundingShift) + 127u;
-  const float scale = std::bit_cast<float>(exponent << 23);
-  return x < -87.0f ? 0.0f : p * scale;
+  const Bits exponent = std::bit_cast<Bits>(shifted) - std::bit_cast<uint32_t>(kRoundingShift) + 127u;
+  return p * std::bit_cast<Value>(exponent << 23);
+}
+
+// e^x for x <= 88: 0 below -87 (where the true value is a denormal), -inf included. Every caller
+// passes a value minus a maximum (x <= 0), so there is no upper clamp: a select there costs the
+// kernels a tenth of their time, because GCC turns it into blends, slow on AMD. Branch-free, so
+// loops over the scalar form vectorize (with -fno-trapping-math, which setup.py passes).
+inline float vector_exp(float x) { return x < -87.0f ? 0.0f : exp_unmasked<float, uint32_t>(x); }
+
+inline FloatLanes vector_exp(FloatLanes x) {
+  const FloatLaneBits in_range = reinterpret_cast<FloatLaneBits>(x >= -87.0f);
+  return reinterpret_cast<FloatLanes>(reinterpret_cast<FloatLaneBits>(exp_unmasked<FloatLanes, FloatLaneBits>(x)) &
+                                      in_range);
 }
 
 // fp64 inputs keep libm's exp: they are for checking, not for speed.
 inline double vector_exp(double x) { return std::exp(x); }
+
+inline DoubleLanes vector_exp(DoubleLanes x) {
+  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
 
 #if defined(__AVX2__)
 // dst[j * dst_stride + i] = src[i * src_stride + j] for an 8 × 8 block, in registers.
