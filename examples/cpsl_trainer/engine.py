@@ -415,6 +415,15 @@ class Pipeline:
             logits = resize(model(crops)["out"], tuple(data.crop_size))
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
+    def source_backward(self, net: nn.Module, batch: Dict[str, Any], generator: torch.Generator,
+                        scaler: torch.amp.GradScaler) -> Tensor:
+        """The source loss, backpropagated first (as the official code does: that frees its graph)
+        and without DDP's all-reduce, which the target loss's backward then does for both."""
+        with no_sync(net):
+            loss = self.source_loss(net, batch, generator)
+            scaler.scale(loss).backward()
+        return loss
+
     def optimizer(self, model: nn.Module, optim_config: Any, extra: List[Dict[str, Any]] = ()) -> torch.optim.SGD:
         groups = parameter_groups(model, optim_config.lr, optim_config.head_lr_mult) + list(extra)
         return torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
@@ -455,18 +464,21 @@ class Pipeline:
                 probabilities = (probabilities + flipped) / 2
         return {"probabilities": probabilities, "feat": out["feat"].float()}
 
+    def pseudo_dir(self, name: str) -> Path:
+        return self.output / "pseudo" / name
+
     def pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
         """Rank 0 writes them (:meth:`generate_pseudo_labels`) while the other ranks wait."""
         if self.dist.is_main:
             self.generate_pseudo_labels(model, name, flip, with_prototypes)
         self.dist.barrier()
-        return self.output / "pseudo" / name
+        return self.pseudo_dir(name)
 
     @torch.no_grad()
     def generate_pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
         """Soft labels (K, h, w) fp16 of every target train image at stride 8, the class prior of
         the argmax predictions and, for stage 1, the prototype initialization (class means)."""
-        directory = self.output / "pseudo" / name
+        directory = self.pseudo_dir(name)
         if (directory / "summary.pt").exists():
             return directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -538,9 +550,7 @@ class Pipeline:
             lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
             optimizer.zero_grad(set_to_none=True)
             source_batch = next(source)
-            with no_sync(net):
-                loss_source = self.source_loss(net, source_batch, draws.shared)
-                scaler.scale(loss_source).backward()  # first, as the official code does: frees its graph
+            loss_source = self.source_backward(net, source_batch, draws.shared, scaler)
 
             batch = next(target)
             full = as_float_images(batch["image"], self.device)
@@ -620,9 +630,7 @@ class Pipeline:
         def step(iteration: int, draws: Draws) -> Dict[str, float]:
             lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
             optimizer.zero_grad(set_to_none=True)
-            with no_sync(net):
-                loss_source = self.source_loss(net, next(source), draws.shared)
-                scaler.scale(loss_source).backward()
+            loss_source = self.source_backward(net, next(source), draws.shared, scaler)
             batch = next(target)
             full = as_float_images(batch["image"], self.device)
             boxes = self.crop_boxes(draws.shared, full.shape[0], full.shape[-2:])
