@@ -22,51 +22,75 @@ namespace {
 // contiguous rows and vectorizes, whatever K is.
 constexpr int64_t kRowTile = 64;
 
-// x[k][r] = scores[i0 + r][k] / ε + shift[k] for the tile's rows; false if a value is not finite.
+// x[k][r] = scores[i0 + r][k] / ε + shift[k] for the tile's rows (checked finite by the first pass).
 template <typename scalar_t, typename acc_t>
-bool load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, int64_t rows, int64_t classes,
+void load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, int64_t rows, int64_t classes,
                       acc_t inv_epsilon, const acc_t* shift, acc_t* x) {
   transpose(scores + i0 * row_stride, row_stride, rows, classes, x, kRowTile);
-  int finite = 1;
   for (int64_t k = 0; k < classes; ++k) {
     acc_t* __restrict column = x + k * kRowTile;
     const acc_t offset = shift[k];
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t value = column[r] * inv_epsilon + offset;
-      finite &= (value - value == acc_t(0));  // false for NaN and ±inf
-      column[r] = value;
-    }
+    for (int64_t r = 0; r < rows; ++r) column[r] = column[r] * inv_epsilon + offset;
   }
-  return finite != 0;
 }
 
-// Each class keeps kLanes running log-sum-exps, lane l taking the rows r ≡ l (mod kLanes) of every
-// tile, so a full tile costs whole-register operations only: no horizontal reduction and no scalar
-// exp per tile and class. The lanes are merged once per call, in block and lane order.
-// Folds the tile's columns into the lanes of their class: lane_max/lane_sum[k * kLanes + l].
-template <typename acc_t>
-void accumulate_column_logsumexp(const acc_t* x, int64_t rows, int64_t classes, acc_t* lane_max, acc_t* lane_sum) {
-  using Lanes = LanesOf<acc_t>;
-  for (int64_t k = 0; k < classes; ++k) {
-    const acc_t* column = x + k * kRowTile;
-    acc_t* class_max = lane_max + k * kLanes;
-    acc_t* class_sum = lane_sum + k * kLanes;
-    if (rows < kRowTile) {  // the last tile of a problem
-      for (int64_t r = 0; r < rows; ++r) {
-        OnlineLogSumExp<acc_t> lane{class_max[r % kLanes], class_sum[r % kLanes]};
-        lane.add(column[r]);
-        class_max[r % kLanes] = lane.max;
-        class_sum[r % kLanes] = lane.sum;
-      }
-      continue;
-    }
-    Lanes max = load_lanes<Lanes>(class_max);
-    for (int64_t r = 0; r < kRowTile; r += kLanes) max = lanes_max(max, load_lanes<Lanes>(column + r));
-    Lanes sum = load_lanes<Lanes>(class_sum) * vector_exp(load_lanes<Lanes>(class_max) - max);
-    for (int64_t r = 0; r < kRowTile; r += kLanes) sum += vector_exp(load_lanes<Lanes>(column + r) - max);
-    store_lanes(class_max, max);
-    store_lanes(class_sum, sum);
+// Rows [first, first + rows) of a problem as contiguous acc_t values (rows × classes): the scores
+// themselves when they already are, else a converted copy in buffer.
+template <typename scalar_t, typename acc_t>
+const acc_t* contiguous_rows(const scalar_t* scores, int64_t row_stride, int64_t first, int64_t rows, int64_t classes,
+                             acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (row_stride == classes) return scores + first * classes;
   }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < classes; ++k)
+      buffer[r * classes + k] = static_cast<acc_t>(scores[(first + r) * row_stride + k]);
+  return buffer;
+}
+
+// Column log-sum-exps of S/ε, read in the rows' own order with no transpose: kLanes rows hold
+// `classes` whole registers, and register j of every such group holds the same positions
+// p = (row mod kLanes) * classes + k, so each position keeps its own running log-sum-exp with
+// whole-register operations only. The positions of a class are merged once per call.
+// Folds a tile's rows into position_max/position_sum (kLanes * classes each); false if a value of
+// S/ε is not finite.
+template <typename acc_t>
+bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t classes, acc_t inv_epsilon,
+                                 acc_t* position_max, acc_t* position_sum) {
+  using Lanes = LanesOf<acc_t>;
+  const int64_t group = kLanes * classes, groups = rows / kLanes;
+  // Sums value - value: 0 while every value is finite, NaN after an inf or NaN. Read in row order,
+  // which also brings the tile into L1 for the class-strided loops below.
+  Lanes not_finite = {};
+  for (int64_t i = 0; i < groups * group; i += kLanes) {
+    const Lanes value = load_lanes<Lanes>(rows_data + i) * inv_epsilon;
+    not_finite += value - value;
+  }
+  if (groups > 0)
+    for (int64_t j = 0; j < classes; ++j) {
+      const acc_t* values = rows_data + j * kLanes;
+      Lanes tile_max = load_lanes<Lanes>(values);
+      for (int64_t g = 1; g < groups; ++g) tile_max = lanes_max(tile_max, load_lanes<Lanes>(values + g * group));
+      const Lanes old_max = load_lanes<Lanes>(position_max + j * kLanes);
+      const Lanes max = lanes_max(old_max, tile_max * inv_epsilon);
+      Lanes sum = load_lanes<Lanes>(position_sum + j * kLanes) * vector_exp(old_max - max);
+      for (int64_t g = 0; g < groups; ++g) sum += vector_exp(load_lanes<Lanes>(values + g * group) * inv_epsilon - max);
+      store_lanes(position_max + j * kLanes, max);
+      store_lanes(position_sum + j * kLanes, sum);
+    }
+  bool finite = true;
+  for (int64_t l = 0; l < kLanes; ++l) finite &= not_finite[l] == acc_t(0);
+  for (int64_t r = groups * kLanes; r < rows; ++r)  // the last rows of a problem
+    for (int64_t k = 0; k < classes; ++k) {
+      const acc_t value = rows_data[r * classes + k] * inv_epsilon;
+      finite &= value - value == acc_t(0);
+      const int64_t position = (r % kLanes) * classes + k;
+      OnlineLogSumExp<acc_t> lse{position_max[position], position_sum[position]};
+      lse.add(value);
+      position_max[position] = lse.max;
+      position_sum[position] = lse.sum;
+    }
+  return finite;
 }
 
 // In place: x[k][r] <- softmax over k of x[k][r].
@@ -120,7 +144,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   const int64_t row_stride = scores.stride(1);
 
   std::vector<acc_t> lane_max(num_blocks * classes * kLanes), lane_sum(num_blocks * classes * kLanes);
-  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), rescale(classes), no_shift(classes, acc_t(0));
+  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), rescale(classes);
   // The first iteration's assignment P1, tile by tile as the tiles hold it (class-major inside a
   // tile), so that a tile is one contiguous block of K × kRowTile values to stream in.
   // It is kept from call to call of the same thread (one per dtype): a fresh buffer this large
@@ -151,9 +175,11 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
     std::fill(lane_max.begin(), lane_max.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
     for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      if (!load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, no_shift.data(), x)) non_finite = true;
-      const int64_t lanes = blk * classes * kLanes;
-      accumulate_column_logsumexp(x, rows, classes, lane_max.data() + lanes, lane_sum.data() + lanes);
+      const acc_t* rows_data = contiguous_rows(s, row_stride, first, rows, classes, x);
+      const int64_t positions = blk * classes * kLanes;
+      if (!accumulate_column_logsumexp(rows_data, rows, classes, inv_epsilon, lane_max.data() + positions,
+                                       lane_sum.data() + positions))
+        non_finite = true;
     });
     TORCH_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
                       " of ", batch, ")");
@@ -161,8 +187,8 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       OnlineLogSumExp<acc_t> column_lse;
       for (int64_t blk = 0; blk < num_blocks; ++blk)
         for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t lane = (blk * classes + k) * kLanes + l;
-          column_lse.merge(OnlineLogSumExp<acc_t>{lane_max[lane], lane_sum[lane]});
+          const int64_t position = blk * classes * kLanes + l * classes + k;
+          column_lse.merge(OnlineLogSumExp<acc_t>{lane_max[position], lane_sum[position]});
         }
       potential[k] = initial_class_potential(log_r[k], column_lse.value());
     }
