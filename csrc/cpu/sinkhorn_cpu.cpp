@@ -251,13 +251,15 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
             row_sum[r] += column[r];
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          if (row_sum[r] < rescaled_row_floor<acc_t>()) {
-            recompute_row(s + (first + r) * row_stride, potential.data(), inv_epsilon, classes, x + r);
-            row_sum[r] = acc_t(1);
-          }
-          row_sum[r] = acc_t(1) / row_sum[r];  // from here on, the row's normalizing factor
-        }
+        int underflow = 0;  // checked apart, so that the common case is two vector loops
+        for (int64_t r = 0; r < rows; ++r) underflow |= row_sum[r] < rescaled_row_floor<acc_t>();
+        if (underflow)
+          for (int64_t r = 0; r < rows; ++r)
+            if (row_sum[r] < rescaled_row_floor<acc_t>()) {
+              recompute_row(s + (first + r) * row_stride, potential.data(), inv_epsilon, classes, x + r);
+              row_sum[r] = acc_t(1);
+            }
+        for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];  // now the row's normalizing factor
         if (last) {
           for (int64_t k = 0; k < classes; ++k) {
             acc_t* __restrict column = x + k * kRowTile;
