@@ -209,3 +209,21 @@ def test_cuda_blocks_walking_several_chunks_match_reference():
 
 def test_empty_batch_returns_empty():
     assert cpsl_ops.balanced_sinkhorn(torch.randn(0, 5, 3)).shape == (0, 5, 3)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_whose_classes_are_all_scaled_down_are_recomputed(device):
+    # 299 rows prefer class 0 by 1.5 / ε = 150 in the exponent; one row with much larger scores sets
+    # the column log-sum-exps, and the prior gives class 0 almost nothing. Iterations 2 and 3 then
+    # scale class 0 down by e^-69 relative to the others, so the 299 rows' stored softmax rescales
+    # to about 1e-35 (below the 1e-19 floor) and must be recomputed from the scores.
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(300, 4, generator=generator, dtype=torch.float64) * 0.01
+    scores[:, 1:] -= 1.5
+    scores[299] = torch.tensor([3.0, 2.99, 2.99, 2.99])
+    prior = torch.tensor([1e-15, 0.333, 0.333, 0.334], dtype=torch.float64)
+    native, expected = native_and_reference(cpsl_ops.balanced_sinkhorn, scores.float().to(device), prior.to(device),
+                                            0.01, 3)
+    assert_close(native, official_sinkhorn(scores, prior, 0.01, 3).to(device), torch.float32)
+    assert_close(native, expected, torch.float32)
