@@ -22,18 +22,6 @@ namespace {
 // contiguous rows and vectorizes, whatever K is.
 constexpr int64_t kRowTile = 64;
 
-// x[k][r] = scores[i0 + r][k] / ε + shift[k] for the tile's rows (checked finite by the first pass).
-template <typename scalar_t, typename acc_t>
-void load_scaled_tile(const scalar_t* scores, int64_t row_stride, int64_t i0, int64_t rows, int64_t classes,
-                      acc_t inv_epsilon, const acc_t* shift, acc_t* x) {
-  transpose(scores + i0 * row_stride, row_stride, rows, classes, x, kRowTile);
-  for (int64_t k = 0; k < classes; ++k) {
-    acc_t* __restrict column = x + k * kRowTile;
-    const acc_t offset = shift[k];
-    for (int64_t r = 0; r < rows; ++r) column[r] = column[r] * inv_epsilon + offset;
-  }
-}
-
 // Rows [first, first + rows) of a problem as contiguous acc_t values (rows × classes): the scores
 // themselves when they already are, else a converted copy in buffer.
 template <typename scalar_t, typename acc_t>
@@ -93,28 +81,33 @@ bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t c
   return finite;
 }
 
-// In place: x[k][r] <- softmax over k of x[k][r].
-template <typename acc_t>
-void tile_row_softmax(acc_t* __restrict x, int64_t rows, int64_t classes) {
-  acc_t row_max[kRowTile], row_sum[kRowTile];
+// x[k][r] <- scores[first + r][k] / ε + potential[k] - (its row maximum), exponentiated, for the
+// tile's rows; row_inverse[r] = 1 / Σ_k x[k][r], so that x · row_inverse is the row softmax. The
+// caller applies row_inverse on its way out of the tile, which saves a pass over it.
+template <typename scalar_t, typename acc_t>
+void tile_row_exp(const scalar_t* scores, int64_t row_stride, int64_t first, int64_t rows, int64_t classes,
+                  acc_t inv_epsilon, const acc_t* potential, acc_t* __restrict x, acc_t* __restrict row_inverse) {
+  transpose(scores + first * row_stride, row_stride, rows, classes, x, kRowTile);
+  acc_t row_max[kRowTile];
   std::fill(row_max, row_max + rows, -std::numeric_limits<acc_t>::infinity());
-  std::fill(row_sum, row_sum + rows, acc_t(0));
+  std::fill(row_inverse, row_inverse + rows, acc_t(0));
   for (int64_t k = 0; k < classes; ++k) {
     const acc_t* __restrict column = x + k * kRowTile;
-    for (int64_t r = 0; r < rows; ++r) row_max[r] = column[r] > row_max[r] ? column[r] : row_max[r];
-  }
-  for (int64_t k = 0; k < classes; ++k) {
-    acc_t* __restrict column = x + k * kRowTile;
+    const acc_t shift = potential[k];
     for (int64_t r = 0; r < rows; ++r) {
-      column[r] = vector_exp(column[r] - row_max[r]);
-      row_sum[r] += column[r];
+      const acc_t value = column[r] * inv_epsilon + shift;
+      row_max[r] = value > row_max[r] ? value : row_max[r];
     }
   }
-  for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];
   for (int64_t k = 0; k < classes; ++k) {
     acc_t* __restrict column = x + k * kRowTile;
-    for (int64_t r = 0; r < rows; ++r) column[r] *= row_sum[r];
+    const acc_t shift = potential[k];
+    for (int64_t r = 0; r < rows; ++r) {
+      column[r] = vector_exp(column[r] * inv_epsilon + shift - row_max[r]);
+      row_inverse[r] += column[r];
+    }
   }
+  for (int64_t r = 0; r < rows; ++r) row_inverse[r] = acc_t(1) / row_inverse[r];
 }
 
 // x[k * kRowTile] = softmax over k of (row[k] / ε + potential[k]), from the scores, exactly.
@@ -199,8 +192,12 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
     };
     if (num_iters == 1) {
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {
-        load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
-        tile_row_softmax(x, rows, classes);
+        acc_t row_inverse[kRowTile];
+        tile_row_exp(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x, row_inverse);
+        for (int64_t k = 0; k < classes; ++k) {
+          acc_t* __restrict column = x + k * kRowTile;
+          for (int64_t r = 0; r < rows; ++r) column[r] *= row_inverse[r];
+        }
         store_tile(x, first, rows);
       });
       continue;
@@ -210,8 +207,8 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
     // in the workspace with its column masses.
     std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
     for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      load_scaled_tile(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x);
-      tile_row_softmax(x, rows, classes);
+      acc_t row_inverse[kRowTile];
+      tile_row_exp(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x, row_inverse);
       acc_t* mass = column_mass.data() + blk * classes;
       for (int64_t k = 0; k < classes; ++k) {
         const acc_t* __restrict src = x + k * kRowTile;
@@ -219,8 +216,8 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t r = 0; r < rows; ++r) {
-          dst[r] = src[r];
-          sum += src[r];
+          dst[r] = src[r] * row_inverse[r];
+          sum += dst[r];
         }
         mass[k] += sum;
       }
