@@ -186,19 +186,15 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       potential[k] = initial_class_potential(log_r[k], column_lse.value());
     }
 
-    // out[first + r][k] = x[k][r]
-    auto store_tile = [&](const acc_t* x, int64_t first, int64_t rows) {
-      transpose(x, kRowTile, classes, rows, out + first * classes, classes);
+    // out[first + r][k] = x[k][r] · row_inverse[r]
+    auto store_tile = [&](const acc_t* x, const acc_t* row_inverse, int64_t first, int64_t rows) {
+      transpose(x, kRowTile, classes, rows, out + first * classes, classes, row_inverse);
     };
     if (num_iters == 1) {
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {
         acc_t row_inverse[kRowTile];
         tile_row_exp(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x, row_inverse);
-        for (int64_t k = 0; k < classes; ++k) {
-          acc_t* __restrict column = x + k * kRowTile;
-          for (int64_t r = 0; r < rows; ++r) column[r] *= row_inverse[r];
-        }
-        store_tile(x, first, rows);
+        store_tile(x, row_inverse, first, rows);
       });
       continue;
     }
@@ -258,11 +254,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
             }
         for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];  // now the row's normalizing factor
         if (last) {
-          for (int64_t k = 0; k < classes; ++k) {
-            acc_t* __restrict column = x + k * kRowTile;
-            for (int64_t r = 0; r < rows; ++r) column[r] *= row_sum[r];
-          }
-          store_tile(x, first, rows);
+          store_tile(x, row_sum, first, rows);
           return;
         }
         acc_t* mass = column_mass.data() + blk * classes;
