@@ -201,10 +201,17 @@ def test_cpsl_size_and_large_n_match_reference(device, dtype):
 @requires_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_blocks_walking_several_chunks_match_reference():
-    # 5,860 chunks of 1,024 rows: more than any GPU holds resident blocks of the cooperative launch.
+    # 5,862 chunks of 1,024 rows: more than any GPU holds resident blocks of the cooperative launch.
     scores = random_tensor((3, 2_000_000, 19), torch.float32, "cuda", 11).clamp(-3, 3) / 3
     native, expected = native_and_reference(cpsl_ops.balanced_sinkhorn, scores, CPSL_PRIOR.cuda())
     assert_close(native, expected, torch.float32)
+
+
+@requires_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_direct_op_call_with_a_prior_on_another_device_raises():
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.cpsl_ops.balanced_sinkhorn(torch.rand(1, 10, 3, device="cuda"), torch.ones(1, 3), 0.05, 3)
 
 
 def test_empty_batch_returns_empty():

@@ -3,8 +3,8 @@
 // One cooperative launch runs every iteration of all B problems: a grid of co-resident blocks
 // walks fixed chunks of kRowsPerChunk rows, and grid-wide barriers separate the passes (column
 // log-sum-exp, T − 1 column masses, the final softmax) from the merges of their per-chunk partials
-// into the class potentials. Scores are re-read on every pass; at CPSL's size (8 × 65,792 × 19)
-// they stay in L2. Inside a chunk, one warp takes a row at a time with lane l holding classes
+// into the class potentials. Scores are re-read on every pass; at CPSL's size (8 × 65,792 × 19,
+// 40 MB in fp32) they fit in the L2 of an H100 (50 MB). Inside a chunk, one warp takes a row at a time with lane l holding classes
 // l, l + 32, ..., so a row's softmax is two warp reductions. Each chunk's partials are merged in
 // chunk order by one thread per (problem, class): the result does not depend on the grid size, and
 // there are no atomics, so runs are bit-identical.
@@ -243,12 +243,12 @@ at::Tensor balanced_sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& cl
   TORCH_CHECK(scores.size(2) <= 8 * cuda::kWarp, "balanced_sinkhorn: the CUDA kernel supports K <= 256, got ",
               scores.size(2));
   const c10::cuda::CUDAGuard guard(scores.device());
-  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->cooperativeLaunch,
-              "balanced_sinkhorn: this GPU does not support cooperative launches, which the CUDA kernel needs; "
-              "use cpsl_ops.set_backend('reference') on it");
   const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
   at::Tensor assignment = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
   if (assignment.numel() == 0) return assignment;
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->cooperativeLaunch,
+              "balanced_sinkhorn: this GPU does not support cooperative launches, which the CUDA kernel needs; "
+              "use cpsl_ops.set_backend('reference') on it");
   CPSL_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "balanced_sinkhorn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor log_prior = normalized_log_prior(class_prior, c10::CppTypeToScalarType<acc_t>::value);

@@ -7,6 +7,13 @@
 
 namespace cpsl_ops {
 
+// The dispatcher picks one kernel from all of an op's tensors; a kernel handed a tensor of another
+// device would dereference a pointer it cannot use.
+inline void check_same_device(const char* op, const at::Tensor& first, const at::Tensor& second) {
+  TORCH_CHECK(first.device() == second.device(), op, ": all tensors must be on one device, got ", first.device(),
+              " and ", second.device());
+}
+
 // (N, K) for flat features, (B, K, H, W) for channel-first ones.
 inline std::vector<int64_t> logits_shape(const at::Tensor& features, int64_t num_classes) {
   std::vector<int64_t> shape(features.sizes().begin(), features.sizes().end());
@@ -20,6 +27,7 @@ inline void check_similarity_inputs(const at::Tensor& features, const at::Tensor
   TORCH_CHECK(features.size(1) == prototypes.size(1), "similarity: features have D = ", features.size(1),
               " channels but prototypes have D = ", prototypes.size(1));
   TORCH_CHECK(features.scalar_type() == prototypes.scalar_type(), "similarity: features and prototypes differ in dtype");
+  check_same_device("similarity", features, prototypes);
   TORCH_CHECK(temperature > 0, "similarity: temperature must be positive, got ", temperature);
 }
 
@@ -28,6 +36,7 @@ inline void check_similarity_backward_inputs(const at::Tensor& grad_logits, cons
   check_similarity_inputs(features, prototypes, temperature);
   TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef(logits_shape(features, prototypes.size(0))),
               "similarity_backward: grad_logits has the wrong shape");
+  check_same_device("similarity_backward", grad_logits, features);
 }
 
 inline void check_sinkhorn_inputs(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
@@ -39,6 +48,7 @@ inline void check_sinkhorn_inputs(const at::Tensor& scores, const at::Tensor& cl
   TORCH_CHECK(epsilon > 0, "balanced_sinkhorn: epsilon must be positive, got ", epsilon);
   TORCH_CHECK(num_iters >= 1, "balanced_sinkhorn: num_iters must be at least 1, got ", num_iters);
   TORCH_CHECK(at::isFloatingType(class_prior.scalar_type()), "balanced_sinkhorn: class_prior must be floating point");
+  check_same_device("balanced_sinkhorn", scores, class_prior);
 }
 
 inline void check_update_prototypes_inputs(const at::Tensor& prototypes, const at::Tensor& features,
@@ -51,12 +61,15 @@ inline void check_update_prototypes_inputs(const at::Tensor& prototypes, const a
   TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
               "update_prototypes: labels must have an integer dtype");
   TORCH_CHECK(momentum >= 0 && momentum <= 1, "update_prototypes: momentum must lie in [0, 1], got ", momentum);
+  check_same_device("update_prototypes", prototypes, features);
+  check_same_device("update_prototypes", features, labels);
 }
 
 inline void check_rectify_inputs(const at::Tensor& soft, const at::Tensor& logits) {
   TORCH_CHECK(soft.dim() == 4 && soft.sizes() == logits.sizes(),
               "rectify_pseudo_labels: soft_pseudo_labels and prototype_logits must both be (B, K, H, W)");
   TORCH_CHECK(soft.scalar_type() == logits.scalar_type(), "rectify_pseudo_labels: inputs differ in dtype");
+  check_same_device("rectify_pseudo_labels", soft, logits);
 }
 
 }  // namespace cpsl_ops
