@@ -424,6 +424,18 @@ class Pipeline:
             scaler.scale(loss).backward()
         return loss
 
+    def new_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler, active only under fp16 autocast (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+
+    def source_batches(self, start: int) -> Iterator[Dict[str, Any]]:
+        """Source training batches from batch ``start`` on (the same order after a resume)."""
+        return batches(self.source, self.config, self.config.train.seed, start, self.dist)
+
+    def target_batches(self, pseudo: Path, start: int) -> Iterator[Dict[str, Any]]:
+        """Target training batches with the soft pseudo labels stored under ``pseudo``."""
+        return batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start, self.dist)
+
     def optimizer(self, model: nn.Module, optim_config: Any, extra: List[Dict[str, Any]] = ()) -> torch.optim.SGD:
         groups = parameter_groups(model, optim_config.lr, optim_config.head_lr_mult) + list(extra)
         return torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
@@ -436,10 +448,10 @@ class Pipeline:
         model = self.new_model(self.config.model.pretrained).to(self.device).train()
         net = self.parallel(model)
         optimizer = self.optimizer(model, stage_config.optim)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+        scaler = self.new_scaler()
         modules = {"model": model, "optimizer": optimizer, "scaler": scaler}
         start = self.resume_modules(stage, modules)
-        source = batches(self.source, self.config, self.config.train.seed, start, self.dist)
+        source = self.source_batches(start)
 
         def step(iteration: int, draws: Draws) -> Dict[str, float]:
             lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
@@ -539,11 +551,11 @@ class Pipeline:
         ).to(self.device)
         loss_sl.init_prototypes(summary["prototypes"])
         optimizer = self.optimizer(student, cfg.optim, [{"params": [loss_sl.prototypes], "lr_mult": cfg.prototype_lr_mult}])
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+        scaler = self.new_scaler()
         modules = {"model": student, "teacher": teacher, "self_labeling": loss_sl, "optimizer": optimizer, "scaler": scaler}
         start = self.resume_modules(stage, modules)
-        source = batches(self.source, self.config, self.config.train.seed, start, self.dist)
-        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start, self.dist)
+        source = self.source_batches(start)
+        target = self.target_batches(pseudo, start)
         quarter = (data.crop_size[0] // 4, data.crop_size[1] // 4)
 
         def step(iteration: int, draws: Draws) -> Dict[str, float]:
@@ -620,11 +632,11 @@ class Pipeline:
             param.requires_grad_(True)
         net = self.parallel(student)
         optimizer = self.optimizer(student, cfg.optim)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+        scaler = self.new_scaler()
         modules = {"model": student, "optimizer": optimizer, "scaler": scaler}
         start = self.resume_modules(stage, modules)
-        source = batches(self.source, self.config, self.config.train.seed, start, self.dist)
-        target = batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start, self.dist)
+        source = self.source_batches(start)
+        target = self.target_batches(pseudo, start)
         quarter = (data.crop_size[0] // 4, data.crop_size[1] // 4)
 
         def step(iteration: int, draws: Draws) -> Dict[str, float]:
