@@ -219,6 +219,25 @@ def test_empty_batch_returns_empty():
 
 
 @requires_native
+def test_recycled_output_buffers_hold_only_the_new_result():
+    # 2 × 70,000 × 19 fp32 is 10 MB: large outputs come from a buffer that a freed output left.
+    first_scores, second_scores = (random_tensor((2, 70_000, 19), torch.float32, "cpu", seed) for seed in (1, 2))
+    with cpsl_ops.use_backend("native"):
+        freed = cpsl_ops.balanced_sinkhorn(first_scores, CPSL_PRIOR)
+        freed_address = freed.data_ptr()
+        del freed
+        recycled = cpsl_ops.balanced_sinkhorn(second_scores, CPSL_PRIOR)
+        kept = recycled.clone()
+        alongside = cpsl_ops.balanced_sinkhorn(first_scores, CPSL_PRIOR)
+    assert recycled.data_ptr() == freed_address
+    assert alongside.data_ptr() != recycled.data_ptr()  # a live output is never handed out again
+    assert torch.equal(recycled, kept)
+    with cpsl_ops.use_backend("reference"):
+        assert_close(recycled, cpsl_ops.balanced_sinkhorn(second_scores, CPSL_PRIOR), torch.float32)
+        assert_close(alongside, cpsl_ops.balanced_sinkhorn(first_scores, CPSL_PRIOR), torch.float32)
+
+
+@requires_native
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_whose_classes_are_all_scaled_down_are_recomputed(device):
     # 299 rows prefer class 0 by 1.5 / ε = 150 in the exponent; one row with much larger scores sets

@@ -274,9 +274,8 @@ at::Tensor balanced_sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& cla
                                  int64_t num_iters) {
   check_sinkhorn_inputs(scores, class_prior, epsilon, num_iters);
   const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
-  at::Tensor assignment = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor assignment = empty_large_output(scores.sizes(), scores.options());
   if (assignment.numel() == 0) return assignment;
-  prefer_huge_pages(assignment.data_ptr(), assignment.nbytes());
   CPSL_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "balanced_sinkhorn_cpu", [&] {
     const at::Tensor log_prior = normalized_log_prior(class_prior, c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value);
     sinkhorn_kernel<scalar_t>(rows, log_prior, epsilon, num_iters, assignment);
