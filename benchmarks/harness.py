@@ -114,6 +114,10 @@ def environment(device: torch.device) -> Dict[str, object]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=Path(__file__).parent).stdout.strip()
+        if commit and changed:  # the numbers belong to uncommitted code
+            commit += "-dirty"
     except OSError:
         commit = None
     info: Dict[str, object] = {
@@ -122,6 +126,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": __import__("os").cpu_count(),
         "device": str(device),
         "cpsl_ops": cpsl_ops.build_info(),
