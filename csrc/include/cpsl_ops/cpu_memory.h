@@ -38,7 +38,7 @@ inline void prefer_huge_pages(void* data, size_t bytes) {
 // Even with huge pages, the OS zeroes every fresh page of a large output (a seventh of Sinkhorn's
 // time at N = 1M), and a training loop frees that output before the next call asks for one of the
 // same size. This allocator keeps the last freed buffer and hands it out again, as PyTorch's CUDA
-// caching allocator does: at most one buffer, as large as the largest output, stays allocated.
+// caching allocator does: at most one freed buffer (the newest) stays allocated.
 class RecyclingAllocator final : public c10::Allocator {
  public:
   // Never destroyed: outputs that Python frees at exit still find it.
