@@ -1,6 +1,7 @@
 // CPU-only arithmetic that compilers can vectorize: an exp without a libm call or errno, so that
 // loops over it become SIMD code (AVX2 when the build enables it, SSE2 otherwise).
 #pragma once
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -118,23 +119,28 @@ inline void transpose_8x8(const float* src, int64_t src_stride, float* dst, int6
 // times column_scale[j] when one is given (which saves the caller a pass over src).
 // The kernels vectorize over rows inside class-major tiles while tensors are row-major (N, K); left
 // to the compiler, this copy becomes one scalar move per element, a third of Sinkhorn's time at
-// large N. With AVX2, float blocks of 8 × 8 go through registers and only the edges are scalar.
+// large N. With AVX2, float blocks of 8 × 8 go through registers, and when a side is not a
+// multiple of 8 its last block starts 8 before its end, overlapping the previous block (whose
+// values it writes again, unchanged) instead of leaving a scalar edge: K = 19 would otherwise
+// move 3 of its 19 classes one element at a time.
 template <typename Src, typename Dst>
 inline void transpose(const Src* src, int64_t src_stride, int64_t rows, int64_t cols, Dst* dst, int64_t dst_stride,
                       const Src* column_scale = nullptr) {
-  int64_t block_rows = 0, block_cols = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<Src, float> && std::is_same_v<Dst, float>) {
-    block_rows = rows / 8 * 8;
-    block_cols = cols / 8 * 8;
-    for (int64_t i = 0; i < block_rows; i += 8)
-      for (int64_t j = 0; j < block_cols; j += 8)
-        transpose_8x8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride,
-                      column_scale == nullptr ? nullptr : column_scale + j);
+    if (rows >= 8 && cols >= 8) {
+      for (int64_t i_block = 0; i_block < rows; i_block += 8)
+        for (int64_t j_block = 0; j_block < cols; j_block += 8) {
+          const int64_t i = std::min(i_block, rows - 8), j = std::min(j_block, cols - 8);
+          transpose_8x8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride,
+                        column_scale == nullptr ? nullptr : column_scale + j);
+        }
+      return;
+    }
   }
 #endif
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = i < block_rows ? block_cols : 0; j < cols; ++j)
+    for (int64_t j = 0; j < cols; ++j)
       dst[j * dst_stride + i] =
           static_cast<Dst>(column_scale == nullptr ? src[i * src_stride + j] : src[i * src_stride + j] * column_scale[j]);
 }
