@@ -17,6 +17,10 @@
 
 namespace cpsl_ops {
 
+constexpr size_t kHugePageBytes = size_t(2) << 20;
+// Outputs from this size on come from the recycling allocator below (four huge pages).
+constexpr size_t kLargeOutputBytes = 4 * kHugePageBytes;
+
 // glibc serves allocations above its mmap threshold (32 MB at most) with a fresh mapping on every
 // call, and the first write faults it in 4 KiB at a time: at CPSL's sizes that costs as much as a
 // pass over the data. Asking for transparent huge pages before the first touch takes 512 times
@@ -24,10 +28,10 @@ namespace cpsl_ops {
 // small buffers, this does nothing. Only whole 2 MiB pages inside the buffer are advised.
 inline void prefer_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  if (bytes < 4 * kHugePage) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
+  if (bytes < kLargeOutputBytes) return;
+  constexpr uintptr_t kPageMask = ~uintptr_t(kHugePageBytes - 1);
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePageBytes - 1) & kPageMask;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & kPageMask;
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
   (void)data;
@@ -50,9 +54,8 @@ class RecyclingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t bytes) override {
     Block* block = take(bytes);
     if (block == nullptr) {
-      constexpr size_t kAlignment = size_t(2) << 20;  // whole huge pages
-      const size_t capacity = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-      void* data = std::aligned_alloc(kAlignment, capacity);
+      const size_t capacity = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;  // whole huge pages
+      void* data = std::aligned_alloc(kHugePageBytes, capacity);
       if (data == nullptr) throw std::bad_alloc();
       prefer_huge_pages(data, capacity);
       block = new Block{data, capacity};
@@ -95,9 +98,9 @@ class RecyclingAllocator final : public c10::Allocator {
 };
 
 // at::empty for large outputs of the CPU kernels: contiguous, from the recycling allocator above
-// when the tensor is 8 MiB or more, else from PyTorch's CPU allocator.
+// when the tensor has kLargeOutputBytes or more, else from PyTorch's CPU allocator.
 inline at::Tensor empty_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize() < (size_t(8) << 20))
+  if (static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize() < kLargeOutputBytes)
     return at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
   return at::detail::empty_generic(sizes, &RecyclingAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), at::MemoryFormat::Contiguous);
