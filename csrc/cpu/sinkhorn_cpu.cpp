@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -81,33 +82,63 @@ bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t c
   return finite;
 }
 
-// x[k][r] <- scores[first + r][k] / ε + potential[k] - (its row maximum), exponentiated, for the
-// tile's rows; row_inverse[r] = 1 / Σ_k x[k][r], so that x · row_inverse is the row softmax. The
-// caller applies row_inverse on its way out of the tile, which saves a pass over it.
+// kept[k][r] <- exp(scores[first + r][k] / ε + potential[k] - m_r), m_r being the row's largest
+// exponent, and row_weight[r] = exp(m_r - tile_max) with tile_max the largest m_r: kept ·
+// row_weight is exp(S/ε + potential - tile_max), from which the column sums of the tile follow
+// without another exponential. Returns false if a score / ε is -inf (NaN and +inf turn the
+// exponentials into NaN instead).
 template <typename scalar_t, typename acc_t>
-void tile_row_exp(const scalar_t* scores, int64_t row_stride, int64_t first, int64_t rows, int64_t classes,
-                  acc_t inv_epsilon, const acc_t* potential, acc_t* __restrict x, acc_t* __restrict row_inverse) {
-  transpose(scores + first * row_stride, row_stride, rows, classes, x, kRowTile);
-  acc_t row_max[kRowTile];
-  std::fill(row_max, row_max + rows, -std::numeric_limits<acc_t>::infinity());
-  std::fill(row_inverse, row_inverse + rows, acc_t(0));
+bool tile_row_exponentials(const scalar_t* scores, int64_t row_stride, int64_t first, int64_t rows,
+                           int64_t classes, acc_t inv_epsilon, const acc_t* potential, acc_t* __restrict kept,
+                           acc_t* __restrict row_weight, acc_t& tile_max) {
+  constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
+  transpose(scores + first * row_stride, row_stride, rows, classes, kept, kRowTile);
+  acc_t row_max[kRowTile], row_min[kRowTile];
+  std::fill(row_max, row_max + rows, -kInfinity);
+  std::fill(row_min, row_min + rows, kInfinity);
   for (int64_t k = 0; k < classes; ++k) {
-    const acc_t* __restrict column = x + k * kRowTile;
+    const acc_t* __restrict column = kept + k * kRowTile;
     const acc_t shift = potential[k];
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t value = column[r] * inv_epsilon + shift;
       row_max[r] = value > row_max[r] ? value : row_max[r];
+      row_min[r] = value < row_min[r] ? value : row_min[r];
     }
   }
   for (int64_t k = 0; k < classes; ++k) {
-    acc_t* __restrict column = x + k * kRowTile;
+    acc_t* __restrict column = kept + k * kRowTile;
     const acc_t shift = potential[k];
-    for (int64_t r = 0; r < rows; ++r) {
-      column[r] = vector_exp(column[r] * inv_epsilon + shift - row_max[r]);
-      row_inverse[r] += column[r];
-    }
+    for (int64_t r = 0; r < rows; ++r) column[r] = vector_exp(column[r] * inv_epsilon + shift - row_max[r]);
   }
-  for (int64_t r = 0; r < rows; ++r) row_inverse[r] = acc_t(1) / row_inverse[r];
+  tile_max = -kInfinity;
+  acc_t lowest = kInfinity;
+  for (int64_t r = 0; r < rows; ++r) {
+    tile_max = std::max(tile_max, row_max[r]);
+    lowest = std::min(lowest, row_min[r]);
+  }
+  for (int64_t r = 0; r < rows; ++r) row_weight[r] = vector_exp(row_max[r] - tile_max);
+  return lowest > -kInfinity;
+}
+
+// Whether the first pass should take one exponential per score (tile_row_exponentials) rather
+// than two: in a sample of up to 16 tiles, at most a quarter may hold a class whose best score / ε
+// lies more than spread below the tile's best one. Such a tile needs its column sums from the
+// scores again, and scores spread that widely (logits, small ε) are faster with two passes.
+template <typename scalar_t, typename acc_t>
+bool mostly_narrow_tiles(const scalar_t* scores, int64_t row_stride, int64_t samples, int64_t classes,
+                         acc_t inv_epsilon, acc_t spread, acc_t* class_max) {
+  const int64_t tiles = (samples + kRowTile - 1) / kRowTile, sampled = std::min<int64_t>(tiles, 16);
+  int64_t wide = 0;
+  for (int64_t i = 0; i < sampled; ++i) {
+    const int64_t first = i * tiles / sampled * kRowTile, rows = std::min(kRowTile, samples - first);
+    std::fill(class_max, class_max + classes, -std::numeric_limits<acc_t>::infinity());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < classes; ++k)
+        class_max[k] = std::max(class_max[k], static_cast<acc_t>(scores[(first + r) * row_stride + k]));
+    const auto [lowest, highest] = std::minmax_element(class_max, class_max + classes);
+    wide += (*highest - *lowest) * inv_epsilon > spread;
+  }
+  return 4 * wide <= sampled;
 }
 
 // x[k * kRowTile] = softmax over k of (row[k] / ε + potential[k]), from the scores, exactly.
@@ -127,6 +158,7 @@ template <typename scalar_t>
 void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, double epsilon, int64_t num_iters,
                      at::Tensor& assignment) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
   const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
   const int64_t tiles = (samples + kRowTile - 1) / kRowTile;
   const int64_t tiles_per_block = deterministic_block_size(tiles, 8, 256);
@@ -135,17 +167,28 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   const acc_t log_num_samples = std::log(static_cast<acc_t>(samples));
   const acc_t* log_r_all = log_prior.data_ptr<acc_t>();
   const int64_t row_stride = scores.stride(1);
+  // A tile with a column sum (relative to the tile's best exponent) below this takes its column
+  // sums from the scores instead, so that the exponentials flushed to zero are negligible against
+  // every sum that is merged.
+  const acc_t sum_floor = rescaled_row_floor<acc_t>();
+  // Potentials spread over less than this keep every rescaled row of the kept exponentials (whose
+  // row maxima are 1) above rescaled_row_floor.
+  const acc_t spread_limit = -std::log(rescaled_row_floor<acc_t>()) - acc_t(1);
 
+  // Per block and class, a running Σ exp(S/ε - reference) over the block's rows.
+  std::vector<acc_t> block_reference(num_blocks * classes), block_sum(num_blocks * classes);
+  // Per block, the running log-sum-exps of the tiles whose column sums needed the scores again.
   std::vector<acc_t> lane_max(num_blocks * classes * kLanes), lane_sum(num_blocks * classes * kLanes);
-  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), rescale(classes);
-  // The first iteration's assignment P1, tile by tile as the tiles hold it (class-major inside a
-  // tile), so that a tile is one contiguous block of K × kRowTile values to stream in.
+  std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), kept_potential(classes), rescale(classes);
+  std::vector<acc_t> sampled_class_max(classes);
+  // The kept matrix (E or the first assignment, see below), tile by tile as the tiles hold it
+  // (class-major inside a tile), so that a tile is one contiguous block of K × kRowTile values to
+  // stream in.
   // It is kept from call to call of the same thread (one per dtype): a fresh buffer this large
   // would be page-faulted in and zeroed by the OS on every call, which costs as much as a pass.
   static thread_local std::vector<acc_t> cached_workspace;
   const int64_t workspace_size = tiles * classes * kRowTile;
-  if (num_iters > 1 && cached_workspace.size() < static_cast<size_t>(workspace_size))
-    cached_workspace.resize(workspace_size);
+  if (cached_workspace.size() < static_cast<size_t>(workspace_size)) cached_workspace.resize(workspace_size);
   acc_t* const workspace = cached_workspace.data();
   for (int64_t b = 0; b < batch; ++b) {
     const scalar_t* s = scores.data_ptr<scalar_t>() + b * scores.stride(0);
@@ -163,80 +206,115 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
           }
       });
     };
+    auto kept_tile = [&](int64_t first) { return workspace + first / kRowTile * classes * kRowTile; };
 
+    // The column log-sum-exps of S/ε give the first iteration's potentials. Either the first pass
+    // takes the only exponential of every score, E = exp(S/ε - row maximum), keeps it in the
+    // workspace and takes the column sums from it too, or (widely spread scores) it takes them
+    // from the scores alone and a second pass fills the workspace.
     std::atomic<bool> non_finite{false};
-    std::fill(lane_max.begin(), lane_max.end(), -std::numeric_limits<acc_t>::infinity());
+    std::fill(kept_potential.begin(), kept_potential.end(), acc_t(0));
+    std::fill(block_reference.begin(), block_reference.end(), -kInfinity);
+    std::fill(block_sum.begin(), block_sum.end(), acc_t(0));
+    std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
     std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
-    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      const acc_t* rows_data = contiguous_rows(s, row_stride, first, rows, classes, x);
+    auto accumulate_from_scores = [&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
       const int64_t positions = blk * classes * kLanes;
-      if (!accumulate_column_logsumexp(rows_data, rows, classes, inv_epsilon, lane_max.data() + positions,
-                                       lane_sum.data() + positions))
+      if (!accumulate_column_logsumexp(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
+                                       inv_epsilon, lane_max.data() + positions, lane_sum.data() + positions))
         non_finite = true;
-    });
-    TORCH_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
-                      " of ", batch, ")");
-    for (int64_t k = 0; k < classes; ++k) {
+    };
+    const bool one_exponential =
+        mostly_narrow_tiles(s, row_stride, samples, classes, inv_epsilon, -std::log(sum_floor), sampled_class_max.data());
+    if (!one_exponential) for_each_tile(accumulate_from_scores);
+    else
+      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+        acc_t row_weight[kRowTile], tile_max;
+        acc_t* const kept = kept_tile(first);
+        if (!tile_row_exponentials(s, row_stride, first, rows, classes, inv_epsilon, kept_potential.data(), kept,
+                                   row_weight, tile_max))
+          non_finite = true;
+        acc_t *tile_reference = x, *tile_sum = x + classes;
+        bool below_floor = false;
+        for (int64_t k = 0; k < classes; ++k) {
+          const acc_t* __restrict column = kept + k * kRowTile;
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_weight[r];
+          tile_reference[k] = tile_max;
+          tile_sum[k] = sum;
+          below_floor |= sum < sum_floor;
+        }
+        // Classes far below the tile's best scores: the tile's column sums come from the scores.
+        if (below_floor) return accumulate_from_scores(x, first, rows, blk);
+        acc_t* reference = block_reference.data() + blk * classes;
+        acc_t* block = block_sum.data() + blk * classes;
+        for (int64_t k = 0; k < classes; ++k) {
+          const acc_t merged = std::max(reference[k], tile_reference[k]);
+          block[k] = block[k] * vector_exp(reference[k] - merged) + tile_sum[k] * vector_exp(tile_reference[k] - merged);
+          reference[k] = merged;
+        }
+      });
+    for (int64_t k = 0; k < classes && !non_finite; ++k) {
       OnlineLogSumExp<acc_t> column_lse;
-      for (int64_t blk = 0; blk < num_blocks; ++blk)
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        column_lse.merge(OnlineLogSumExp<acc_t>{block_reference[blk * classes + k], block_sum[blk * classes + k]});
         for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t position = blk * classes * kLanes + l * classes + k;
+          const int64_t position = (blk * kLanes + l) * classes + k;
           column_lse.merge(OnlineLogSumExp<acc_t>{lane_max[position], lane_sum[position]});
         }
+      }
+      if (!std::isfinite(column_lse.value())) non_finite = true;
       potential[k] = initial_class_potential(log_r[k], column_lse.value());
     }
+    TORCH_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
+                      " of ", batch, ")");
 
-    // out[first + r][k] = x[k][r] · row_inverse[r]
-    auto store_tile = [&](const acc_t* x, const acc_t* row_inverse, int64_t first, int64_t rows) {
-      transpose(x, kRowTile, classes, rows, out + first * classes, classes, row_inverse);
-    };
-    if (num_iters == 1) {
-      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t) {
-        acc_t row_inverse[kRowTile];
-        tile_row_exp(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x, row_inverse);
-        store_tile(x, row_inverse, first, rows);
-      });
-      continue;
-    }
-
-    // Iteration 1 ends with the row softmax P1 of S/ε + a, computed from the scores once and kept
-    // in the workspace with its column masses.
-    std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
-    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      acc_t row_inverse[kRowTile];
-      tile_row_exp(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), x, row_inverse);
-      acc_t* mass = column_mass.data() + blk * classes;
-      for (int64_t k = 0; k < classes; ++k) {
-        const acc_t* __restrict src = x + k * kRowTile;
-        acc_t* __restrict dst = workspace + (first / kRowTile * classes + k) * kRowTile;
-        acc_t sum = 0;
+    // Iteration t's assignment is the workspace rescaled by e^(a_t - kept_potential) class by class
+    // with its rows renormalized (sinkhorn_math.h): the workspace is read, never rewritten, so an
+    // iteration streams the matrix once, and every iteration's assignment is one rounding away
+    // from the workspace. E serves when the first potentials spread little enough; otherwise the
+    // workspace keeps the first iteration's assignment P1, computed here with its column masses.
+    int64_t first_rescaled_iteration = 1;
+    const auto [lowest, highest] = std::minmax_element(potential.begin(), potential.end());
+    if (!one_exponential || *highest - *lowest > spread_limit) {
+      std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
+      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+        acc_t row_weight[kRowTile], tile_max, row_inverse[kRowTile] = {};
+        acc_t* const kept = num_iters == 1 ? x : kept_tile(first);
+        tile_row_exponentials(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), kept, row_weight,
+                              tile_max);
+        for (int64_t k = 0; k < classes; ++k)
+          for (int64_t r = 0; r < rows; ++r) row_inverse[r] += kept[k * kRowTile + r];
+        for (int64_t r = 0; r < rows; ++r) row_inverse[r] = acc_t(1) / row_inverse[r];
+        if (num_iters == 1) return transpose(kept, kRowTile, classes, rows, out + first * classes, classes, row_inverse);
+        acc_t* mass = column_mass.data() + blk * classes;
+        for (int64_t k = 0; k < classes; ++k) {
+          const acc_t* __restrict column = kept + k * kRowTile;
+          acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t r = 0; r < rows; ++r) {
-          dst[r] = src[r] * row_inverse[r];
-          sum += dst[r];
+          for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_inverse[r];
+          mass[k] += sum;
         }
-        mass[k] += sum;
-      }
-    });
-    const std::vector<acc_t> first_potential = potential;
-
-    // Iteration t rescales P1 by e^(a_t - a_1) class by class and renormalizes rows (sinkhorn_math.h):
-    // the workspace is read, never rewritten, so an iteration streams the matrix once, and every
-    // iteration's assignment is one rounding away from P1 rather than t - 1.
-    for (int64_t iter = 2; iter <= num_iters; ++iter) {
-      for (int64_t k = 0; k < classes; ++k) {
-        for (int64_t blk = 1; blk < num_blocks; ++blk) column_mass[k] += column_mass[blk * classes + k];
-        potential[k] += class_potential_step(log_r[k], log_num_samples, column_mass[k]);
-      }
-      acc_t max_shift = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t k = 0; k < classes; ++k) max_shift = std::max(max_shift, potential[k] - first_potential[k]);
-      for (int64_t k = 0; k < classes; ++k) rescale[k] = std::exp(potential[k] - first_potential[k] - max_shift);
+      });
+      kept_potential = potential;
+      first_rescaled_iteration = 2;
+    }
+    for (int64_t iter = first_rescaled_iteration; iter <= num_iters; ++iter) {
+      if (iter > 1)
+        for (int64_t k = 0; k < classes; ++k) {
+          for (int64_t blk = 1; blk < num_blocks; ++blk) column_mass[k] += column_mass[blk * classes + k];
+          potential[k] += class_potential_step(log_r[k], log_num_samples, column_mass[k]);
+        }
+      acc_t max_shift = -kInfinity;
+      for (int64_t k = 0; k < classes; ++k) max_shift = std::max(max_shift, potential[k] - kept_potential[k]);
+      for (int64_t k = 0; k < classes; ++k) rescale[k] = std::exp(potential[k] - kept_potential[k] - max_shift);
       const bool last = iter == num_iters;
       std::fill(column_mass.begin(), column_mass.end(), acc_t(0));
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         acc_t row_sum[kRowTile] = {};
         for (int64_t k = 0; k < classes; ++k) {
-          const acc_t* __restrict kept = workspace + (first / kRowTile * classes + k) * kRowTile;
+          const acc_t* __restrict kept = kept_tile(first) + k * kRowTile;
           acc_t* __restrict column = x + k * kRowTile;
           const acc_t weight = rescale[k];
           for (int64_t r = 0; r < rows; ++r) {
@@ -254,7 +332,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
             }
         for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];  // now the row's normalizing factor
         if (last) {
-          store_tile(x, row_sum, first, rows);
+          transpose(x, kRowTile, classes, rows, out + first * classes, classes, row_sum);
           return;
         }
         acc_t* mass = column_mass.data() + blk * classes;

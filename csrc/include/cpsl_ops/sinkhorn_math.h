@@ -7,8 +7,11 @@
 //   first:  a_k = log r_k - logsumexp_i(S_ik/ε)
 //   then:   a_k += log(N r_k) - log(sum_i P_ik(a))
 // Every exponential is taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16
-// scores stay finite. Only two exponentials per score are needed: one for the column log-sum-exp
-// and one for the first softmax; later iterations rescale that softmax (rescaled_row_floor).
+// scores stay finite. Later iterations rescale a kept matrix instead of taking exponentials again
+// (rescaled_row_floor): the CUDA kernel keeps the first softmax, after one exponential per score
+// for the column log-sum-exp and one for that softmax; the CPU kernel does the same for widely
+// spread scores, and otherwise keeps exp(S/ε - row maximum), one exponential per score, and takes
+// the column log-sum-exps from it too.
 #pragma once
 #include <cmath>
 #include <limits>
