@@ -141,6 +141,19 @@ bool mostly_narrow_tiles(const scalar_t* scores, int64_t row_stride, int64_t sam
   return 4 * wide <= sampled;
 }
 
+// mass[k] += Σ_r tile[k][r] · row_factor[r]: a tile's contribution to the column masses of its
+// row-normalized assignment.
+template <typename acc_t>
+void add_column_masses(const acc_t* tile, const acc_t* row_factor, int64_t rows, int64_t classes, acc_t* mass) {
+  for (int64_t k = 0; k < classes; ++k) {
+    const acc_t* __restrict column = tile + k * kRowTile;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_factor[r];
+    mass[k] += sum;
+  }
+}
+
 // x[k * kRowTile] = softmax over k of (row[k] / ε + potential[k]), from the scores, exactly.
 template <typename scalar_t, typename acc_t>
 void recompute_row(const scalar_t* row, const acc_t* potential, acc_t inv_epsilon, int64_t classes, acc_t* x) {
@@ -170,10 +183,10 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   // A tile with a column sum (relative to the tile's best exponent) below this takes its column
   // sums from the scores instead, so that the exponentials flushed to zero are negligible against
   // every sum that is merged.
-  const acc_t sum_floor = rescaled_row_floor<acc_t>();
+  const acc_t sum_floor = rescaled_row_floor<acc_t>(), floor_depth = -std::log(sum_floor);
   // Potentials spread over less than this keep every rescaled row of the kept exponentials (whose
   // row maxima are 1) above rescaled_row_floor.
-  const acc_t spread_limit = -std::log(rescaled_row_floor<acc_t>()) - acc_t(1);
+  const acc_t spread_limit = floor_depth - acc_t(1);
 
   // Per block and class, a running Σ exp(S/ε - reference) over the block's rows.
   std::vector<acc_t> block_reference(num_blocks * classes), block_sum(num_blocks * classes);
@@ -225,7 +238,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
         non_finite = true;
     };
     const bool one_exponential =
-        mostly_narrow_tiles(s, row_stride, samples, classes, inv_epsilon, -std::log(sum_floor), sampled_class_max.data());
+        mostly_narrow_tiles(s, row_stride, samples, classes, inv_epsilon, floor_depth, sampled_class_max.data());
     if (!one_exponential) for_each_tile(accumulate_from_scores);
     else
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
@@ -234,14 +247,13 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
         if (!tile_row_exponentials(s, row_stride, first, rows, classes, inv_epsilon, kept_potential.data(), kept,
                                    row_weight, tile_max))
           non_finite = true;
-        acc_t *tile_reference = x, *tile_sum = x + classes;
+        acc_t* const tile_sum = x;
         bool below_floor = false;
         for (int64_t k = 0; k < classes; ++k) {
           const acc_t* __restrict column = kept + k * kRowTile;
           acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_weight[r];
-          tile_reference[k] = tile_max;
           tile_sum[k] = sum;
           below_floor |= sum < sum_floor;
         }
@@ -250,8 +262,8 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
         acc_t* reference = block_reference.data() + blk * classes;
         acc_t* block = block_sum.data() + blk * classes;
         for (int64_t k = 0; k < classes; ++k) {
-          const acc_t merged = std::max(reference[k], tile_reference[k]);
-          block[k] = block[k] * vector_exp(reference[k] - merged) + tile_sum[k] * vector_exp(tile_reference[k] - merged);
+          const acc_t merged = std::max(reference[k], tile_max);
+          block[k] = block[k] * vector_exp(reference[k] - merged) + tile_sum[k] * vector_exp(tile_max - merged);
           reference[k] = merged;
         }
       });
@@ -288,14 +300,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
           for (int64_t r = 0; r < rows; ++r) row_inverse[r] += kept[k * kRowTile + r];
         for (int64_t r = 0; r < rows; ++r) row_inverse[r] = acc_t(1) / row_inverse[r];
         if (num_iters == 1) return transpose(kept, kRowTile, classes, rows, out + first * classes, classes, row_inverse);
-        acc_t* mass = column_mass.data() + blk * classes;
-        for (int64_t k = 0; k < classes; ++k) {
-          const acc_t* __restrict column = kept + k * kRowTile;
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_inverse[r];
-          mass[k] += sum;
-        }
+        add_column_masses(kept, row_inverse, rows, classes, column_mass.data() + blk * classes);
       });
       kept_potential = potential;
       first_rescaled_iteration = 2;
@@ -331,18 +336,8 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
               row_sum[r] = acc_t(1);
             }
         for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];  // now the row's normalizing factor
-        if (last) {
-          transpose(x, kRowTile, classes, rows, out + first * classes, classes, row_sum);
-          return;
-        }
-        acc_t* mass = column_mass.data() + blk * classes;
-        for (int64_t k = 0; k < classes; ++k) {
-          const acc_t* __restrict column = x + k * kRowTile;
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_sum[r];
-          mass[k] += sum;
-        }
+        if (last) return transpose(x, kRowTile, classes, rows, out + first * classes, classes, row_sum);
+        add_column_masses(x, row_sum, rows, classes, column_mass.data() + blk * classes);
       });
     }
   }
