@@ -1,7 +1,9 @@
-"""Build of cpsl-ops: one extension, ``cpsl_ops._C``, compiled from ``csrc/``.
+"""Build of cpsl-ops: ``cpsl_ops._C`` (schemas and CPU kernels, from ``csrc/``) and, with a CUDA
+toolkit and a CUDA build of torch, ``cpsl_ops._C_cuda`` (the CUDA kernels, ``csrc/cuda/``).
 
-The CUDA sources (``csrc/cuda/*.cu``) are compiled when torch is a CUDA build and a CUDA toolkit
-is found; whether a GPU is visible does not matter, so CI without a GPU still compiles them.
+Both are written against PyTorch's stable ABI (TORCH_TARGET_VERSION below) and Python's limited
+API: a wheel is tagged cp39-abi3 and loads under every torch from the target version on. Whether a
+GPU is visible does not matter, so CI without a GPU still compiles the CUDA kernels.
 
 Environment switches:
   CPSL_OPS_FORCE_CPU=1        build only the C++ CPU kernels
@@ -27,6 +29,14 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"  # CUDA 13 dropped Volta (7.0)
+
+
+def torch_abi_target() -> str:
+    """TORCH_TARGET_VERSION of the oldest torch the libraries load under (cpsl_ops/_abi.py says why)."""
+    namespace: dict = {}
+    exec((ROOT / "cpsl_ops" / "_abi.py").read_text(), namespace)
+    major, minor = namespace["TORCH_ABI_TARGET"]
+    return f"0x{major:02x}{minor:02x}000000000000"
 
 
 def _env_flag(name: str) -> bool:
@@ -103,7 +113,7 @@ def build_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     with_cuda = toolkit is not None and torch.version.cuda is not None and bool(cuda_sources)
     if _env_flag("CPSL_OPS_FORCE_CUDA") and not with_cuda:
         raise RuntimeError(
@@ -111,34 +121,42 @@ def build_extensions():
             f"torch.version.cuda={torch.version.cuda}, CUDA sources={len(cuda_sources)}"
         )
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc" / "include")]
+    stable_abi = [f"-DTORCH_TARGET_VERSION={torch_abi_target()}"]
     # The C++ standard is the one torch asks for. No trapping math: float selects may then become
     # blends, which lets the kernels' loops vectorize; the kernels never rely on FP exceptions.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *cpu_arch_flags()]
-    extension_kwargs = {}
+    # OpenMP only for its simd pragmas: threads come from torch's own pool (parallel_for). Hidden
+    # visibility, as torch's stable headers have: the modules export only their PyInit functions.
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno", *stable_abi, *cpu_arch_flags()]
+    # The stable C shim is all the kernels call, so each library links the torch libraries that
+    # export it and nothing else (torch's helpers would add libc10, libtorch and, for CUDA, the
+    # shared CUDA runtime, which ties a wheel to one CUDA minor version: the runtime is static).
+    extensions = [
+        CppExtension(
+            "cpsl_ops._C",
+            sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            py_limited_api=True,
+        )
+    ]
+    extensions[0].libraries = ["torch_cpu"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-        sources += cuda_sources
-        include_dirs += nvidia_wheel_include_dirs()
-        cxx_flags.append("-DCPSL_WITH_CUDA")
-        extension_kwargs["extra_compile_args"] = {
-            "cxx": cxx_flags,
-            "nvcc": ["-O3", "-DCPSL_WITH_CUDA", "--expt-relaxed-constexpr"],
-        }
-        extension_class = CUDAExtension
-    else:
-        extension_kwargs["extra_compile_args"] = {"cxx": cxx_flags}
-        extension_class = CppExtension
+        cuda_extension = CUDAExtension(
+            "cpsl_ops._C_cuda",
+            cuda_sources,
+            include_dirs=include_dirs + nvidia_wheel_include_dirs(),
+            extra_compile_args={
+                "cxx": [*cxx_flags, "-DUSE_CUDA"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-DUSE_CUDA", *stable_abi],
+            },
+            py_limited_api=True,
+        )
+        cuda_extension.libraries = ["torch_cpu", "torch_cuda", "cudart_static", "rt", "dl", "pthread"]
+        extensions.append(cuda_extension)
     print(f"cpsl-ops: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels (toolkit: {toolkit})")
-    extension = extension_class(
-        "cpsl_ops._C",
-        sources,
-        include_dirs=include_dirs,
-        extra_link_args=["-fopenmp"],
-        **extension_kwargs,
-    )
-    return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    return extensions, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = build_extensions()
@@ -147,4 +165,5 @@ setup(
     packages=find_packages(include=["cpsl_ops", "cpsl_ops.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

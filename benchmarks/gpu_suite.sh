@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one command, for a machine with a CUDA GPU (e.g. the device
-# tool's H100/H200): build the extension in place against that machine's torch, run the test
-# suite (the CUDA tests run where a GPU is present), compute-sanitizer memcheck and racecheck over
-# every kernel, and both benchmarks with --device cuda. Logs and JSON go to $OUT (default
-# benchmarks/results/); the last lines printed are a summary.
+# tool's H100/H200): install the abi3 wheel found in dist/ (built elsewhere against any torch from
+# the ABI target on: no compiler needed) or else build the extension in place against that
+# machine's torch, run the test suite (the CUDA tests run where a GPU is present),
+# compute-sanitizer memcheck and racecheck over every kernel, and both benchmarks with --device
+# cuda. Logs and JSON go to $OUT (default benchmarks/results/); the last lines printed are a
+# summary.
 #
 #     bash benchmarks/gpu_suite.sh
 set -uo pipefail
@@ -12,13 +14,22 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export CPSL_OPS_FORCE_CUDA=1 CPSL_OPS_REQUIRE_NATIVE=1 CPSL_OPS_EXPECT_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python=${PYTHON:-python3}
 gpu=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 summary=()
 
-$python setup.py build_ext --inplace > "$out/gpu_build.log" 2>&1
-summary+=("build: exit $?")
+wheel=$(ls dist/cpsl_ops-*-abi3-*.whl 2>/dev/null | head -n 1)
+if [[ -n "$wheel" ]]; then
+  site=$(mktemp -d)
+  $python -m pip install --quiet --no-deps --no-index --target "$site" "$wheel" > "$out/gpu_build.log" 2>&1
+  summary+=("install $(basename "$wheel"): exit $?")
+  export PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  $python setup.py build_ext --inplace > "$out/gpu_build.log" 2>&1
+  summary+=("build: exit $?")
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+$python -c "import cpsl_ops; print(cpsl_ops.build_info())" >> "$out/gpu_build.log" 2>&1
 $python -m pytest tests -q -p no:cacheprovider > "$out/gpu_tests_$gpu.log" 2>&1
 summary+=("tests: exit $? ($(tail -n 1 "$out/gpu_tests_$gpu.log"))")
 for tool in memcheck racecheck; do

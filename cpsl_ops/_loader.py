@@ -1,4 +1,8 @@
-"""Loads the native extension ``cpsl_ops._C`` once and decides, per call, which backend runs.
+"""Loads the native libraries once and decides, per call, which backend runs.
+
+``cpsl_ops._C`` holds the schemas and CPU kernels, ``cpsl_ops._C_cuda`` the CUDA kernels; both
+are built on PyTorch's stable ABI, so they load under any torch from the ABI target on. The CUDA
+library is imported only under a CUDA build of torch (it links torch's CUDA libraries).
 
 Environment switches:
   CPSL_OPS_BACKEND=reference   start with the pure-PyTorch reference backend
@@ -9,31 +13,66 @@ Environment switches:
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
+import re
 import warnings
-from typing import Iterator, Optional
+from types import ModuleType
+from typing import Iterator, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "native", "reference")
+from cpsl_ops._abi import TORCH_ABI_TARGET
 
-_native_module = None
-_load_error: Optional[str] = None
+BACKENDS = ("auto", "native", "reference")
+_REQUIRE_NATIVE = os.environ.get("CPSL_OPS_REQUIRE_NATIVE", "0") == "1"
+
+
+def _torch_release() -> Tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _import_native(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
+    """(module, None) or (None, why it cannot be used)."""
+    if _torch_release() < TORCH_ABI_TARGET:
+        target = ".".join(map(str, TORCH_ABI_TARGET))
+        return None, f"cpsl-ops needs torch >= {target} (its stable-ABI target), this is torch {torch.__version__}"
+    try:
+        return importlib.import_module(f"cpsl_ops.{name}"), None
+    except ImportError as error:  # not built, or a library it needs is missing
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _fail(message: str) -> None:
+    if _REQUIRE_NATIVE:
+        raise ImportError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_native_module, _load_error = _import_native("_C")
+_cuda_module: Optional[ModuleType] = None
+_cuda_load_error: Optional[str] = None
+if _native_module is None:
+    _fail(
+        f"cpsl_ops: the native extension is not available ({_load_error}); every op runs through the "
+        "pure-PyTorch reference. Reinstall cpsl-ops for this torch to get the fused kernels."
+    )
+elif torch.version.cuda is None:
+    _cuda_load_error = "torch is a CPU-only build"
+elif importlib.util.find_spec("cpsl_ops._C_cuda") is None:
+    _cuda_load_error = "this build of cpsl-ops has no CUDA kernels"
+else:
+    _cuda_module, _cuda_load_error = _import_native("_C_cuda")
+    if _cuda_module is None:
+        _fail(
+            f"cpsl_ops: the CUDA kernels failed to load ({_cuda_load_error}); CUDA tensors run through the "
+            "pure-PyTorch reference."
+        )
+
 _backend = os.environ.get("CPSL_OPS_BACKEND", "auto")
 _warned_fallback: set = set()
-
-try:
-    from cpsl_ops import _C as _native_module  # noqa: F401  (registers the cpsl_ops:: ops)
-except ImportError as error:  # not built, or built against another torch
-    _load_error = f"{type(error).__name__}: {error}"
-    if os.environ.get("CPSL_OPS_REQUIRE_NATIVE", "0") == "1":
-        raise ImportError(f"cpsl_ops: the native extension failed to load ({_load_error})") from error
-    warnings.warn(
-        f"cpsl_ops: the native extension is not available ({_load_error}); every op runs through the "
-        "pure-PyTorch reference. Reinstall cpsl-ops against this torch to get the fused kernels.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 if _backend not in BACKENDS:
     raise ValueError(f"CPSL_OPS_BACKEND must be one of {BACKENDS}, got {_backend!r}")
@@ -67,12 +106,19 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 
 def build_info() -> dict:
-    """Facts for bug reports and benchmark records: versions, load status, active backend."""
+    """Facts for bug reports and benchmark records: versions, load status, active backend.
+
+    ``built_with_torch`` is the torch whose headers compiled the libraries, ``abi_target`` the
+    oldest torch they load under (its stable ABI), ``torch`` the one running now.
+    """
     return {
         "native_available": native_available(),
         "load_error": _load_error,
+        "cuda_kernels": _cuda_module is not None,
+        "cuda_load_error": _cuda_load_error,
         "built_with_torch": getattr(_native_module, "torch_version", None),
-        "built_with_cuda": getattr(_native_module, "cuda_version", None) or None,
+        "abi_target": getattr(_native_module, "abi_target", None),
+        "built_with_cuda": getattr(_cuda_module, "cuda_version", None),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "backend": _backend,

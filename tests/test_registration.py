@@ -1,6 +1,8 @@
 """Op registration: schemas, kernels per device, fake kernels, opcheck, torch.compile, backends."""
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 import cpsl_ops
 from cpsl_ops import reference
+from cpsl_ops._abi import TORCH_ABI_TARGET
 from conftest import DEVICES, requires_native
 
 OPS = ["similarity", "similarity_backward", "balanced_sinkhorn", "update_prototypes", "rectify_pseudo_labels"]
@@ -120,31 +123,82 @@ def test_backend_switches():
         cpsl_ops.set_backend("fast")
 
 
+def _release(version: str):
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
 def test_build_info_names_the_versions():
     info = cpsl_ops.build_info()
     assert info["torch"] == torch.__version__
     if info["native_available"]:
-        assert torch.__version__.startswith(info["built_with_torch"])
+        target = _release(info["abi_target"])
+        assert target == TORCH_ABI_TARGET
+        assert _release(info["built_with_torch"]) >= target and _release(torch.__version__) >= target
+        assert info["cuda_kernels"] == (info["built_with_cuda"] is not None)
 
 
-def test_extension_missing_falls_back_with_one_warning(tmp_path):
-    """In a process where _C cannot be imported, ops run on the reference and say so once."""
+def _native_library_files():
+    import importlib.util
+
+    names = ["cpsl_ops._C"] + (["cpsl_ops._C_cuda"] if cpsl_ops.build_info()["cuda_kernels"] else [])
+    return [importlib.util.find_spec(name).origin for name in names]
+
+
+@requires_native
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("c++filt") is None, reason="needs binutils")
+def test_native_libraries_call_torch_only_through_the_stable_c_shim():
+    """The ABI contract of the wheel: no C++ symbol of libtorch or libc10, no libtorch_python."""
+    import subprocess
+
+    for library in _native_library_files():
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", library], capture_output=True, text=True,
+                                   check=True).stdout.split()
+        cxx = [symbol for symbol in undefined if symbol.startswith("_Z")]
+        demangled = subprocess.run(["c++filt"], input="\n".join(cxx), capture_output=True, text=True,
+                                   check=True).stdout.splitlines()
+        from_torch = [name for name in demangled if re.search(r"\b(c10|at|torch|caffe2)::", name)]
+        assert not from_torch, f"{library} imports C++ symbols of torch: {from_torch[:5]}"
+        assert any(symbol.startswith(("aoti_torch_", "torch_")) for symbol in undefined), "no stable shim call"
+        needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
+        assert "libtorch_python" not in needed and "libc10" not in needed, needed
+
+
+def run_fallback_script(lines: str) -> None:
+    """Runs ``lines`` in a fresh interpreter that may import cpsl_ops without its native libraries
+    (CPSL_OPS_REQUIRE_NATIVE unset) and expects them to print 'fallback ok'."""
     import subprocess
     import sys
 
-    script = (
+    env = {k: v for k, v in os.environ.items() if k != "CPSL_OPS_REQUIRE_NATIVE"}
+    result = subprocess.run([sys.executable, "-c", lines + "print('fallback ok')\n"], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
+
+
+def test_torch_older_than_the_abi_target_falls_back_with_a_warning_naming_it():
+    run_fallback_script(
+        "import warnings, torch\n"
+        "torch.__version__ = '2.10.0'\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import cpsl_ops\n"
+        "assert not cpsl_ops.native_available()\n"
+        "messages = [str(w.message) for w in caught if 'cpsl_ops' in str(w.message)]\n"
+        "assert len(messages) == 1 and 'needs torch >= 2.11' in messages[0] and '2.10.0' in messages[0], messages\n"
+    )
+
+
+def test_extension_missing_falls_back_with_one_warning():
+    """In a process where _C cannot be imported, ops run on the reference and say so once."""
+    run_fallback_script(
         "import sys, warnings\n"
         "sys.modules['cpsl_ops._C'] = None\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    import cpsl_ops, torch\n"
         "assert not cpsl_ops.native_available()\n"
-        "assert any('native extension is not available' in str(w.message) for w in caught)\n"
+        "assert sum('native extension is not available' in str(w.message) for w in caught) == 1\n"
         "out = cpsl_ops.balanced_sinkhorn(torch.randn(5, 3))\n"
         "assert torch.allclose(out.sum(1), torch.ones(5))\n"
-        "print('fallback ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "CPSL_OPS_REQUIRE_NATIVE"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "fallback ok" in result.stdout

@@ -1,8 +1,5 @@
 // CPU kernel of cpsl_ops::update_prototypes (schema: ops/prototype_update.cpp).
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <atomic>
 #include <vector>
@@ -10,18 +7,19 @@
 #include "cpsl_ops/cpu_tile.h"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
-#include "cpsl_ops/macros.h"
+#include "cpsl_ops/prototype_update_math.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
 
 template <typename scalar_t, typename label_t>
-void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& features, const at::Tensor& labels,
-                              double momentum, int64_t ignore_index, at::Tensor& new_prototypes, at::Tensor& counts) {
-  using acc_t = at::opmath_type<scalar_t>;
+void update_prototypes_kernel(const Tensor& prototypes, const Tensor& features, const Tensor& labels, double momentum,
+                              int64_t ignore_index, const Tensor& new_prototypes, const Tensor& counts) {
+  using acc_t = acc_type<scalar_t>;
   const Strided3d<const scalar_t> f(as_batch_channel_pixel(features));
-  const at::Tensor label_view = as_batch_pixel(labels);
-  const label_t* label_data = label_view.data_ptr<label_t>();
+  const Tensor label_view = as_batch_pixel(labels);
+  const label_t* label_data = data_of<const label_t>(label_view);
   const int64_t label_stride0 = label_view.stride(0), label_stride1 = label_view.stride(1);
   const int64_t classes = prototypes.size(0), channels = prototypes.size(1);
   const PixelTiles tiles(label_view.size(1));
@@ -34,7 +32,7 @@ void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& fe
   std::atomic<bool> bad_label{false};
   std::atomic<int64_t> bad_value{0};
 
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  torch::stable::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     int64_t tile_labels[kPixelTile];
     std::vector<acc_t> pixel_major(kPixelTile * channels);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
@@ -67,13 +65,13 @@ void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& fe
       }
     }
   });
-  TORCH_CHECK_VALUE(!bad_label, "update_prototypes: labels must lie in [0, ", classes, ") or equal ignore_index=",
+  CPSL_CHECK_VALUE(!bad_label, "update_prototypes: labels must lie in [0, ", classes, ") or equal ignore_index=",
                     ignore_index, ", found ", bad_value.load());
 
-  const at::Tensor old = prototypes.contiguous();
-  const scalar_t* old_data = old.data_ptr<scalar_t>();
-  scalar_t* out = new_prototypes.data_ptr<scalar_t>();
-  int64_t* count_out = counts.data_ptr<int64_t>();
+  const Tensor old = torch::stable::contiguous(prototypes);
+  const scalar_t* old_data = data_of<const scalar_t>(old);
+  scalar_t* out = data_of<scalar_t>(new_prototypes);
+  int64_t* count_out = data_of<int64_t>(counts);
   const acc_t keep = static_cast<acc_t>(momentum);
   for (int64_t k = 0; k < classes; ++k) {
     int64_t n = 0;
@@ -83,23 +81,20 @@ void update_prototypes_kernel(const at::Tensor& prototypes, const at::Tensor& fe
       const acc_t previous = static_cast<acc_t>(old_data[k * channels + c]);
       acc_t sum = 0;
       for (int64_t blk = 0; blk < num_blocks; ++blk) sum += partial_sums[(blk * classes + k) * channels + c];
-      out[k * channels + c] =
-          static_cast<scalar_t>(n > 0 ? keep * previous + (acc_t(1) - keep) * (sum / static_cast<acc_t>(n)) : previous);
+      out[k * channels + c] = static_cast<scalar_t>(ema_class_mean(previous, sum, n, keep));
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> update_prototypes_cpu(const at::Tensor& prototypes, const at::Tensor& features,
-                                                         const at::Tensor& labels, double momentum,
-                                                         int64_t ignore_index) {
+std::tuple<Tensor, Tensor> update_prototypes_cpu(const Tensor& prototypes, const Tensor& features, const Tensor& labels,
+                                                 double momentum, int64_t ignore_index) {
   check_update_prototypes_inputs(prototypes, features, labels, momentum);
-  at::Tensor new_prototypes = at::empty(prototypes.sizes(), prototypes.options());
-  at::Tensor counts = at::zeros({prototypes.size(0)}, prototypes.options().dtype(at::kLong));
-  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "update_prototypes_cpu", [&] {
-    using feature_t = scalar_t;
-    AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "update_prototypes_cpu_labels", [&] {
-      update_prototypes_kernel<feature_t, scalar_t>(prototypes, features, labels, momentum, ignore_index, new_prototypes,
-                                                    counts);
+  const Tensor new_prototypes = empty_on(prototypes, {prototypes.size(0), prototypes.size(1)}, prototypes.scalar_type());
+  const Tensor counts = zeros_on(prototypes, {prototypes.size(0)}, ScalarType::Long);
+  dispatch_floating(features.scalar_type(), "update_prototypes", [&](auto feature_tag) {
+    dispatch_integral(labels.scalar_type(), "update_prototypes", [&](auto label_tag) {
+      update_prototypes_kernel<decltype(feature_tag), decltype(label_tag)>(prototypes, features, labels, momentum,
+                                                                           ignore_index, new_prototypes, counts);
     });
   });
   return {new_prototypes, counts};
@@ -107,6 +102,6 @@ std::tuple<at::Tensor, at::Tensor> update_prototypes_cpu(const at::Tensor& proto
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("update_prototypes", &update_prototypes_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("update_prototypes", TORCH_BOX(&update_prototypes_cpu)); }
 
 }  // namespace cpsl_ops

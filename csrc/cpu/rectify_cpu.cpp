@@ -1,8 +1,5 @@
 // CPU kernel of cpsl_ops::rectify_pseudo_labels (schema: ops/rectify.cpp; math: rectify_math.h).
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <atomic>
 
@@ -11,23 +8,24 @@
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/rectify_math.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
 
 template <typename scalar_t>
-void rectify_kernel(const at::Tensor& soft, const at::Tensor& logits, double threshold, int64_t ignore_index,
-                    at::Tensor& labels, at::Tensor& confidence) {
-  using acc_t = at::opmath_type<scalar_t>;
+void rectify_kernel(const Tensor& soft, const Tensor& logits, double threshold, int64_t ignore_index,
+                    const Tensor& labels, const Tensor& confidence) {
+  using acc_t = acc_type<scalar_t>;
   const Strided3d<const scalar_t> p(as_batch_channel_pixel(soft));
   const Strided3d<const scalar_t> l(as_batch_channel_pixel(logits));
-  int64_t* label_out = labels.data_ptr<int64_t>();
-  scalar_t* confidence_out = confidence.data_ptr<scalar_t>();
+  int64_t* label_out = data_of<int64_t>(labels);
+  scalar_t* confidence_out = data_of<scalar_t>(confidence);
   const int64_t classes = soft.size(1);
   const PixelTiles tiles(labels.size(1) * labels.size(2));
   std::atomic<bool> invalid{false};
 
-  at::parallel_for(0, labels.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, labels.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
     acc_t max_logit[kPixelTile], best[kPixelTile], total[kPixelTile], best_class[kPixelTile];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
@@ -70,24 +68,26 @@ void rectify_kernel(const at::Tensor& soft, const at::Tensor& logits, double thr
       }
     }
   });
-  TORCH_CHECK_VALUE(!invalid, "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and "
+  CPSL_CHECK_VALUE(!invalid, "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and "
                               "prototype_logits finite");
 }
 
-std::tuple<at::Tensor, at::Tensor> rectify_pseudo_labels_cpu(const at::Tensor& soft, const at::Tensor& logits,
-                                                             double threshold, int64_t ignore_index) {
+std::tuple<Tensor, Tensor> rectify_pseudo_labels_cpu(const Tensor& soft, const Tensor& logits, double threshold,
+                                                     int64_t ignore_index) {
   check_rectify_inputs(soft, logits);
-  at::Tensor labels = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options().dtype(at::kLong));
-  at::Tensor confidence = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options());
+  const Tensor labels = empty_on(soft, {soft.size(0), soft.size(2), soft.size(3)}, ScalarType::Long);
+  const Tensor confidence = empty_on(soft, {soft.size(0), soft.size(2), soft.size(3)}, soft.scalar_type());
   if (labels.numel() == 0) return {labels, confidence};
-  CPSL_DISPATCH_FLOATING_TYPES(soft.scalar_type(), "rectify_pseudo_labels_cpu", [&] {
-    rectify_kernel<scalar_t>(soft, logits, threshold, ignore_index, labels, confidence);
+  dispatch_floating(soft.scalar_type(), "rectify_pseudo_labels", [&](auto tag) {
+    rectify_kernel<decltype(tag)>(soft, logits, threshold, ignore_index, labels, confidence);
   });
   return {labels, confidence};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("rectify_pseudo_labels", &rectify_pseudo_labels_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) {
+  m.impl("rectify_pseudo_labels", TORCH_BOX(&rectify_pseudo_labels_cpu));
+}
 
 }  // namespace cpsl_ops

@@ -1,8 +1,5 @@
 // CPU kernels of cpsl_ops::similarity and its backward (schema and math: ops/similarity.cpp).
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <vector>
 
@@ -10,6 +7,7 @@
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/similarity_math.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
@@ -21,10 +19,10 @@ struct NormalizedRows {
   std::vector<acc_t> switch_on;  // projection switch of the normalization's derivative
 };
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-NormalizedRows<acc_t> normalize_rows(const at::Tensor& matrix) {
-  const at::Tensor m = matrix.contiguous();
-  const scalar_t* data = m.data_ptr<scalar_t>();
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+NormalizedRows<acc_t> normalize_rows(const Tensor& matrix) {
+  const Tensor m = torch::stable::contiguous(matrix);
+  const scalar_t* data = data_of<const scalar_t>(m);
   const int64_t rows = m.size(0), cols = m.size(1);
   NormalizedRows<acc_t> out{std::vector<acc_t>(rows * cols), std::vector<acc_t>(rows), std::vector<acc_t>(rows)};
   for (int64_t r = 0; r < rows; ++r) {
@@ -60,18 +58,18 @@ void tile_cosines(const acc_t* tile, const acc_t* prototypes_hat, int64_t channe
 }
 
 template <typename scalar_t>
-void similarity_forward_kernel(const at::Tensor& features, const at::Tensor& prototypes, double temperature,
-                               at::Tensor& logits) {
-  using acc_t = at::opmath_type<scalar_t>;
+void similarity_forward_kernel(const Tensor& features, const Tensor& prototypes, double temperature,
+                               const Tensor& logits) {
+  using acc_t = acc_type<scalar_t>;
   const Strided3d<const scalar_t> f(as_batch_channel_pixel(features));
-  const at::Tensor logits_view = as_batch_channel_pixel(logits);
+  const Tensor logits_view = as_batch_channel_pixel(logits);
   const Strided3d<scalar_t> out(logits_view);
   const int64_t channels = prototypes.size(1), classes = prototypes.size(0);
   const PixelTiles tiles(logits_view.size(2));
   const auto prototypes_hat = normalize_rows<scalar_t>(prototypes);
   const acc_t inv_temperature = acc_t(1) / static_cast<acc_t>(temperature);
 
-  at::parallel_for(0, logits_view.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, logits_view.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile);
     acc_t inv_norm[kPixelTile], switch_on[kPixelTile];
     for (int64_t t = begin; t < end; ++t) {
@@ -87,13 +85,12 @@ void similarity_forward_kernel(const at::Tensor& features, const at::Tensor& pro
 }
 
 template <typename scalar_t>
-void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor& features,
-                                const at::Tensor& prototypes, double temperature, at::Tensor& grad_features,
-                                at::Tensor& grad_prototypes) {
-  using acc_t = at::opmath_type<scalar_t>;
+void similarity_backward_kernel(const Tensor& grad_logits, const Tensor& features, const Tensor& prototypes,
+                                double temperature, const Tensor& grad_features, const Tensor& grad_prototypes) {
+  using acc_t = acc_type<scalar_t>;
   const Strided3d<const scalar_t> f(as_batch_channel_pixel(features));
   const Strided3d<const scalar_t> grad(as_batch_channel_pixel(grad_logits));
-  const at::Tensor grad_features_view = as_batch_channel_pixel(grad_features);
+  const Tensor grad_features_view = as_batch_channel_pixel(grad_features);
   const Strided3d<scalar_t> grad_f(grad_features_view);
   const int64_t batch = grad_features_view.size(0), channels = prototypes.size(1), classes = prototypes.size(0);
   const PixelTiles tiles(grad_features_view.size(2));
@@ -106,7 +103,7 @@ void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor&
   const int64_t num_blocks = (total_tiles + block - 1) / block;
   std::vector<acc_t> partial(num_blocks * classes * channels, acc_t(0));
 
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  torch::stable::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile), g(classes * kPixelTile);
     acc_t inv_norm[kPixelTile], switch_on[kPixelTile], grad_dot_cos[kPixelTile], grad_hat[kPixelTile];
     acc_t normalized[kPixelTile];  // one channel of the tile's normalized features
@@ -148,9 +145,9 @@ void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor&
   std::vector<acc_t> total(classes * channels, acc_t(0));
   for (int64_t blk = 0; blk < num_blocks; ++blk)
     for (int64_t i = 0; i < classes * channels; ++i) total[i] += partial[blk * classes * channels + i];
-  const at::Tensor raw = prototypes.contiguous();
-  const scalar_t* c_data = raw.data_ptr<scalar_t>();
-  scalar_t* out = grad_prototypes.data_ptr<scalar_t>();
+  const Tensor raw = torch::stable::contiguous(prototypes);
+  const scalar_t* c_data = data_of<const scalar_t>(raw);
+  scalar_t* out = data_of<scalar_t>(grad_prototypes);
   for (int64_t k = 0; k < classes; ++k) {
     acc_t grad_dot_hat = 0;
     for (int64_t c = 0; c < channels; ++c) grad_dot_hat += total[k * channels + c] * prototypes_hat.values[k * channels + c];
@@ -161,34 +158,34 @@ void similarity_backward_kernel(const at::Tensor& grad_logits, const at::Tensor&
   }
 }
 
-at::Tensor similarity_cpu(const at::Tensor& features, const at::Tensor& prototypes, double temperature) {
+Tensor similarity_cpu(const Tensor& features, const Tensor& prototypes, double temperature) {
   check_similarity_inputs(features, prototypes, temperature);
-  at::Tensor logits = at::empty(logits_shape(features, prototypes.size(0)), features.options());
+  const Tensor logits = empty_on(features, logits_shape(features, prototypes.size(0)), features.scalar_type());
   if (logits.numel() == 0) return logits;
-  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "similarity_cpu", [&] {
-    similarity_forward_kernel<scalar_t>(features, prototypes, temperature, logits);
+  dispatch_floating(features.scalar_type(), "similarity", [&](auto tag) {
+    similarity_forward_kernel<decltype(tag)>(features, prototypes, temperature, logits);
   });
   return logits;
 }
 
-std::tuple<at::Tensor, at::Tensor> similarity_backward_cpu(const at::Tensor& grad_logits, const at::Tensor& features,
-                                                           const at::Tensor& prototypes, double temperature) {
+std::tuple<Tensor, Tensor> similarity_backward_cpu(const Tensor& grad_logits, const Tensor& features,
+                                                   const Tensor& prototypes, double temperature) {
   check_similarity_backward_inputs(grad_logits, features, prototypes, temperature);
-  at::Tensor grad_features = at::empty(features.sizes(), features.options());
-  at::Tensor grad_prototypes = at::zeros(prototypes.sizes(), prototypes.options());
+  const Tensor grad_features = empty_on(features, features.sizes(), features.scalar_type());
+  const Tensor grad_prototypes = zeros_on(prototypes, prototypes.sizes(), prototypes.scalar_type());
   if (grad_features.numel() == 0) return {grad_features, grad_prototypes};
-  const at::Tensor grad = grad_logits.to(features.scalar_type());
-  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "similarity_backward_cpu", [&] {
-    similarity_backward_kernel<scalar_t>(grad, features, prototypes, temperature, grad_features, grad_prototypes);
+  const Tensor grad = torch::stable::to(grad_logits, features.scalar_type());
+  dispatch_floating(features.scalar_type(), "similarity_backward", [&](auto tag) {
+    similarity_backward_kernel<decltype(tag)>(grad, features, prototypes, temperature, grad_features, grad_prototypes);
   });
   return {grad_features, grad_prototypes};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) {
-  m.impl("similarity", &similarity_cpu);
-  m.impl("similarity_backward", &similarity_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) {
+  m.impl("similarity", TORCH_BOX(&similarity_cpu));
+  m.impl("similarity_backward", TORCH_BOX(&similarity_backward_cpu));
 }
 
 }  // namespace cpsl_ops

@@ -1,8 +1,5 @@
 // CPU kernel of cpsl_ops::balanced_sinkhorn (schema: ops/sinkhorn.cpp; math: sinkhorn_math.h).
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +12,7 @@
 #include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/sinkhorn_math.h"
 #include "cpsl_ops/sinkhorn_prior.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
@@ -168,9 +166,9 @@ void recompute_row(const scalar_t* row, const acc_t* potential, acc_t inv_epsilo
 }
 
 template <typename scalar_t>
-void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, double epsilon, int64_t num_iters,
-                     at::Tensor& assignment) {
-  using acc_t = at::opmath_type<scalar_t>;
+void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, double epsilon, int64_t num_iters,
+                     const Tensor& assignment) {
+  using acc_t = acc_type<scalar_t>;
   constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
   const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
   const int64_t tiles = (samples + kRowTile - 1) / kRowTile;
@@ -178,7 +176,6 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   const int64_t num_blocks = (tiles + tiles_per_block - 1) / tiles_per_block;
   const acc_t inv_epsilon = acc_t(1) / static_cast<acc_t>(epsilon);
   const acc_t log_num_samples = std::log(static_cast<acc_t>(samples));
-  const acc_t* log_r_all = log_prior.data_ptr<acc_t>();
   const int64_t row_stride = scores.stride(1);
   // A tile with a column sum (relative to the tile's best exponent) below this takes its column
   // sums from the scores instead, so that the exponentials flushed to zero are negligible against
@@ -204,13 +201,13 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   if (cached_workspace.size() < static_cast<size_t>(workspace_size)) cached_workspace.resize(workspace_size);
   acc_t* const workspace = cached_workspace.data();
   for (int64_t b = 0; b < batch; ++b) {
-    const scalar_t* s = scores.data_ptr<scalar_t>() + b * scores.stride(0);
-    scalar_t* out = assignment.data_ptr<scalar_t>() + b * samples * classes;
+    const scalar_t* s = data_of<const scalar_t>(scores) + b * scores.stride(0);
+    scalar_t* out = data_of<scalar_t>(assignment) + b * samples * classes;
     const acc_t* log_r = log_r_all + b * classes;
 
     // Runs visit(tile_buffer, first_row, rows, block) over every tile, in parallel over blocks.
     auto for_each_tile = [&](auto&& visit) {
-      at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+      torch::stable::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
         std::vector<acc_t> x(classes * kRowTile);
         for (int64_t blk = block_begin; blk < block_end; ++blk)
           for (int64_t t = blk * tiles_per_block; t < std::min(tiles, (blk + 1) * tiles_per_block); ++t) {
@@ -279,7 +276,7 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
       if (!std::isfinite(column_lse.value())) non_finite = true;
       potential[k] = initial_class_potential(log_r[k], column_lse.value());
     }
-    TORCH_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
+    CPSL_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
                       " of ", batch, ")");
 
     // Iteration t's assignment is the workspace rescaled by e^(a_t - kept_potential) class by class
@@ -343,21 +340,37 @@ void sinkhorn_kernel(const at::Tensor& scores, const at::Tensor& log_prior, doub
   }
 }
 
-at::Tensor balanced_sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
-                                 int64_t num_iters) {
+// log of each problem's prior normalized to sum 1, (B, K) in the accumulation type.
+template <typename acc_t>
+std::vector<acc_t> normalized_log_priors(const Tensor& class_prior) {
+  const int64_t batch = class_prior.size(0), classes = class_prior.size(1);
+  std::vector<acc_t> log_prior(batch * classes);
+  bool valid = true;
+  dispatch_floating(class_prior.scalar_type(), "balanced_sinkhorn", [&](auto tag) {
+    using prior_t = decltype(tag);
+    const prior_t* prior = data_of<const prior_t>(class_prior);
+    for (int64_t b = 0; b < batch; ++b)
+      valid &= normalized_log_prior(prior + b * class_prior.stride(0), class_prior.stride(1), classes,
+                                    log_prior.data() + b * classes);
+  });
+  CPSL_CHECK_VALUE(valid, "balanced_sinkhorn: class_prior must be positive and finite in every class");
+  return log_prior;
+}
+
+Tensor balanced_sinkhorn_cpu(const Tensor& scores, const Tensor& class_prior, double epsilon, int64_t num_iters) {
   check_sinkhorn_inputs(scores, class_prior, epsilon, num_iters);
-  const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
-  at::Tensor assignment = empty_large_output(scores.sizes(), scores.options());
-  if (assignment.numel() == 0) return assignment;
-  CPSL_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "balanced_sinkhorn_cpu", [&] {
-    const at::Tensor log_prior = normalized_log_prior(class_prior, c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value);
-    sinkhorn_kernel<scalar_t>(rows, log_prior, epsilon, num_iters, assignment);
+  const Tensor rows = scores.stride(2) == 1 ? scores : torch::stable::contiguous(scores);
+  const Tensor assignment = empty_large_output(scores, {scores.size(0), scores.size(1), scores.size(2)});
+  dispatch_floating(scores.scalar_type(), "balanced_sinkhorn", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const std::vector<acc_type<scalar_t>> log_prior = normalized_log_priors<acc_type<scalar_t>>(class_prior);
+    if (assignment.numel() > 0) sinkhorn_kernel<scalar_t>(rows, log_prior.data(), epsilon, num_iters, assignment);
   });
   return assignment;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("balanced_sinkhorn", &balanced_sinkhorn_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CPU, m) { m.impl("balanced_sinkhorn", TORCH_BOX(&balanced_sinkhorn_cpu)); }
 
 }  // namespace cpsl_ops

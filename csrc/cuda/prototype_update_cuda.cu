@@ -1,72 +1,135 @@
-// CUDA kernel of cpsl_ops::update_prototypes (schema: ops/prototype_update.cpp).
+// CUDA kernel of cpsl_ops::update_prototypes (schema: ops/prototype_update.cpp; math:
+// prototype_update_math.h).
 //
-// One pass over the labels builds a (B, K, P) one-hot matrix and raises a device flag on a label
-// outside [0, K) (nothing is scattered, so a bad label can never write out of bounds); one batched
-// GEMM against the features gives the class sums in a single read of the features. cuBLAS GEMMs
-// and ATen reductions are deterministic, so no separate deterministic mode is needed.
-#include <torch/library.h>
+// Three launches and working memory of O(K·D): the class pixel counts (which also flag a label
+// outside [0, K): nothing is ever indexed by a label, so a bad one cannot write out of bounds), the
+// class sums of every channel, and the EMA step. A class sum is accumulated by one block per
+// (channel, chunk of kClassChunk classes): each thread walks a fixed stride of the pixels with the
+// chunk's sums in registers, and the block merges its threads in a fixed order. There are no
+// atomics, so results are bit-identical from run to run and independent of cuBLAS settings.
+#include <torch/csrc/stable/library.h>
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
-#include "cpsl_ops/macros.h"
+#include "cpsl_ops/prototype_update_math.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
 
-template <typename label_t, typename acc_t>
-__global__ void one_hot_kernel(const label_t* __restrict__ labels, int64_t stride0, int64_t stride1, int64_t pixels,
-                               int64_t classes, int64_t ignore_index, int64_t total, acc_t* __restrict__ one_hot,
-                               int32_t* __restrict__ bad_label) {
-  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (index >= total) return;
-  const int64_t b = index / pixels, p = index % pixels;
-  const int64_t label = static_cast<int64_t>(labels[b * stride0 + p * stride1]);
-  if (label == ignore_index) return;
-  if (label < 0 || label >= classes) {
-    *bad_label = 1;
-    return;
+constexpr int kClassChunk = 32;
+
+// Per-pixel labels of a (B, P) view.
+template <typename label_t>
+struct Labels {
+  const label_t* __restrict__ data;
+  int64_t stride0, stride1, batch, pixels;
+  __device__ int64_t operator()(int64_t b, int64_t p) const { return static_cast<int64_t>(data[b * stride0 + p * stride1]); }
+};
+
+// counts[k] for the block's chunk of classes; raises *bad_label on a label outside [0, K) that is
+// not ignore_index.
+template <typename label_t>
+__global__ void __launch_bounds__(cuda::kThreads)
+    class_counts_kernel(Labels<label_t> labels, int64_t classes, int64_t ignore_index, int64_t* __restrict__ counts,
+                        int32_t* __restrict__ bad_label) {
+  __shared__ int64_t scratch[cuda::kThreads / cuda::kWarp];
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kClassChunk;
+  int64_t count[kClassChunk] = {};
+  bool bad = false;
+  for (int64_t b = 0; b < labels.batch; ++b)
+    for (int64_t p = threadIdx.x; p < labels.pixels; p += blockDim.x) {
+      const int64_t label = labels(b, p);
+      bad |= label != ignore_index && (label < 0 || label >= classes);
+#pragma unroll
+      for (int c = 0; c < kClassChunk; ++c) count[c] += label == k0 + c;
+    }
+  if (bad) *bad_label = 1;
+  for (int c = 0; c < kClassChunk; ++c) {
+    const int64_t total = cuda::block_sum(count[c], scratch);
+    if (threadIdx.x == 0 && k0 + c < classes) counts[k0 + c] = total;
   }
-  one_hot[(b * classes + label) * pixels + p] = acc_t(1);
 }
 
-std::tuple<at::Tensor, at::Tensor> update_prototypes_cuda(const at::Tensor& prototypes, const at::Tensor& features,
-                                                          const at::Tensor& labels, double momentum,
-                                                          int64_t ignore_index) {
-  check_update_prototypes_inputs(prototypes, features, labels, momentum);
-  const c10::cuda::CUDAGuard guard(features.device());
-  const at::Tensor f = as_batch_channel_pixel(features), label_view = as_batch_pixel(labels);
-  const int64_t batch = f.size(0), pixels = f.size(2), classes = prototypes.size(0);
-  at::Tensor new_prototypes, counts;
-  CPSL_DISPATCH_FLOATING_TYPES(features.scalar_type(), "update_prototypes_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor one_hot = at::zeros({batch, classes, pixels}, features.options().dtype(acc_type));
-    at::Tensor bad_label = at::zeros({1}, features.options().dtype(at::kInt));
-    const int64_t total = batch * pixels;
-    if (total > 0) {
-      AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "update_prototypes_cuda_labels", [&] {
-        one_hot_kernel<scalar_t, acc_t><<<cuda::blocks_for(total), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            label_view.data_ptr<scalar_t>(), label_view.stride(0), label_view.stride(1), pixels, classes, ignore_index,
-            total, one_hot.data_ptr<acc_t>(), bad_label.data_ptr<int32_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+// sums[k * D + d] = Σ over pixels labelled k of f[b, d, p], for channel d = blockIdx.x and the
+// classes of chunk blockIdx.y.
+template <typename scalar_t, typename label_t, typename acc_t>
+__global__ void __launch_bounds__(cuda::kThreads)
+    class_sums_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f, Labels<label_t> labels,
+                      int64_t channels, int64_t classes, acc_t* __restrict__ sums) {
+  __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
+  const int64_t d = blockIdx.x, k0 = static_cast<int64_t>(blockIdx.y) * kClassChunk;
+  acc_t sum[kClassChunk] = {};
+  for (int64_t b = 0; b < labels.batch; ++b)
+    for (int64_t p = threadIdx.x; p < labels.pixels; p += blockDim.x) {
+      const int64_t slot = labels(b, p) - k0;
+      if (slot < 0 || slot >= kClassChunk) continue;
+      const acc_t value = static_cast<acc_t>(features[f(b, d, p)]);
+#pragma unroll
+      for (int c = 0; c < kClassChunk; ++c) sum[c] += slot == c ? value : acc_t(0);
     }
-    TORCH_CHECK_VALUE(!cuda::flag_raised(bad_label), "update_prototypes: labels must lie in [0, ", classes,
-                      ") or equal ignore_index=", ignore_index);
-    const at::Tensor sums = at::matmul(one_hot, f.to(acc_type).transpose(1, 2)).sum(0);  // (K, D)
-    // Summed as int64: fp32 sums of ones stop being exact past 2^24 pixels of one class.
-    counts = one_hot.sum({0, 2}, false, at::kLong);  // (K,)
-    const at::Tensor old = prototypes.to(acc_type);
-    const at::Tensor means = sums / counts.clamp_min(1).to(acc_type).unsqueeze(1);
-    const at::Tensor updated = at::where((counts > 0).unsqueeze(1), momentum * old + (1 - momentum) * means, old);
-    new_prototypes = updated.to(prototypes.scalar_type());
+  for (int c = 0; c < kClassChunk; ++c) {
+    const acc_t total = cuda::block_sum(sum[c], scratch);
+    if (threadIdx.x == 0 && k0 + c < classes) sums[(k0 + c) * channels + d] = total;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void ema_kernel(const scalar_t* __restrict__ prototypes, int64_t stride0, int64_t stride1,
+                           const acc_t* __restrict__ sums, const int64_t* __restrict__ counts, int64_t classes,
+                           int64_t channels, acc_t momentum, scalar_t* __restrict__ out) {
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (index >= classes * channels) return;
+  const int64_t k = index / channels, d = index % channels;
+  out[index] = static_cast<scalar_t>(
+      ema_class_mean(static_cast<acc_t>(prototypes[k * stride0 + d * stride1]), sums[index], counts[k], momentum));
+}
+
+std::tuple<Tensor, Tensor> update_prototypes_cuda(const Tensor& prototypes, const Tensor& features,
+                                                  const Tensor& labels, double momentum, int64_t ignore_index) {
+  check_update_prototypes_inputs(prototypes, features, labels, momentum);
+  const cuda::DeviceContext context(features);
+  const Tensor f = as_batch_channel_pixel(features), label_view = as_batch_pixel(labels);
+  const int64_t classes = prototypes.size(0), channels = prototypes.size(1);
+  const int64_t class_chunks = cuda::blocks_for(classes, kClassChunk);
+  const Tensor new_prototypes = empty_on(prototypes, {classes, channels}, prototypes.scalar_type());
+  const Tensor counts = zeros_on(prototypes, {classes}, ScalarType::Long);
+  if (classes == 0) return {new_prototypes, counts};
+  const Tensor bad_label = zeros_on(prototypes, {1}, ScalarType::Int);
+  dispatch_floating(features.scalar_type(), "update_prototypes", [&](auto feature_tag) {
+    using scalar_t = decltype(feature_tag);
+    using acc_t = acc_type<scalar_t>;
+    const Tensor sums = zeros_on(prototypes, {classes, channels}, scalar_type_of<acc_t>());
+    dispatch_integral(labels.scalar_type(), "update_prototypes", [&](auto label_tag) {
+      using label_t = decltype(label_tag);
+      const Labels<label_t> label_access{data_of<const label_t>(label_view), label_view.stride(0),
+                                         label_view.stride(1), label_view.size(0), label_view.size(1)};
+      if (label_view.numel() == 0) return;
+      class_counts_kernel<label_t><<<class_chunks, cuda::kThreads, 0, context.stream()>>>(
+          label_access, classes, ignore_index, data_of<int64_t>(counts), data_of<int32_t>(bad_label));
+      CPSL_KERNEL_LAUNCH_CHECK();
+      if (channels == 0) return;
+      class_sums_kernel<scalar_t, label_t, acc_t>
+          <<<dim3(channels, class_chunks), cuda::kThreads, 0, context.stream()>>>(
+              data_of<const scalar_t>(f), cuda::Strides3d(f), label_access, channels, classes, data_of<acc_t>(sums));
+      CPSL_KERNEL_LAUNCH_CHECK();
+    });
+    if (channels > 0) {
+      ema_kernel<scalar_t, acc_t><<<cuda::blocks_for(classes * channels), cuda::kThreads, 0, context.stream()>>>(
+          data_of<const scalar_t>(prototypes), prototypes.stride(0), prototypes.stride(1), data_of<const acc_t>(sums),
+          data_of<const int64_t>(counts), classes, channels, static_cast<acc_t>(momentum),
+          data_of<scalar_t>(new_prototypes));
+      CPSL_KERNEL_LAUNCH_CHECK();
+    }
   });
+  CPSL_CHECK_VALUE(!cuda::HostFlags<1>(bad_label, context.stream())[0], "update_prototypes: labels must lie in [0, ",
+                   classes, ") or equal ignore_index=", ignore_index);
   return {new_prototypes, counts};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CUDA, m) { m.impl("update_prototypes", &update_prototypes_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CUDA, m) { m.impl("update_prototypes", TORCH_BOX(&update_prototypes_cuda)); }
 
 }  // namespace cpsl_ops

@@ -1,12 +1,12 @@
 // CUDA kernel of cpsl_ops::rectify_pseudo_labels (schema: ops/rectify.cpp; math: rectify_math.h).
 // One thread per pixel, one pass over its K soft labels and logits (coalesced along pixels).
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
-#include "cpsl_ops/macros.h"
 #include "cpsl_ops/rectify_math.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
@@ -32,31 +32,35 @@ __global__ void rectify_kernel(const scalar_t* __restrict__ soft, cuda::Strides3
   labels[b * pixels + p] = acc.label(threshold, ignore_index);
 }
 
-std::tuple<at::Tensor, at::Tensor> rectify_pseudo_labels_cuda(const at::Tensor& soft, const at::Tensor& logits,
-                                                              double threshold, int64_t ignore_index) {
+std::tuple<Tensor, Tensor> rectify_pseudo_labels_cuda(const Tensor& soft, const Tensor& logits, double threshold,
+                                                      int64_t ignore_index) {
   check_rectify_inputs(soft, logits);
-  const c10::cuda::CUDAGuard guard(soft.device());
-  at::Tensor labels = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options().dtype(at::kLong));
-  at::Tensor confidence = at::empty({soft.size(0), soft.size(2), soft.size(3)}, soft.options());
+  const cuda::DeviceContext context(soft);
+  const Tensor labels = empty_on(soft, {soft.size(0), soft.size(2), soft.size(3)}, ScalarType::Long);
+  const Tensor confidence = empty_on(soft, {soft.size(0), soft.size(2), soft.size(3)}, soft.scalar_type());
   if (labels.numel() == 0) return {labels, confidence};
-  const at::Tensor p = as_batch_channel_pixel(soft), l = as_batch_channel_pixel(logits);
-  at::Tensor invalid = at::zeros({1}, soft.options().dtype(at::kInt));
-  CPSL_DISPATCH_FLOATING_TYPES(soft.scalar_type(), "rectify_pseudo_labels_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const Tensor p = as_batch_channel_pixel(soft), l = as_batch_channel_pixel(logits);
+  const Tensor invalid = zeros_on(soft, {1}, ScalarType::Int);
+  dispatch_floating(soft.scalar_type(), "rectify_pseudo_labels", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
     const dim3 grid(cuda::blocks_for(p.size(2)), p.size(0));
-    rectify_kernel<scalar_t, acc_t><<<grid, cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        p.data_ptr<scalar_t>(), cuda::Strides3d(p), l.data_ptr<scalar_t>(), cuda::Strides3d(l), p.size(1), p.size(2),
-        static_cast<acc_t>(threshold), ignore_index, labels.data_ptr<int64_t>(), confidence.data_ptr<scalar_t>(),
-        invalid.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rectify_kernel<scalar_t, acc_t><<<grid, cuda::kThreads, 0, context.stream()>>>(
+        data_of<const scalar_t>(p), cuda::Strides3d(p), data_of<const scalar_t>(l), cuda::Strides3d(l), p.size(1),
+        p.size(2), static_cast<acc_t>(threshold), ignore_index, data_of<int64_t>(labels),
+        data_of<scalar_t>(confidence), data_of<int32_t>(invalid));
+    CPSL_KERNEL_LAUNCH_CHECK();
   });
-  TORCH_CHECK_VALUE(!cuda::flag_raised(invalid), "rectify_pseudo_labels: soft_pseudo_labels must be finite and "
-                                                 "non-negative and prototype_logits finite");
+  CPSL_CHECK_VALUE(!cuda::HostFlags<1>(invalid, context.stream())[0],
+                   "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and prototype_logits "
+                   "finite");
   return {labels, confidence};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CUDA, m) { m.impl("rectify_pseudo_labels", &rectify_pseudo_labels_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CUDA, m) {
+  m.impl("rectify_pseudo_labels", TORCH_BOX(&rectify_pseudo_labels_cuda));
+}
 
 }  // namespace cpsl_ops

@@ -9,8 +9,10 @@
 // chunk order by one thread per (problem, class): the result does not depend on the grid size, and
 // there are no atomics, so runs are bit-identical.
 #include <cooperative_groups.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "cpsl_ops/cuda_utils.cuh"
@@ -18,12 +20,15 @@
 #include "cpsl_ops/op_checks.h"
 #include "cpsl_ops/sinkhorn_math.h"
 #include "cpsl_ops/sinkhorn_prior.h"
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 namespace {
 
 constexpr int kRowsPerChunk = 1024;
 constexpr int kWarps = cuda::kThreads / cuda::kWarp;
+// Device-side flags of one call, read by the host once, after every kernel.
+constexpr int kNonFiniteScores = 0, kBadPrior = 1, kNumFlags = 2;
 
 // Everything the kernel reads or writes. Buffers written inside the launch are plain pointers (no
 // const __restrict__): other blocks write them before a barrier, so reads must not go through the
@@ -37,7 +42,7 @@ struct SinkhornArgs {
   acc_t* partial_max;                   // (B, chunks, K): per-chunk column maxima, then unused
   acc_t* partial_sum;                   // (B, chunks, K): per-chunk sums of exp(x - max), then masses
   acc_t* potential;                     // (B, K)
-  int32_t* non_finite;
+  int32_t* flags;                       // kNumFlags
   scalar_t* __restrict__ out;
 };
 
@@ -95,7 +100,7 @@ __device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, i
         lse[c].add(x);
       }
     }
-  if (!finite) *a.non_finite = 1;
+  if (!finite) a.flags[kNonFiniteScores] = 1;
 #pragma unroll
   for (int c = 0; c < kClassesPerLane; ++c) {
     shared_max[warp][lane + c * cuda::kWarp] = lse[c].max;
@@ -163,11 +168,12 @@ __global__ void __launch_bounds__(cuda::kThreads) sinkhorn_kernel(SinkhornArgs<s
   const int64_t chunks = a.batch * a.chunks_per_problem, pairs = a.batch * a.classes;
   const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (a.flags[kBadPrior]) return;  // written by log_prior_kernel before this launch; the host raises
 
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x)
     chunk_column_logsumexp<kClassesPerLane>(a, chunk, shared_a, shared_b);
   grid.sync();
-  if (*a.non_finite) return;  // every block reads the same flag after the barrier; the host raises
+  if (a.flags[kNonFiniteScores]) return;  // every block reads the same flag after the barrier; the host raises
   for (int64_t pair = thread; pair < pairs; pair += threads) {
     const int64_t b = pair / a.classes, k = pair % a.classes;
     OnlineLogSumExp<acc_t> merged;
@@ -194,18 +200,26 @@ __global__ void __launch_bounds__(cuda::kThreads) sinkhorn_kernel(SinkhornArgs<s
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) chunk_assignment<kClassesPerLane>(a, chunk);
 }
 
+// log of each problem's normalized prior; raises kBadPrior on a non-positive or non-finite entry.
+template <typename prior_t, typename acc_t>
+__global__ void log_prior_kernel(const prior_t* __restrict__ prior, int64_t stride0, int64_t stride1, int64_t batch,
+                                 int64_t classes, acc_t* __restrict__ log_prior, int32_t* __restrict__ flags) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= batch) return;
+  if (!normalized_log_prior(prior + b * stride0, stride1, classes, log_prior + b * classes)) flags[kBadPrior] = 1;
+}
+
 template <typename scalar_t, int kClassesPerLane>
-void run_sinkhorn(const at::Tensor& scores, const at::Tensor& log_prior, double epsilon, int64_t num_iters,
-                  at::Tensor& assignment) {
-  using acc_t = at::opmath_type<scalar_t>;
+void run_sinkhorn(const cuda::DeviceContext& context, const Tensor& scores, const Tensor& log_prior,
+                  const Tensor& flags, double epsilon, int64_t num_iters, const Tensor& assignment) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
   const int64_t chunks_per_problem = cuda::blocks_for(samples, kRowsPerChunk);
-  const auto options = scores.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor partial_max = at::empty({batch, chunks_per_problem, classes}, options);
-  at::Tensor partial_sum = at::empty({batch, chunks_per_problem, classes}, options);
-  at::Tensor potential = at::empty({batch, classes}, options);
-  at::Tensor non_finite = at::zeros({1}, scores.options().dtype(at::kInt));
-  SinkhornArgs<scalar_t, acc_t> args{scores.data_ptr<scalar_t>(),
+  const ScalarType acc_dtype = scalar_type_of<acc_t>();
+  const Tensor partial_max = empty_on(scores, {batch, chunks_per_problem, classes}, acc_dtype);
+  const Tensor partial_sum = empty_on(scores, {batch, chunks_per_problem, classes}, acc_dtype);
+  const Tensor potential = empty_on(scores, {batch, classes}, acc_dtype);
+  SinkhornArgs<scalar_t, acc_t> args{data_of<const scalar_t>(scores),
                                      batch,
                                      samples,
                                      classes,
@@ -215,59 +229,69 @@ void run_sinkhorn(const at::Tensor& scores, const at::Tensor& log_prior, double 
                                      num_iters,
                                      static_cast<acc_t>(1.0 / epsilon),
                                      static_cast<acc_t>(std::log(static_cast<double>(samples))),
-                                     log_prior.data_ptr<acc_t>(),
-                                     partial_max.data_ptr<acc_t>(),
-                                     partial_sum.data_ptr<acc_t>(),
-                                     potential.data_ptr<acc_t>(),
-                                     non_finite.data_ptr<int32_t>(),
-                                     assignment.data_ptr<scalar_t>()};
+                                     data_of<const acc_t>(log_prior),
+                                     data_of<acc_t>(partial_max),
+                                     data_of<acc_t>(partial_sum),
+                                     data_of<acc_t>(potential),
+                                     data_of<int32_t>(flags),
+                                     data_of<scalar_t>(assignment)};
 
   // A cooperative launch needs every block resident at once: no more blocks than the device holds.
   const auto kernel = sinkhorn_kernel<kClassesPerLane, scalar_t, acc_t>;
   int blocks_per_multiprocessor = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, cuda::kThreads, 0));
-  const int64_t resident = static_cast<int64_t>(blocks_per_multiprocessor) *
-                           at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  TORCH_CHECK(resident > 0, "balanced_sinkhorn: the CUDA kernel does not fit on this device");
+  CPSL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, cuda::kThreads, 0));
+  const int64_t resident =
+      static_cast<int64_t>(blocks_per_multiprocessor) * context.attribute(cudaDevAttrMultiProcessorCount);
+  CPSL_CHECK(resident > 0, "balanced_sinkhorn: the CUDA kernel does not fit on this device");
   const unsigned int grid = static_cast<unsigned int>(std::min(batch * chunks_per_problem, resident));
   void* kernel_args[] = {&args};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
-                                             dim3(cuda::kThreads), kernel_args, 0,
-                                             at::cuda::getCurrentCUDAStream()));
-  TORCH_CHECK_VALUE(!cuda::flag_raised(non_finite), "balanced_sinkhorn: scores / epsilon has NaN or infinite values");
+  CPSL_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(cuda::kThreads),
+                                              kernel_args, 0, context.stream()));
 }
 
-at::Tensor balanced_sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& class_prior, double epsilon,
-                                  int64_t num_iters) {
+Tensor balanced_sinkhorn_cuda(const Tensor& scores, const Tensor& class_prior, double epsilon, int64_t num_iters) {
   check_sinkhorn_inputs(scores, class_prior, epsilon, num_iters);
-  TORCH_CHECK(scores.size(2) <= 8 * cuda::kWarp, "balanced_sinkhorn: the CUDA kernel supports K <= 256, got ",
-              scores.size(2));
-  const c10::cuda::CUDAGuard guard(scores.device());
-  const at::Tensor rows = scores.stride(2) == 1 ? scores : scores.contiguous();
-  at::Tensor assignment = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
-  if (assignment.numel() == 0) return assignment;
-  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->cooperativeLaunch,
-              "balanced_sinkhorn: this GPU does not support cooperative launches, which the CUDA kernel needs; "
-              "use cpsl_ops.set_backend('reference') on it");
-  CPSL_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "balanced_sinkhorn_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor log_prior = normalized_log_prior(class_prior, c10::CppTypeToScalarType<acc_t>::value);
-    const int64_t classes = scores.size(2);
-    if (classes <= cuda::kWarp) {
-      run_sinkhorn<scalar_t, 1>(rows, log_prior, epsilon, num_iters, assignment);
-    } else if (classes <= 2 * cuda::kWarp) {
-      run_sinkhorn<scalar_t, 2>(rows, log_prior, epsilon, num_iters, assignment);
-    } else if (classes <= 4 * cuda::kWarp) {
-      run_sinkhorn<scalar_t, 4>(rows, log_prior, epsilon, num_iters, assignment);
-    } else {
-      run_sinkhorn<scalar_t, 8>(rows, log_prior, epsilon, num_iters, assignment);
+  const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
+  CPSL_CHECK(classes <= 8 * cuda::kWarp, "balanced_sinkhorn: the CUDA kernel supports K <= 256, got ", classes);
+  const cuda::DeviceContext context(scores);
+  const Tensor rows = scores.stride(2) == 1 ? scores : torch::stable::contiguous(scores);
+  const Tensor assignment = empty_on(scores, {batch, samples, classes}, scores.scalar_type());
+  if (batch * classes == 0) return assignment;
+  dispatch_floating(scores.scalar_type(), "balanced_sinkhorn", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const Tensor log_prior = empty_on(scores, {batch, classes}, scalar_type_of<acc_t>());
+    const Tensor flags = zeros_on(scores, {kNumFlags}, ScalarType::Int);
+    dispatch_floating(class_prior.scalar_type(), "balanced_sinkhorn", [&](auto prior_tag) {
+      using prior_t = decltype(prior_tag);
+      log_prior_kernel<prior_t, acc_t><<<cuda::blocks_for(batch), cuda::kThreads, 0, context.stream()>>>(
+          data_of<const prior_t>(class_prior), class_prior.stride(0), class_prior.stride(1), batch, classes,
+          data_of<acc_t>(log_prior), data_of<int32_t>(flags));
+      CPSL_KERNEL_LAUNCH_CHECK();
+    });
+    if (samples > 0) {
+      CPSL_CHECK(context.attribute(cudaDevAttrCooperativeLaunch),
+                 "balanced_sinkhorn: this GPU does not support cooperative launches, which the CUDA kernel needs; "
+                 "use cpsl_ops.set_backend('reference') on it");
+      if (classes <= cuda::kWarp) {
+        run_sinkhorn<scalar_t, 1>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+      } else if (classes <= 2 * cuda::kWarp) {
+        run_sinkhorn<scalar_t, 2>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+      } else if (classes <= 4 * cuda::kWarp) {
+        run_sinkhorn<scalar_t, 4>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+      } else {
+        run_sinkhorn<scalar_t, 8>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+      }
     }
+    const cuda::HostFlags<kNumFlags> raised(flags, context.stream());
+    CPSL_CHECK_VALUE(!raised[kBadPrior], "balanced_sinkhorn: class_prior must be positive and finite in every class");
+    CPSL_CHECK_VALUE(!raised[kNonFiniteScores], "balanced_sinkhorn: scores / epsilon has NaN or infinite values");
   });
   return assignment;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cpsl_ops, CUDA, m) { m.impl("balanced_sinkhorn", &balanced_sinkhorn_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(cpsl_ops, CUDA, m) { m.impl("balanced_sinkhorn", TORCH_BOX(&balanced_sinkhorn_cuda)); }
 
 }  // namespace cpsl_ops

@@ -11,9 +11,9 @@
 // [0, K) that is not ignore_index raises a ValueError naming it; nothing is written for it.
 // Sums are accumulated in fixed blocks merged in order, so results are deterministic.
 // Kernels: cpu/prototype_update_cpu.cpp, cuda/prototype_update_cuda.cu.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
   m.def(
       "update_prototypes(Tensor prototypes, Tensor features, Tensor labels, float momentum, int ignore_index)"
       " -> (Tensor, Tensor)");

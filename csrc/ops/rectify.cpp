@@ -10,9 +10,9 @@
 //
 // Math shared by CPU and CUDA: include/cpsl_ops/rectify_math.h. Kernels: cpu/rectify_cpu.cpp,
 // cuda/rectify_cuda.cu.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
   m.def(
       "rectify_pseudo_labels(Tensor soft_pseudo_labels, Tensor prototype_logits, float threshold, int ignore_index)"
       " -> (Tensor, Tensor)");

@@ -10,9 +10,9 @@
 // Neither kernel materializes normalized features: each tile of pixels is normalized in registers
 // or cache while it is multiplied. Kernels: cpu/similarity_cpu.cpp, cuda/similarity_cuda.cu.
 // Math shared by both: include/cpsl_ops/similarity_math.h. Python: cpsl_ops/ops/similarity.py.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
   m.def("similarity(Tensor features, Tensor prototypes, float temperature) -> Tensor");
   m.def(
       "similarity_backward(Tensor grad_logits, Tensor features, Tensor prototypes, float temperature)"

@@ -13,8 +13,8 @@
 // parallel over fixed blocks of rows (on a GPU, all of them in one cooperative launch for all B
 // problems). NaN or infinite scores raise. No gradient: the targets are
 // detached by design. Kernels: cpu/sinkhorn_cpu.cpp, cuda/sinkhorn_cuda.cu.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
   m.def("balanced_sinkhorn(Tensor scores, Tensor class_prior, float epsilon, int num_iters) -> Tensor");
 }

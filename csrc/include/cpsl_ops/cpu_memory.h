@@ -1,19 +1,18 @@
 #pragma once
 // Memory for the CPU kernels' large outputs.
 
-#include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
-#include <c10/core/Allocator.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <new>
 #include <utility>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 
@@ -41,51 +40,34 @@ inline void prefer_huge_pages(void* data, size_t bytes) {
 
 // Even with huge pages, the OS zeroes every fresh page of a large output (a seventh of Sinkhorn's
 // time at N = 1M), and a training loop frees that output before the next call asks for one of the
-// same size. This allocator keeps the last freed buffer and hands it out again, as PyTorch's CUDA
+// same size. This pool keeps the last freed buffer and hands it out again, as PyTorch's CUDA
 // caching allocator does: at most one freed buffer (the newest) stays allocated.
-class RecyclingAllocator final : public c10::Allocator {
+class RecyclingPool {
  public:
-  // Never destroyed: outputs that Python frees at exit still find it.
-  static RecyclingAllocator& instance() {
-    static RecyclingAllocator* const allocator = new RecyclingAllocator();
-    return *allocator;
-  }
-
-  c10::DataPtr allocate(size_t bytes) override {
-    Block* block = take(bytes);
-    if (block == nullptr) {
-      const size_t capacity = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;  // whole huge pages
-      void* data = std::aligned_alloc(kHugePageBytes, capacity);
-      if (data == nullptr) throw std::bad_alloc();
-      prefer_huge_pages(data, capacity);
-      block = new Block{data, capacity};
-    }
-    return {block->data, block, &RecyclingAllocator::release, c10::Device(c10::kCPU)};
-  }
-
-  void copy_data(void* destination, const void* source, std::size_t count) const override {
-    default_copy_data(destination, source, count);
-  }
-
- private:
   struct Block {
     void* data;
     size_t capacity;
   };
 
-  // The kept block if it holds `bytes` without wasting more than half of itself.
-  Block* take(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (kept_ == nullptr || kept_->capacity < bytes || kept_->capacity / 2 > bytes) return nullptr;
-    return std::exchange(kept_, nullptr);
+  // Never destroyed: outputs that Python frees at exit still find it.
+  static RecyclingPool& instance() {
+    static RecyclingPool* const pool = new RecyclingPool();
+    return *pool;
   }
 
-  static void release(void* context) {
-    Block* freed = static_cast<Block*>(context);
-    RecyclingAllocator& self = instance();
+  Block* allocate(size_t bytes) {
+    if (Block* kept = take(bytes)) return kept;
+    const size_t capacity = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;  // whole huge pages
+    void* data = std::aligned_alloc(kHugePageBytes, capacity);
+    if (data == nullptr) throw std::bad_alloc();
+    prefer_huge_pages(data, capacity);
+    return new Block{data, capacity};
+  }
+
+  void release(Block* freed) {
     {
-      std::lock_guard<std::mutex> lock(self.mutex_);
-      std::swap(freed, self.kept_);  // the newest buffer is the likeliest to fit the next call
+      std::lock_guard<std::mutex> lock(mutex_);
+      std::swap(freed, kept_);  // the newest buffer is the likeliest to fit the next call
     }
     if (freed != nullptr) {
       std::free(freed->data);
@@ -93,17 +75,32 @@ class RecyclingAllocator final : public c10::Allocator {
     }
   }
 
+ private:
+  // The kept block if it holds `bytes` without wasting more than half of itself.
+  Block* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_ == nullptr || kept_->capacity < bytes || kept_->capacity / 2 > bytes) return nullptr;
+    return std::exchange(kept_, nullptr);
+  }
+
   std::mutex mutex_;
   Block* kept_ = nullptr;
 };
 
-// at::empty for large outputs of the CPU kernels: contiguous, from the recycling allocator above
-// when the tensor has kLargeOutputBytes or more, else from PyTorch's CPU allocator.
-inline at::Tensor empty_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize() < kLargeOutputBytes)
-    return at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-  return at::detail::empty_generic(sizes, &RecyclingAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), at::MemoryFormat::Contiguous);
+// An uninitialized contiguous CPU tensor of `like`'s dtype for a large kernel output: from the recycling pool above
+// when it has kLargeOutputBytes or more, else from PyTorch's CPU allocator. (A tensor over memory
+// of one's own, freed through a deleter, is what needs torch 2.11's stable ABI.)
+inline Tensor empty_large_output(const Tensor& like, const std::vector<int64_t>& sizes) {
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  const ScalarType dtype = like.scalar_type();
+  const size_t bytes = static_cast<size_t>(numel) * like.element_size();
+  if (bytes < kLargeOutputBytes) return empty_on(like, sizes, dtype);
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * sizes[d];
+  RecyclingPool::Block* block = RecyclingPool::instance().allocate(bytes);
+  return torch::stable::from_blob(block->data, sizes, strides, torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                  dtype, [block](void*) { RecyclingPool::instance().release(block); });
 }
 
 }  // namespace cpsl_ops

@@ -1,10 +1,12 @@
 // Helpers of the CPU kernels: strided element access and tiles of pixels loaded in the
 // accumulation type, so that one loop body serves every dtype and layout.
 #pragma once
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
 
@@ -13,15 +15,16 @@ constexpr int64_t kPixelTile = 64;
 
 // Element (i, j, l) of a 3-d tensor with arbitrary strides. It holds the tensor, so a view that
 // had to be copied (as_batch_channel_pixel of unmergeable strides) lives as long as the accessor.
+// Hidden, as the stable Tensor it holds is.
 template <typename T>
-struct Strided3d {
-  at::Tensor tensor;
+struct __attribute__((visibility("hidden"))) Strided3d {
+  Tensor tensor;
   T* data;
   int64_t stride0, stride1, stride2;
 
-  explicit Strided3d(at::Tensor t)
+  explicit Strided3d(Tensor t)
       : tensor(std::move(t)),
-        data(tensor.data_ptr<std::remove_const_t<T>>()),
+        data(data_of<T>(tensor)),
         stride0(tensor.stride(0)),
         stride1(tensor.stride(1)),
         stride2(tensor.stride(2)) {}

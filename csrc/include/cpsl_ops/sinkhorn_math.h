@@ -7,11 +7,11 @@
 //   first:  a_k = log r_k - logsumexp_i(S_ik/ε)
 //   then:   a_k += log(N r_k) - log(sum_i P_ik(a))
 // Every exponential is taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16
-// scores stay finite. Later iterations rescale a kept matrix instead of taking exponentials again
-// (rescaled_row_floor): the CUDA kernel keeps the first softmax, after one exponential per score
-// for the column log-sum-exp and one for that softmax; the CPU kernel does the same for widely
-// spread scores, and otherwise keeps exp(S/ε - row maximum), one exponential per score, and takes
-// the column log-sum-exps from it too.
+// scores stay finite. The CPU kernel's later iterations rescale a kept matrix instead of taking
+// exponentials again (rescaled_row_floor): the first softmax for widely spread scores, otherwise
+// exp(S/ε - row maximum), one exponential per score, from which it also takes the column
+// log-sum-exps. The CUDA kernel keeps nothing: every pass recomputes the row softmax from the
+// scores.
 #pragma once
 #include <cmath>
 #include <limits>

@@ -1,16 +1,25 @@
-// Host-side preparation of the Sinkhorn class prior, shared by the CPU and CUDA kernels.
+// The Sinkhorn class prior, normalized per problem: shared by the CPU and CUDA kernels.
 #pragma once
-#include <ATen/ATen.h>
+#include <cmath>
+#include <cstdint>
+
+#include "cpsl_ops/macros.h"
 
 namespace cpsl_ops {
 
-// log of the prior normalized per problem, in the accumulation dtype; raises on a non-positive or
-// non-finite entry (one host synchronization on a GPU: the prior has only B × K values).
-inline at::Tensor normalized_log_prior(const at::Tensor& class_prior, at::ScalarType acc_type) {
-  const at::Tensor prior = class_prior.to(acc_type);
-  TORCH_CHECK_VALUE(at::isfinite(prior).all().item<bool>() && (prior > 0).all().item<bool>(),
-                    "balanced_sinkhorn: class_prior must be positive and finite in every class");
-  return (prior / prior.sum(-1, true)).log().contiguous();
+// log_prior[k] = log(r_k / Σ_j r_j) of one problem's prior, in the accumulation type; false if an
+// entry is not positive and finite (the caller raises).
+template <typename prior_t, typename acc_t>
+CPSL_HOST_DEVICE bool normalized_log_prior(const prior_t* prior, int64_t stride, int64_t classes, acc_t* log_prior) {
+  acc_t total = 0;
+  bool valid = true;
+  for (int64_t k = 0; k < classes; ++k) {
+    const acc_t value = static_cast<acc_t>(prior[k * stride]);
+    valid = valid && value > acc_t(0) && value - value == acc_t(0);
+    total += value;
+  }
+  for (int64_t k = 0; k < classes; ++k) log_prior[k] = std::log(static_cast<acc_t>(prior[k * stride]) / total);
+  return valid;
 }
 
 }  // namespace cpsl_ops
