@@ -131,3 +131,28 @@ def test_out_of_range_label_raises_and_writes_nothing(device, backend, bad):
 def test_bad_input(features, labels, kwargs, error, message):
     with pytest.raises(error, match=message):
         cpsl_ops.update_prototypes_(torch.zeros(3, 4), features, labels, **kwargs)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignore_index_inside_the_class_range_is_ignored(device):
+    features = random_tensor((2, 4, 3, 5), torch.float32, device, 0)
+    labels = random_labels((2, 3, 5), 3, device, 1, ignore_share=0.0)
+    initial = random_tensor((3, 4), torch.float32, device, 2)
+    prototypes, expected = initial.clone(), initial.clone()
+    counts = cpsl_ops.update_prototypes_(prototypes, features, labels, 0.5, ignore_index=0)
+    with cpsl_ops.use_backend("reference"):
+        expected_counts = cpsl_ops.update_prototypes_(expected, features, labels, 0.5, ignore_index=0)
+    assert counts[0] == 0 and torch.equal(counts, expected_counts)
+    assert torch.equal(prototypes[0], initial[0])
+    torch.testing.assert_close(prototypes, expected)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_op_call_rejects_labels_of_other_pixels(device):
+    """The kernels check what the Python wrapper checks first: one label per feature pixel."""
+    prototypes, features = torch.zeros(3, 4, device=device), torch.randn(2, 4, 3, 5, device=device)
+    for labels in (torch.zeros(2, 3, 6, dtype=torch.long), torch.zeros(1, 3, 5, dtype=torch.long)):
+        with pytest.raises(RuntimeError, match="do not match the pixels of features"):
+            torch.ops.cpsl_ops.update_prototypes(prototypes, features, labels.to(device), 0.5, 255)

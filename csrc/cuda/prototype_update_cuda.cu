@@ -9,6 +9,8 @@
 // atomics, so results are bit-identical from run to run and independent of cuBLAS settings.
 #include <torch/csrc/stable/library.h>
 
+#include <algorithm>
+
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
@@ -41,7 +43,8 @@ __global__ void __launch_bounds__(cuda::kThreads)
   for (int64_t b = 0; b < labels.batch; ++b)
     for (int64_t p = threadIdx.x; p < labels.pixels; p += blockDim.x) {
       const int64_t label = labels(b, p);
-      bad |= label != ignore_index && (label < 0 || label >= classes);
+      if (label == ignore_index) continue;  // ignore_index may lie in [0, K)
+      bad |= label < 0 || label >= classes;
 #pragma unroll
       for (int c = 0; c < kClassChunk; ++c) count[c] += label == k0 + c;
     }
@@ -57,14 +60,14 @@ __global__ void __launch_bounds__(cuda::kThreads)
 template <typename scalar_t, typename label_t, typename acc_t>
 __global__ void __launch_bounds__(cuda::kThreads)
     class_sums_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f, Labels<label_t> labels,
-                      int64_t channels, int64_t classes, acc_t* __restrict__ sums) {
+                      int64_t channels, int64_t classes, int64_t ignore_index, acc_t* __restrict__ sums) {
   __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
   const int64_t d = blockIdx.x, k0 = static_cast<int64_t>(blockIdx.y) * kClassChunk;
   acc_t sum[kClassChunk] = {};
   for (int64_t b = 0; b < labels.batch; ++b)
     for (int64_t p = threadIdx.x; p < labels.pixels; p += blockDim.x) {
-      const int64_t slot = labels(b, p) - k0;
-      if (slot < 0 || slot >= kClassChunk) continue;
+      const int64_t label = labels(b, p), slot = label - k0;
+      if (label == ignore_index || slot < 0 || slot >= kClassChunk) continue;
       const acc_t value = static_cast<acc_t>(features[f(b, d, p)]);
 #pragma unroll
       for (int c = 0; c < kClassChunk; ++c) sum[c] += slot == c ? value : acc_t(0);
@@ -93,9 +96,10 @@ std::tuple<Tensor, Tensor> update_prototypes_cuda(const Tensor& prototypes, cons
   const Tensor f = as_batch_channel_pixel(features), label_view = as_batch_pixel(labels);
   const int64_t classes = prototypes.size(0), channels = prototypes.size(1);
   const int64_t class_chunks = cuda::blocks_for(classes, kClassChunk);
+  CPSL_CHECK(class_chunks <= cuda::kMaxGridY, "update_prototypes: the CUDA kernel takes at most ",
+             cuda::kMaxGridY * kClassChunk, " classes, got ", classes);
   const Tensor new_prototypes = empty_on(prototypes, {classes, channels}, prototypes.scalar_type());
   const Tensor counts = zeros_on(prototypes, {classes}, ScalarType::Long);
-  if (classes == 0) return {new_prototypes, counts};
   const Tensor bad_label = zeros_on(prototypes, {1}, ScalarType::Int);
   dispatch_floating(features.scalar_type(), "update_prototypes", [&](auto feature_tag) {
     using scalar_t = decltype(feature_tag);
@@ -106,16 +110,18 @@ std::tuple<Tensor, Tensor> update_prototypes_cuda(const Tensor& prototypes, cons
       const Labels<label_t> label_access{data_of<const label_t>(label_view), label_view.stride(0),
                                          label_view.stride(1), label_view.size(0), label_view.size(1)};
       if (label_view.numel() == 0) return;
-      class_counts_kernel<label_t><<<class_chunks, cuda::kThreads, 0, context.stream()>>>(
+      // One block at least: with K = 0 every label but ignore_index is out of range.
+      class_counts_kernel<label_t><<<std::max<int64_t>(class_chunks, 1), cuda::kThreads, 0, context.stream()>>>(
           label_access, classes, ignore_index, data_of<int64_t>(counts), data_of<int32_t>(bad_label));
       CPSL_KERNEL_LAUNCH_CHECK();
-      if (channels == 0) return;
+      if (channels * classes == 0) return;
       class_sums_kernel<scalar_t, label_t, acc_t>
           <<<dim3(channels, class_chunks), cuda::kThreads, 0, context.stream()>>>(
-              data_of<const scalar_t>(f), cuda::Strides3d(f), label_access, channels, classes, data_of<acc_t>(sums));
+              data_of<const scalar_t>(f), cuda::Strides3d(f), label_access, channels, classes, ignore_index,
+              data_of<acc_t>(sums));
       CPSL_KERNEL_LAUNCH_CHECK();
     });
-    if (channels > 0) {
+    if (channels * classes > 0) {
       ema_kernel<scalar_t, acc_t><<<cuda::blocks_for(classes * channels), cuda::kThreads, 0, context.stream()>>>(
           data_of<const scalar_t>(prototypes), prototypes.stride(0), prototypes.stride(1), data_of<const acc_t>(sums),
           data_of<const int64_t>(counts), classes, channels, static_cast<acc_t>(momentum),

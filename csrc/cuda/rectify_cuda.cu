@@ -1,5 +1,6 @@
 // CUDA kernel of cpsl_ops::rectify_pseudo_labels (schema: ops/rectify.cpp; math: rectify_math.h).
-// One thread per pixel, one pass over its K soft labels and logits (coalesced along pixels).
+// One thread per pixel, one pass over its K soft labels and logits (coalesced along pixels); the
+// (image, pixel) pairs are one flat index, so the batch has no limit of 65,535.
 #include <torch/csrc/stable/library.h>
 
 #include "cpsl_ops/cuda_utils.cuh"
@@ -13,12 +14,12 @@ namespace {
 
 template <typename scalar_t, typename acc_t>
 __global__ void rectify_kernel(const scalar_t* __restrict__ soft, cuda::Strides3d ps,
-                               const scalar_t* __restrict__ logits, cuda::Strides3d ls, int64_t classes,
-                               int64_t pixels, acc_t threshold, int64_t ignore_index, int64_t* __restrict__ labels,
+                               const scalar_t* __restrict__ logits, cuda::Strides3d ls, int64_t batch,
+                               int64_t classes, int64_t pixels, acc_t threshold, int64_t ignore_index, int64_t* __restrict__ labels,
                                scalar_t* __restrict__ confidence, int32_t* __restrict__ invalid) {
-  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t b = blockIdx.y;
-  if (p >= pixels) return;
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
+  const int64_t b = index / pixels, p = index % pixels;
   RectifyAccumulator<acc_t> acc;
   bool valid = true;
   for (int64_t k = 0; k < classes; ++k) {
@@ -28,8 +29,8 @@ __global__ void rectify_kernel(const scalar_t* __restrict__ soft, cuda::Strides3
     acc.add(probability, logit, k);
   }
   if (!valid) *invalid = 1;
-  confidence[b * pixels + p] = static_cast<scalar_t>(acc.confidence());
-  labels[b * pixels + p] = acc.label(threshold, ignore_index);
+  confidence[index] = static_cast<scalar_t>(acc.confidence());
+  labels[index] = acc.label(threshold, ignore_index);
 }
 
 std::tuple<Tensor, Tensor> rectify_pseudo_labels_cuda(const Tensor& soft, const Tensor& logits, double threshold,
@@ -44,10 +45,9 @@ std::tuple<Tensor, Tensor> rectify_pseudo_labels_cuda(const Tensor& soft, const 
   dispatch_floating(soft.scalar_type(), "rectify_pseudo_labels", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    const dim3 grid(cuda::blocks_for(p.size(2)), p.size(0));
-    rectify_kernel<scalar_t, acc_t><<<grid, cuda::kThreads, 0, context.stream()>>>(
-        data_of<const scalar_t>(p), cuda::Strides3d(p), data_of<const scalar_t>(l), cuda::Strides3d(l), p.size(1),
-        p.size(2), static_cast<acc_t>(threshold), ignore_index, data_of<int64_t>(labels),
+    rectify_kernel<scalar_t, acc_t><<<cuda::blocks_for(p.size(0) * p.size(2)), cuda::kThreads, 0, context.stream()>>>(
+        data_of<const scalar_t>(p), cuda::Strides3d(p), data_of<const scalar_t>(l), cuda::Strides3d(l), p.size(0),
+        p.size(1), p.size(2), static_cast<acc_t>(threshold), ignore_index, data_of<int64_t>(labels),
         data_of<scalar_t>(confidence), data_of<int32_t>(invalid));
     CPSL_KERNEL_LAUNCH_CHECK();
   });

@@ -88,11 +88,11 @@ __device__ __forceinline__ void pixel_cosines(const scalar_t* features, cuda::St
 template <typename scalar_t, typename acc_t>
 __global__ void similarity_forward_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
                                           const acc_t* __restrict__ prototypes_hat, scalar_t* __restrict__ logits,
-                                          cuda::Strides3d out, int64_t channels, int64_t pixels, int64_t classes,
-                                          acc_t inv_temperature) {
-  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t b = blockIdx.y;
-  if (p >= pixels) return;
+                                          cuda::Strides3d out, int64_t batch, int64_t channels, int64_t pixels,
+                                          int64_t classes, acc_t inv_temperature) {
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
+  const int64_t b = index / pixels, p = index % pixels;
   acc_t cosines[kClassChunk], squared;
   for (int64_t k0 = 0; k0 < classes; k0 += kClassChunk) {
     pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared);
@@ -108,10 +108,11 @@ __global__ void similarity_pixel_terms_kernel(const scalar_t* __restrict__ featu
                                               const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
                                               const acc_t* __restrict__ prototypes_hat, acc_t* __restrict__ inv_norm,
                                               acc_t* __restrict__ switch_on, acc_t* __restrict__ grad_dot_cos,
-                                              int64_t channels, int64_t pixels, int64_t classes, acc_t inv_temperature) {
-  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t b = blockIdx.y;
-  if (p >= pixels) return;
+                                              int64_t batch, int64_t channels, int64_t pixels, int64_t classes,
+                                              acc_t inv_temperature) {
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
+  const int64_t b = index / pixels, p = index % pixels;
   acc_t cosines[kClassChunk], squared = 0, total = 0;
   for (int64_t k0 = 0; k0 < classes; k0 += kClassChunk) {
     pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared);
@@ -119,7 +120,6 @@ __global__ void similarity_pixel_terms_kernel(const scalar_t* __restrict__ featu
     for (int i = 0; i < kClassChunk; ++i)
       if (k0 + i < classes) total += static_cast<acc_t>(grad_logits[g(b, k0 + i, p)]) * inv_temperature * cosines[i];
   }
-  const int64_t index = b * pixels + p;
   inv_norm[index] = inverse_clamped_norm(squared);
   switch_on[index] = projection_switch(squared);
   grad_dot_cos[index] = total;
@@ -200,10 +200,10 @@ Tensor similarity_cuda(const Tensor& features, const Tensor& prototypes, double 
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     const NormalizedPrototypes normalized = normalize_prototypes<scalar_t, acc_t>(context, prototypes);
-    const dim3 grid(cuda::blocks_for(f.size(2)), f.size(0));
-    similarity_forward_kernel<scalar_t, acc_t><<<grid, cuda::kThreads, 0, context.stream()>>>(
-        data_of<const scalar_t>(f), cuda::Strides3d(f), data_of<const acc_t>(normalized.values),
-        data_of<scalar_t>(out), cuda::Strides3d(out), f.size(1), f.size(2), prototypes.size(0),
+    similarity_forward_kernel<scalar_t, acc_t>
+        <<<cuda::blocks_for(f.size(0) * f.size(2)), cuda::kThreads, 0, context.stream()>>>(
+            data_of<const scalar_t>(f), cuda::Strides3d(f), data_of<const acc_t>(normalized.values),
+            data_of<scalar_t>(out), cuda::Strides3d(out), f.size(0), f.size(1), f.size(2), prototypes.size(0),
         static_cast<acc_t>(1.0 / temperature));
     CPSL_KERNEL_LAUNCH_CHECK();
   });
@@ -221,6 +221,8 @@ std::tuple<Tensor, Tensor> similarity_backward_cuda(const Tensor& grad_logits, c
   const Tensor f = as_batch_channel_pixel(features), g = as_batch_channel_pixel(grad);
   const Tensor grad_f = as_batch_channel_pixel(grad_features);
   const int64_t batch = f.size(0), channels = f.size(1), pixels = f.size(2), classes = prototypes.size(0);
+  CPSL_CHECK(cuda::blocks_for(classes, kClassChunk) <= cuda::kMaxGridY, "similarity_backward: the CUDA kernel takes at most ",
+             cuda::kMaxGridY * kClassChunk, " classes, got ", classes);
   dispatch_floating(features.scalar_type(), "similarity_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
@@ -231,10 +233,10 @@ std::tuple<Tensor, Tensor> similarity_backward_cuda(const Tensor& grad_logits, c
     const Tensor grad_dot_cos = empty_on(features, {batch, pixels}, acc_dtype);
     const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
     similarity_pixel_terms_kernel<scalar_t, acc_t>
-        <<<dim3(cuda::blocks_for(pixels), batch), cuda::kThreads, 0, context.stream()>>>(
+        <<<cuda::blocks_for(batch * pixels), cuda::kThreads, 0, context.stream()>>>(
             data_of<const scalar_t>(f), cuda::Strides3d(f), data_of<const scalar_t>(g), cuda::Strides3d(g),
             data_of<const acc_t>(normalized.values), data_of<acc_t>(inv_norm), data_of<acc_t>(switch_on),
-            data_of<acc_t>(grad_dot_cos), channels, pixels, classes, inv_temperature);
+            data_of<acc_t>(grad_dot_cos), batch, channels, pixels, classes, inv_temperature);
     CPSL_KERNEL_LAUNCH_CHECK();
     const int64_t total = batch * channels * pixels;
     similarity_feature_grad_kernel<scalar_t, acc_t><<<cuda::blocks_for(total), cuda::kThreads, 0, context.stream()>>>(

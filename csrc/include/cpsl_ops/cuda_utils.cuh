@@ -22,6 +22,7 @@ namespace cuda {
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
+constexpr int64_t kMaxGridY = 65535;
 
 inline int64_t blocks_for(int64_t work, int64_t per_block = kThreads) { return (work + per_block - 1) / per_block; }
 

@@ -56,6 +56,11 @@ inline void check_update_prototypes_inputs(const Tensor& prototypes, const Tenso
   CPSL_CHECK(prototypes.dim() == 2, "update_prototypes: prototypes must be (K, D)");
   CPSL_CHECK(features.dim() == 2 || features.dim() == 4, "update_prototypes: features must be (N, D) or (B, D, H, W)");
   CPSL_CHECK(labels.dim() == features.dim() - 1, "update_prototypes: labels must be (N,) or (B, H, W)");
+  // One label per pixel: labels (N,) for features (N, D), (B, H, W) for (B, D, H, W).
+  CPSL_CHECK(labels.size(0) == features.size(0) &&
+                 (labels.dim() == 1 || (labels.size(1) == features.size(2) && labels.size(2) == features.size(3))),
+             "update_prototypes: labels ", shape_string(labels), " do not match the pixels of features ",
+             shape_string(features));
   CPSL_CHECK(features.size(1) == prototypes.size(1), "update_prototypes: features and prototypes differ in D");
   CPSL_CHECK(features.scalar_type() == prototypes.scalar_type(),
              "update_prototypes: features and prototypes differ in dtype");
