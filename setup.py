@@ -156,7 +156,19 @@ def build_extensions():
         cuda_extension.libraries = ["torch_cpu", "torch_cuda", "cudart_static", "rt", "dl", "pthread"]
         extensions.append(cuda_extension)
     print(f"cpsl-ops: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels (toolkit: {toolkit})")
-    return extensions, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+    class BuildOnlyTheseExtensions(BuildExtension.with_options(no_python_abi_suffix=False)):
+        """Drops libraries of an earlier build in the same tree that this one does not make, so that a
+        CPU-only wheel built after a CUDA one holds no CUDA library."""
+
+        def run(self):
+            super().run()
+            built = {extension.name.rsplit(".", 1)[1] for extension in self.extensions}
+            for path in glob.glob(os.path.join(self.build_lib, "cpsl_ops", "_C*.so")):
+                if os.path.basename(path).split(".", 1)[0] not in built:
+                    os.remove(path)
+
+    return extensions, {"build_ext": BuildOnlyTheseExtensions}
 
 
 ext_modules, cmdclass = build_extensions()
