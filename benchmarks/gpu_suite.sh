@@ -8,6 +8,9 @@
 # summary.
 #
 #     bash benchmarks/gpu_suite.sh
+#
+# To carry a wheel to a GPU machine without a compiler or the right torch, build it here first:
+#     CPSL_OPS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python -m build --wheel --no-isolation --outdir dist
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
