@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import re
+import threading
 import warnings
 from types import ModuleType
 from typing import Iterator, Optional, Tuple
@@ -71,11 +72,14 @@ else:
             "pure-PyTorch reference."
         )
 
-_backend = os.environ.get("CPSL_OPS_BACKEND", "auto")
+# The process-wide backend (set_backend) and each thread's use_backend blocks, which override it
+# in that thread only, as torch's grad mode is per thread.
+_default_backend = os.environ.get("CPSL_OPS_BACKEND", "auto")
+_thread_backend = threading.local()
 _warned_fallback: set = set()
 
-if _backend not in BACKENDS:
-    raise ValueError(f"CPSL_OPS_BACKEND must be one of {BACKENDS}, got {_backend!r}")
+if _default_backend not in BACKENDS:
+    raise ValueError(f"CPSL_OPS_BACKEND must be one of {BACKENDS}, got {_default_backend!r}")
 
 
 def _registered_kernels() -> frozenset:
@@ -121,43 +125,57 @@ def build_info() -> dict:
         "built_with_cuda": getattr(_cuda_module, "cuda_version", None),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "backend": _backend,
+        "backend": get_backend(),
     }
 
 
 def get_backend() -> str:
-    """The active backend: 'auto' (native where a kernel exists), 'native' or 'reference'."""
-    return _backend
+    """The backend in effect in this thread: 'auto' (native where a kernel exists), 'native' or
+    'reference'; the innermost :func:`use_backend` block of the thread, else :func:`set_backend`'s."""
+    return getattr(_thread_backend, "name", None) or _default_backend
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for every op: 'auto', 'native' (error if unavailable) or 'reference'."""
-    global _backend
+def _checked(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "native" and not native_available():
         raise RuntimeError(f"cpsl_ops: the native backend is not available ({_load_error})")
-    _backend = name
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the process-wide backend: 'auto', 'native' (error if unavailable) or 'reference'.
+
+    Threads inside a :func:`use_backend` block keep that block's backend until it ends.
+    """
+    global _default_backend
+    _default_backend = _checked(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
-    previous = _backend
-    set_backend(name)
+    """Run the block with backend ``name`` in this thread only; other threads are unaffected, and
+    the thread's previous backend is back on exit (blocks nest)."""
+    previous = getattr(_thread_backend, "name", None)
+    _thread_backend.name = _checked(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _thread_backend.name = previous
 
 
 def use_native(op: str, device: torch.device) -> bool:
-    """True when ``op`` should run its native kernel on ``device`` under the active backend."""
-    if _backend == "reference":
+    """True when ``op`` should run its native kernel on ``device`` under the active backend.
+
+    Meta tensors take the native op whenever the library loaded: its fake kernel gives their
+    shapes (the reference skips its value checks on them otherwise).
+    """
+    backend = get_backend()
+    if backend == "reference":
         return False
-    if has_kernel(op, device.type):
+    if has_kernel(op, device.type) or (device.type == "meta" and native_available()):
         return True
-    if _backend == "native":
+    if backend == "native":
         raise RuntimeError(f"cpsl_ops: no native kernel of {op} for {device.type} tensors in this build")
     if native_available() and (op, device.type) not in _warned_fallback:
         _warned_fallback.add((op, device.type))

@@ -36,21 +36,41 @@ def check_nonzero(size: int, what: str) -> None:
         raise ValueError(f"{what} must not be empty")
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _is_real(value: object) -> bool:
+    """An int or float, but not a bool (True is an int in Python, never a meant temperature)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_positive(value: float, name: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def check_unit_interval(value: float, name: str) -> float:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+    if not (_is_real(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
     return float(value)
 
 
-def check_int(value: int, name: str, minimum: int | None = None) -> int:
+def check_number(value: float, name: str) -> float:
+    """A real number (infinities allowed), not NaN and not a bool."""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def check_int(value: int, name: str, minimum: int | None = None, maximum: int = INT64_MAX) -> int:
+    """A Python int (not a bool) in [minimum, maximum]; the kernels take int64, hence the default."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    if value > maximum or value < -INT64_MAX - 1:
+        raise ValueError(f"{name} must lie in [{-INT64_MAX - 1 if minimum is None else minimum}, {maximum}], got {value}")
     return value

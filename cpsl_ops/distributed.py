@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cpsl_ops.reference import accumulation_dtype
+from cpsl_ops.reference import accumulation_dtype, normalized_log_prior, valid_prior
 
 LocalUpdate = Callable[[Tensor, Tensor, Tensor, float, int], Tuple[Tensor, Tensor]]
 
@@ -42,11 +42,10 @@ def balanced_sinkhorn(
     acc = accumulation_dtype(scores.dtype)
     batch, samples, classes = scores.shape
     scaled = scores.to(acc) / epsilon
-    prior = class_prior.to(acc)
     # The flag stays on the device: no host sync before the collective. A bad shard's
     # log-sum-exp (NaN or inf) is never used, as every rank raises below; an empty shard's is
     # -inf, which adds nothing over ranks. fp64 keeps N exact past 2^24 samples.
-    bad = ~(torch.isfinite(scaled).all() & torch.isfinite(prior).all() & (prior > 0).all())
+    bad = ~(torch.isfinite(scaled).all() & valid_prior(class_prior))
     packed = torch.cat([scaled.logsumexp(dim=1).flatten().double(),
                         scaled.new_tensor([samples], dtype=torch.float64), bad.double().reshape(1)])
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
@@ -60,7 +59,7 @@ def balanced_sinkhorn(
         )
     if total_samples == 0:
         raise ValueError("balanced_sinkhorn: no rank of the process group has any sample (N = 0 on every rank)")
-    log_prior = (prior / prior.sum(-1, keepdim=True)).log()[:, None, :]
+    log_prior = normalized_log_prior(class_prior, acc)
     global_lse = everyone[:, :-2].view(len(gathered), batch, classes).logsumexp(dim=0).to(acc)
     potential = log_prior - global_lse[:, None, :]
     for _ in range(num_iters - 1):
@@ -115,14 +114,16 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int, group: Opt
     """(K,) int64 histogram of the valid labels of all ranks (one all-reduce, which also carries
     the number of out-of-range labels); raises on every rank if any rank has one."""
     flat = labels.reshape(-1).long()
-    valid = flat[flat != ignore_index]
-    in_range = (valid >= 0) & (valid < num_classes)
-    counts = torch.cat([torch.bincount(valid[in_range], minlength=num_classes),
-                        (~in_range).sum().reshape(1)])
+    valid = flat != ignore_index
+    in_range = valid & (flat >= 0) & (flat < num_classes)
+    # Out-of-range labels are counted in an extra bin K; no shape depends on the values.
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, torch.where(in_range, flat, num_classes), valid.long())
     if group is not None:
         dist.all_reduce(counts, group=group)
-    if counts[-1] > 0:
-        found = f"found values in [{int(valid.min())}, {int(valid.max())}]" if group is None else "some rank has others"
+    if not counts.is_meta and counts[-1] > 0:
+        bad = flat[valid & ~in_range]
+        found = f"found values in [{int(bad.min())}, {int(bad.max())}]" if group is None else "some rank has others"
         raise ValueError(
             f"class_distribution: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, {found}"
         )

@@ -24,6 +24,7 @@ from cpsl_ops._validation import (
     INTEGER_DTYPES,
     check_int,
     check_nonzero,
+    check_number,
     check_positive,
     check_same_device,
     check_tensor,
@@ -51,7 +52,9 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
         (N, K) or (B, K, H, W) logits ``cos(f, c_k) / τ`` in the dtype of ``features``,
         differentiable with respect to both inputs. Norms are clamped at 1e-12 as in
         ``F.normalize``. The native kernels normalize each tile of pixels on the fly: no
-        normalized copy of the features is written to memory.
+        normalized copy of the features is written to memory. No value is checked: a pixel with
+        a NaN or infinite feature gets NaN logits (every class), the other pixels are unaffected;
+        a prototype with one makes its class's logits NaN at every pixel.
     """
     check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
     check_tensor(prototypes, "prototypes", (2,), "(K, D)")
@@ -178,10 +181,14 @@ def update_prototypes_(
     Returns:
         (K,) int64 pixel count of each class (over all ranks with a group).
 
+    Class sums are accumulated in fp64 on every backend, so a mean over any number of pixels
+    keeps the precision of the features.
+
     Raises:
-        ValueError: on a label outside [0, K) that is not ``ignore_index`` (nothing is written;
-            with a group, on every rank when any rank has one). Shape, dtype and device errors
-            are raised before any communication, as in :func:`balanced_sinkhorn`.
+        ValueError: on a label outside [0, K) that is not ``ignore_index``, or a NaN or infinite
+            feature at a pixel that is not ignored (nothing is written; with a group, on every
+            rank when any rank has one). Shape, dtype and device errors are raised before any
+            communication, as in :func:`balanced_sinkhorn`.
     """
     check_tensor(prototypes, "prototypes", (2,), "(K, D)")
     check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
@@ -219,7 +226,8 @@ def rectify_pseudo_labels(
         soft_pseudo_labels: (B, K, H, W) class probabilities P_ST (e.g. the warm-up model's softmax).
         prototype_logits: (B, K, H, W) prototype logits, e.g. ``prototype_similarity(f, C_ema, τ)``;
             their softmax is P_SL.
-        threshold: pixels whose confidence is below it get ``ignore_index`` (CPSL: 0, none).
+        threshold: pixels whose confidence is below it get ``ignore_index`` (CPSL: 0, none); a
+            number, not NaN.
         ignore_index: label for ignored pixels.
 
     Returns:
@@ -239,15 +247,14 @@ def rectify_pseudo_labels(
             f"{tuple(prototype_logits.shape)} must have the same shape"
         )
     check_nonzero(soft_pseudo_labels.shape[1], "the class dimension K")
-    if not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+    threshold = check_number(threshold, "threshold")
     ignore_index = check_int(ignore_index, "ignore_index")
     dtype = torch.promote_types(soft_pseudo_labels.dtype, prototype_logits.dtype)
     soft, logits = soft_pseudo_labels.detach().to(dtype), prototype_logits.detach().to(dtype)
     with torch.no_grad():
         if use_native("rectify_pseudo_labels", soft.device):
-            return torch.ops.cpsl_ops.rectify_pseudo_labels(soft, logits, float(threshold), ignore_index)
-        return reference.rectify_pseudo_labels(soft, logits, float(threshold), ignore_index)
+            return torch.ops.cpsl_ops.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
+        return reference.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
 
 
 def class_distribution(
@@ -278,7 +285,7 @@ def class_distribution(
     num_classes = check_int(num_classes, "num_classes", minimum=1)
     ignore_index = check_int(ignore_index, "ignore_index")
     counts = distributed.class_counts(labels, num_classes, ignore_index, distributed.active_group(process_group))
-    if counts.sum() == 0:
+    if not counts.is_meta and counts.sum() == 0:
         raise ValueError(f"class_distribution: every label equals ignore_index={ignore_index}; the prior is undefined")
     counts = counts.to(torch.float32)
     return counts / counts.sum()

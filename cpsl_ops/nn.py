@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from cpsl_ops._validation import check_int, check_positive, check_unit_interval
 from cpsl_ops.functional import (
     balanced_sinkhorn,
     prototype_similarity,
@@ -33,6 +34,10 @@ def _prior_tensor(class_prior: PriorLike, num_classes: int) -> Tensor:
     return prior / prior.sum()
 
 
+def _check_sizes(num_classes: int, feat_dim: int) -> Tuple[int, int]:
+    return check_int(num_classes, "num_classes", minimum=1), check_int(feat_dim, "feat_dim", minimum=1)
+
+
 class PrototypeSimilarity(nn.Module):
     """A cosine classifier: learnable (K, D) prototypes; ``forward(f) = cos(f, c_k) / τ``.
 
@@ -41,7 +46,8 @@ class PrototypeSimilarity(nn.Module):
 
     def __init__(self, num_classes: int = 19, feat_dim: int = 256, temperature: float = 0.08) -> None:
         super().__init__()
-        self.temperature = temperature
+        num_classes, feat_dim = _check_sizes(num_classes, feat_dim)
+        self.temperature = check_positive(temperature, "temperature")
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_classes, feat_dim), dim=1))
 
     def forward(self, features: Tensor) -> Tensor:
@@ -63,8 +69,9 @@ class BalancedSinkhorn(nn.Module):
         self, num_classes: int = 19, class_prior: PriorLike = None, epsilon: float = 0.05, num_iters: int = 3
     ) -> None:
         super().__init__()
-        self.epsilon = epsilon
-        self.num_iters = num_iters
+        num_classes = check_int(num_classes, "num_classes", minimum=1)
+        self.epsilon = check_positive(epsilon, "epsilon")
+        self.num_iters = check_int(num_iters, "num_iters", minimum=1)
         self.register_buffer("class_prior", _prior_tensor(class_prior, num_classes))
 
     def forward(self, scores: Tensor) -> Tensor:
@@ -91,9 +98,10 @@ class PrototypeEMA(nn.Module):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        self.momentum = momentum
-        self.temperature = temperature
-        self.ignore_index = ignore_index
+        num_classes, feat_dim = _check_sizes(num_classes, feat_dim)
+        self.momentum = check_unit_interval(momentum, "momentum")
+        self.temperature = check_positive(temperature, "temperature")
+        self.ignore_index = check_int(ignore_index, "ignore_index")
         self.register_buffer("prototypes", torch.zeros(num_classes, feat_dim))
 
     @torch.no_grad()
@@ -169,15 +177,14 @@ class SelfLabelingLoss(nn.Module):
         process_group: Optional[ProcessGroup] = None,
     ) -> None:
         super().__init__()
-        if queue_size < 0 or samples_per_image < 1:
-            raise ValueError("queue_size must be >= 0 and samples_per_image >= 1")
-        self.temperature = temperature
-        self.epsilon = epsilon
-        self.sinkhorn_iters = sinkhorn_iters
-        self.queue_size = queue_size
-        self.samples_per_image = samples_per_image
-        self.ema_momentum = ema_momentum
-        self.ignore_index = ignore_index
+        num_classes, feat_dim = _check_sizes(num_classes, feat_dim)
+        self.temperature = check_positive(temperature, "temperature")
+        self.epsilon = check_positive(epsilon, "epsilon")
+        self.sinkhorn_iters = check_int(sinkhorn_iters, "sinkhorn_iters", minimum=1)
+        self.queue_size = check_int(queue_size, "queue_size", minimum=0)
+        self.samples_per_image = check_int(samples_per_image, "samples_per_image", minimum=1)
+        self.ema_momentum = check_unit_interval(ema_momentum, "ema_momentum")
+        self.ignore_index = check_int(ignore_index, "ignore_index")
         self.process_group = process_group
         initial = F.normalize(torch.randn(num_classes, feat_dim), dim=1)
         self.prototypes = nn.Parameter(initial.clone())
@@ -269,6 +276,10 @@ class SelfLabelingLoss(nn.Module):
 
         Returns:
             Scalar loss: mean over sampled pixels of ``-Σ_k Q_k log P_k``, summed over branches.
+
+        Raises:
+            ValueError: on features or logits of the wrong shape, or on an empty batch or feature
+                map (there is no pixel to balance; the loss of nothing is not defined).
         """
         if features.dim() != 4 or features.shape[1] != self.feat_dim:
             raise ValueError(f"features must be (B, {self.feat_dim}, H, W), got shape {tuple(features.shape)}")
@@ -281,6 +292,9 @@ class SelfLabelingLoss(nn.Module):
                 f"got {tuple(logits.shape)}"
             )
         batch, _, height, width = features.shape
+        if batch * height * width == 0:
+            raise ValueError(f"features must hold at least one image of at least one pixel, got shape "
+                             f"{tuple(features.shape)}")
         samples = min(self.samples_per_image, height * width)
         index = torch.rand(batch, height * width, device=features.device).topk(samples, dim=1).indices
         sampled = self._sample_pixels(features, index)  # (B, S, D)

@@ -21,6 +21,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def has_values(tensor: Tensor) -> bool:
+    """False for meta tensors, which have shapes only: value checks are skipped on them."""
+    return not tensor.is_meta
+
+
 def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
     """cos(f, c_k) / τ for (N, D) features -> (N, K), or (B, D, H, W) -> (B, K, H, W)."""
     acc = accumulation_dtype(features.dtype)
@@ -28,6 +33,19 @@ def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tens
     c = F.normalize(prototypes.to(acc), dim=1)
     logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
     return (logits / temperature).to(features.dtype)
+
+
+def valid_prior(class_prior: Tensor) -> Tensor:
+    """Whether every entry of the prior is positive and finite (a 0-d bool tensor)."""
+    prior = class_prior.double()
+    return torch.isfinite(prior).all() & (prior > 0).all()
+
+
+def normalized_log_prior(class_prior: Tensor, acc: torch.dtype) -> Tensor:
+    """(B, 1, K) log(r / sum r) of a (B, K) prior, in fp64 from r / max(r) (no sum overflows and
+    no quotient underflows, whatever the prior's dtype), cast to ``acc``."""
+    relative = class_prior.double() / class_prior.double().amax(-1, keepdim=True)
+    return (relative.log() - relative.sum(-1, keepdim=True).log()).to(acc)[:, None, :]
 
 
 def balanced_sinkhorn(scores: Tensor, class_prior: Tensor, epsilon: float, num_iters: int) -> Tensor:
@@ -46,12 +64,11 @@ def balanced_sinkhorn(scores: Tensor, class_prior: Tensor, epsilon: float, num_i
     a_k = log r_k - logsumexp_i(S_ik/ε) first, then a_k += log(N r_k) - log(sum_i softmax(S_i/ε + a)_k).
     """
     acc = accumulation_dtype(scores.dtype)
-    prior = class_prior.to(acc)
-    if not (torch.isfinite(prior).all() and (prior > 0).all()):
+    if has_values(class_prior) and not valid_prior(class_prior):
         raise ValueError("balanced_sinkhorn: class_prior must be positive and finite in every class")
-    log_prior = (prior / prior.sum(-1, keepdim=True)).log()[:, None, :]  # (B, 1, K)
+    log_prior = normalized_log_prior(class_prior, acc)
     scaled = scores.to(acc) / epsilon
-    if not torch.isfinite(scaled).all():
+    if has_values(scaled) and not torch.isfinite(scaled).all():
         raise ValueError("balanced_sinkhorn: scores / epsilon has NaN or infinite values")
     if scores.numel() == 0:
         return scores.clone()
@@ -69,25 +86,30 @@ def update_prototypes(
     """Class-wise masked means of features, then p_k <- m p_k + (1 - m) mean_k for present classes.
 
     features (N, D) or (B, D, H, W); labels (N,) or (B, H, W). Returns (new_prototypes, counts).
+    Class sums are taken in fp64 whatever the dtype, so a mean over any number of pixels keeps
+    the precision of the features. A label outside [0, K) that is not ``ignore_index``, or a
+    non-finite feature of a pixel that is not ignored, raises a ValueError.
     """
     num_classes, dim = prototypes.shape
     acc = accumulation_dtype(features.dtype)
-    flat_features = features.to(acc) if features.dim() == 2 else features.to(acc).permute(0, 2, 3, 1).reshape(-1, dim)
+    flat_features = features if features.dim() == 2 else features.permute(0, 2, 3, 1).reshape(-1, dim)
     flat_labels = labels.reshape(-1).long()
     valid = flat_labels != ignore_index
     out_of_range = valid & ((flat_labels < 0) | (flat_labels >= num_classes))
-    if out_of_range.any():
+    if has_values(labels) and out_of_range.any():
         bad = flat_labels[out_of_range][0].item()
         raise ValueError(
             f"update_prototypes: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, found {bad}"
         )
-    one_hot = F.one_hot(flat_labels[valid], num_classes).to(acc)  # (M, K)
-    sums = one_hot.T @ flat_features[valid]
+    counted = flat_features.double().where(valid[:, None], 0)  # ignored pixels may hold anything
+    if has_values(counted) and not torch.isfinite(counted).all():
+        raise ValueError("update_prototypes: features must be finite at every pixel that is not ignored")
+    # Ignored pixels go to an extra class K that is dropped: no shape depends on the values.
+    one_hot = F.one_hot(torch.where(valid, flat_labels, num_classes), num_classes + 1)[:, :num_classes].double()
     counts = one_hot.sum(0)
-    present = counts > 0
-    means = sums / counts.clamp_min(1)[:, None]
+    means = ((one_hot.T @ counted) / counts.clamp_min(1)[:, None]).to(acc)
     old = prototypes.to(acc)
-    updated = torch.where(present[:, None], momentum * old + (1 - momentum) * means, old)
+    updated = torch.where((counts > 0)[:, None], momentum * old + (1 - momentum) * means, old)
     return updated.to(prototypes.dtype), counts.long()
 
 
@@ -102,7 +124,7 @@ def rectify_pseudo_labels(
     acc = accumulation_dtype(soft_pseudo_labels.dtype)
     p = soft_pseudo_labels.to(acc)
     logits = prototype_logits.to(acc)
-    if not (torch.isfinite(p).all() and (p >= 0).all() and torch.isfinite(logits).all()):
+    if has_values(p) and not (torch.isfinite(p).all() and (p >= 0).all() and torch.isfinite(logits).all()):
         raise ValueError(
             "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and prototype_logits finite"
         )

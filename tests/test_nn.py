@@ -189,3 +189,45 @@ def test_loss_bad_input(features, logits, message):
     criterion = SelfLabelingLoss(num_classes=3, feat_dim=4, queue_size=0)
     with pytest.raises(ValueError, match=message):
         criterion(features, logits)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: BalancedSinkhorn(0), ValueError, "num_classes must be at least 1"),
+        (lambda: SelfLabelingLoss(num_classes=0), ValueError, "num_classes must be at least 1"),
+        (lambda: PrototypeSimilarity(feat_dim=0), ValueError, "feat_dim must be at least 1"),
+        (lambda: PrototypeSimilarity(temperature=0.0), ValueError, "temperature must be a positive"),
+        (lambda: PrototypeSimilarity(temperature=True), ValueError, "temperature must be a positive"),
+        (lambda: BalancedSinkhorn(3, epsilon=-0.1), ValueError, "epsilon must be a positive"),
+        (lambda: BalancedSinkhorn(3, num_iters=2**63), ValueError, "num_iters must lie in"),
+        (lambda: BalancedSinkhorn(3, num_iters=2.0), TypeError, "num_iters must be an int"),
+        (lambda: PrototypeEMA(momentum=1.5), ValueError, "momentum must lie in"),
+        (lambda: PrototypeEMA(momentum=True), ValueError, "momentum must lie in"),
+        (lambda: PrototypeEMA(ignore_index=2.0), TypeError, "ignore_index must be an int"),
+        (lambda: SelfLabelingLoss(ema_momentum=-0.1), ValueError, "ema_momentum must lie in"),
+        (lambda: SelfLabelingLoss(epsilon=float("nan")), ValueError, "epsilon must be a positive"),
+        (lambda: SelfLabelingLoss(sinkhorn_iters=0), ValueError, "sinkhorn_iters must be at least 1"),
+        (lambda: SelfLabelingLoss(queue_size=-1), ValueError, "queue_size must be at least 0"),
+        (lambda: SelfLabelingLoss(samples_per_image=0), ValueError, "samples_per_image must be at least 1"),
+    ],
+)
+def test_constructors_reject_bad_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 4)])
+def test_loss_of_an_empty_batch_or_feature_map_raises(shape):
+    criterion = SelfLabelingLoss(num_classes=3, feat_dim=8, queue_size=16)
+    with pytest.raises(ValueError, match="at least one image of at least one pixel"):
+        criterion(torch.randn(shape))
+
+
+def test_prototype_ema_rejects_non_finite_features():
+    module = PrototypeEMA(num_classes=3, feat_dim=4, momentum=0.5)
+    features = torch.randn(2, 4, 2, 2)
+    features[1, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="features must be finite"):
+        module.update(features, torch.zeros(2, 2, 2, dtype=torch.long))
+    assert torch.equal(module.prototypes, torch.zeros(3, 4))

@@ -156,3 +156,40 @@ def test_direct_op_call_rejects_labels_of_other_pixels(device):
     for labels in (torch.zeros(2, 3, 6, dtype=torch.long), torch.zeros(1, 3, 5, dtype=torch.long)):
         with pytest.raises(RuntimeError, match="do not match the pixels of features"):
             torch.ops.cpsl_ops.update_prototypes(prototypes, features, labels.to(device), 0.5, 255)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_raise_unless_their_pixel_is_ignored(device, backend, bad):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    features = random_tensor((2, 4, 3, 5), torch.float32, device, 0)
+    labels = random_labels((2, 3, 5), 3, device, 1, ignore_share=0.0)
+    labels[1, 2, 4] = IGNORE
+    features[1, 2, 2, 4] = bad  # an ignored pixel: harmless
+    initial = random_tensor((3, 4), torch.float32, device, 2)
+    with cpsl_ops.use_backend(backend):
+        prototypes, clean = initial.clone(), initial.clone()
+        cpsl_ops.update_prototypes_(prototypes, features, labels, 0.5)
+        cpsl_ops.update_prototypes_(clean, features.where(labels[:, None] != IGNORE, 0), labels, 0.5)
+        torch.testing.assert_close(prototypes, clean)
+        features[0, 1, 1, 1] = bad  # a counted pixel
+        with pytest.raises(ValueError, match="features must be finite"):
+            cpsl_ops.update_prototypes_(prototypes, features, labels, 0.5)
+        torch.testing.assert_close(prototypes, clean)  # nothing written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_class_means_keep_fp32_precision_over_many_pixels(device, backend):
+    """2^25 equal fp32 features: summed in fp32 their mean was off in the third digit."""
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    value = torch.tensor([0.1234567, -3.3333333], dtype=torch.float32)
+    features = value.to(device).expand(2**25, 2)
+    labels = torch.zeros(2**25, dtype=torch.uint8, device=device)
+    prototypes = torch.zeros(1, 2, device=device)
+    with cpsl_ops.use_backend(backend):
+        cpsl_ops.update_prototypes_(prototypes, features, labels, momentum=0.0)
+    torch.testing.assert_close(prototypes[0].cpu(), value, rtol=1e-6, atol=0)

@@ -92,6 +92,26 @@ def test_bad_input(soft, logits, error, message):
         cpsl_ops.rectify_pseudo_labels(soft, logits)
 
 
+@pytest.mark.parametrize("threshold, error", [(float("nan"), ValueError), (True, TypeError), ("0.5", TypeError)])
+def test_bad_threshold(threshold, error):
+    with pytest.raises(error, match="threshold must"):
+        cpsl_ops.rectify_pseudo_labels(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 2, 2), threshold)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_labels_whose_sum_overflows_agree_with_the_reference(device, dtype):
+    big = torch.finfo(dtype).max / 2
+    soft = torch.full((1, 4, 2, 3), big, dtype=dtype, device=device)
+    soft[0, 1, 0, 0] = big / 3
+    logits = torch.zeros(1, 4, 2, 3, dtype=dtype, device=device)
+    native, expected = native_and_reference(cpsl_ops.rectify_pseudo_labels, soft, logits, 0.2)
+    assert torch.equal(native[0], expected[0])
+    torch.testing.assert_close(native[1], expected[1])
+    torch.testing.assert_close(expected[1][0, 0, 1], torch.tensor(0.25, dtype=dtype, device=device))
+
+
 def test_class_distribution():
     labels = torch.tensor([[0, 1, 1, IGNORE], [2, 2, 2, IGNORE]])
     torch.testing.assert_close(cpsl_ops.class_distribution(labels, 4), torch.tensor([1 / 6, 2 / 6, 3 / 6, 0.0]))

@@ -127,6 +127,57 @@ def _release(version: str):
     return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
 
 
+def test_use_backend_is_per_thread_and_set_backend_process_wide():
+    import threading
+
+    inside, seen = threading.Barrier(2), {}
+
+    def worker(name, backend):
+        with cpsl_ops.use_backend(backend):
+            inside.wait()  # both threads are now in their blocks
+            seen[name] = cpsl_ops.get_backend()
+            inside.wait()
+        seen[f"{name} after"] = cpsl_ops.get_backend()
+
+    threads = [threading.Thread(target=worker, args=("a", "reference")),
+               threading.Thread(target=worker, args=("b", "auto"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"a": "reference", "b": "auto", "a after": "auto", "b after": "auto"}
+
+    cpsl_ops.set_backend("reference")
+    try:
+        other = []
+        thread = threading.Thread(target=lambda: other.append(cpsl_ops.get_backend()))
+        thread.start()
+        thread.join()
+        with cpsl_ops.use_backend("auto"):
+            assert cpsl_ops.get_backend() == "auto"
+        assert other == ["reference"] and cpsl_ops.get_backend() == "reference"
+    finally:
+        cpsl_ops.set_backend("auto")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_every_op_gives_shapes_on_meta_tensors(backend):
+    meta = torch.device("meta")
+    features, prototypes = torch.empty(2, 8, 3, 4, device=meta), torch.empty(5, 8, device=meta)
+    labels = torch.empty(2, 3, 4, dtype=torch.long, device=meta)
+    with cpsl_ops.use_backend(backend):
+        assert cpsl_ops.prototype_similarity(features, prototypes).shape == (2, 5, 3, 4)
+        assert cpsl_ops.balanced_sinkhorn(torch.empty(2, 10, 5, device=meta), torch.empty(5, device=meta)).shape == (
+            2, 10, 5)
+        counts = cpsl_ops.update_prototypes_(prototypes, features, labels)
+        assert counts.shape == (5,) and counts.dtype == torch.long and counts.is_meta
+        hard, confidence = cpsl_ops.rectify_pseudo_labels(torch.empty(2, 5, 3, 4, device=meta),
+                                                          torch.empty(2, 5, 3, 4, device=meta))
+        assert hard.shape == confidence.shape == (2, 3, 4) and hard.dtype == torch.long
+        distribution = cpsl_ops.class_distribution(labels, 5)
+        assert distribution.shape == (5,) and distribution.is_meta
+
+
 def test_build_info_names_the_versions():
     info = cpsl_ops.build_info()
     assert info["torch"] == torch.__version__

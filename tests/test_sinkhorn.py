@@ -180,6 +180,9 @@ def test_bad_prior_values_raise(backend, prior):
         (torch.randn(10, 3), {"epsilon": 0.0}, ValueError, "epsilon must be"),
         (torch.randn(10, 3), {"num_iters": 0}, ValueError, "num_iters must be at least 1"),
         (torch.randn(10, 3), {"num_iters": 2.5}, TypeError, "num_iters must be an int"),
+        (torch.randn(10, 3), {"num_iters": 2**63}, ValueError, "num_iters must lie in"),
+        (torch.randn(10, 3), {"num_iters": True}, TypeError, "num_iters must be an int"),
+        (torch.randn(10, 3), {"epsilon": True}, ValueError, "epsilon must be a positive finite number"),
     ],
 )
 def test_bad_input(scores, kwargs, error, message):
@@ -253,3 +256,19 @@ def test_rows_whose_classes_are_all_scaled_down_are_recomputed(device):
                                             0.01, 3)
     assert_close(native, official_sinkhorn(scores, prior, 0.01, 3).to(device), torch.float32)
     assert_close(native, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("prior", [
+    torch.tensor([3e38, 1e38, 2e38]),  # the sum overflows fp32
+    torch.tensor([4e-45, 1e-45, 3e-45]),  # fp32 denormals
+    torch.tensor([3e-300, 1e-300, 2e-300], dtype=torch.float64),  # zeros once cast to fp32
+])
+def test_priors_near_the_float_range_are_normalized_safely(backend, prior):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    scores = random_tensor((2, 40, 3), torch.float32, "cpu", 7)
+    rescaled = prior.double() / prior.double().amax()  # the same prior, of order one
+    with cpsl_ops.use_backend(backend):
+        torch.testing.assert_close(cpsl_ops.balanced_sinkhorn(scores, prior),
+                                   cpsl_ops.balanced_sinkhorn(scores, rescaled), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 #include <torch/csrc/stable/library.h>
 
 #include <atomic>
+#include <limits>
 
 #include "cpsl_ops/cpu_math.h"
 #include "cpsl_ops/cpu_tile.h"
@@ -56,7 +57,9 @@ void rectify_kernel(const Tensor& soft, const Tensor& logits, double threshold, 
       const int64_t offset = b * tiles.pixels + p0;
       for (int64_t j = 0; j < count; ++j) {
         RectifyAccumulator<acc_t> exact;
-        if (best[j] < rectify_fast_floor<acc_t>()) {
+        // The fast form's products may have underflowed, or (soft labels near the float range)
+        // its sum overflowed: the pixel is redone exactly, in the log domain.
+        if (best[j] < rectify_fast_floor<acc_t>() || !(total[j] <= std::numeric_limits<acc_t>::max())) {
           for (int64_t k = 0; k < classes; ++k)
             exact.add(static_cast<acc_t>(p(b, k, p0 + j)), static_cast<acc_t>(l(b, k, p0 + j)), k);
         } else {

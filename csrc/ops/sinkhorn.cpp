@@ -3,7 +3,7 @@
 //   balanced_sinkhorn(scores, class_prior, epsilon, num_iters) -> assignment
 //     scores       (B, N, K): B independent problems of N samples and K classes; fp16, bf16, fp32
 //                  or fp64; any strides (overlapping windows of one tensor are fine)
-//     class_prior  (B, K), positive, any float dtype; normalized by the kernel
+//     class_prior  (B, K), positive and finite, any float dtype; normalized by the kernel (in fp64)
 //     epsilon      > 0, the entropic regularization
 //     num_iters    >= 1 row-then-column scaling iterations
 //     assignment   (B, N, K), dtype of scores, contiguous; each row sums to 1

@@ -7,19 +7,26 @@
 
 namespace cpsl_ops {
 
-// log_prior[k] = log(r_k / Σ_j r_j) of one problem's prior, in the accumulation type; false if an
-// entry is not positive and finite (the caller raises).
+// log_prior[k] = log(r_k / Σ_j r_j) of one problem's prior, computed in double from the entries
+// divided by their maximum (so that no sum overflows and no quotient underflows, whatever the
+// prior's dtype), then cast to the accumulation type; false if an entry is not positive and finite
+// (the caller raises).
 template <typename prior_t, typename acc_t>
 CPSL_HOST_DEVICE bool normalized_log_prior(const prior_t* prior, int64_t stride, int64_t classes, acc_t* log_prior) {
-  acc_t total = 0;
+  double largest = 0;
   bool valid = true;
   for (int64_t k = 0; k < classes; ++k) {
-    const acc_t value = static_cast<acc_t>(prior[k * stride]);
-    valid = valid && value > acc_t(0) && value - value == acc_t(0);
-    total += value;
+    const double value = static_cast<double>(prior[k * stride]);
+    valid = valid && value > 0 && value - value == 0;
+    largest = value > largest ? value : largest;
   }
-  for (int64_t k = 0; k < classes; ++k) log_prior[k] = std::log(static_cast<acc_t>(prior[k * stride]) / total);
-  return valid;
+  if (!valid) return false;
+  double total = 0;
+  for (int64_t k = 0; k < classes; ++k) total += static_cast<double>(prior[k * stride]) / largest;
+  const double log_total = std::log(total);
+  for (int64_t k = 0; k < classes; ++k)
+    log_prior[k] = static_cast<acc_t>(std::log(static_cast<double>(prior[k * stride]) / largest) - log_total);
+  return true;
 }
 
 }  // namespace cpsl_ops
