@@ -112,7 +112,8 @@ def update_prototypes(
 
 def class_counts(labels: Tensor, num_classes: int, ignore_index: int, group: Optional[dist.ProcessGroup]) -> Tensor:
     """(K,) int64 histogram of the valid labels of all ranks (one all-reduce, which also carries
-    the number of out-of-range labels); raises on every rank if any rank has one."""
+    the number of out-of-range labels); raises on every rank if any rank has one, or if no rank
+    has a label other than ``ignore_index``."""
     flat = labels.reshape(-1).long()
     valid = flat != ignore_index
     in_range = valid & (flat >= 0) & (flat < num_classes)
@@ -127,4 +128,6 @@ def class_counts(labels: Tensor, num_classes: int, ignore_index: int, group: Opt
         raise ValueError(
             f"class_distribution: labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, {found}"
         )
+    if not counts.is_meta and counts.sum() == 0:
+        raise ValueError(f"class_distribution: every label equals ignore_index={ignore_index}; the prior is undefined")
     return counts[:-1]

@@ -284,8 +284,10 @@ def class_distribution(
         raise TypeError(f"labels must be an integer torch.Tensor, got {getattr(labels, 'dtype', type(labels))}")
     num_classes = check_int(num_classes, "num_classes", minimum=1)
     ignore_index = check_int(ignore_index, "ignore_index")
-    counts = distributed.class_counts(labels, num_classes, ignore_index, distributed.active_group(process_group))
-    if not counts.is_meta and counts.sum() == 0:
-        raise ValueError(f"class_distribution: every label equals ignore_index={ignore_index}; the prior is undefined")
+    group = distributed.active_group(process_group)
+    if group is None:  # an op, so that torch.compile traces around its value checks
+        counts = torch.ops.cpsl_ops.class_counts(labels, num_classes, ignore_index)
+    else:
+        counts = distributed.class_counts(labels, num_classes, ignore_index, group)
     counts = counts.to(torch.float32)
     return counts / counts.sum()

@@ -242,9 +242,16 @@ class SelfLabelingLoss(nn.Module):
         return flat.gather(2, index[:, None, :].expand(-1, flat.shape[1], -1)).transpose(1, 2)
 
     def _queue_in_order(self, queue: Tensor) -> Tensor:
-        """The queue's rows from oldest to newest (it is a ring buffer)."""
-        ptr = int(self.queue_ptr)
-        return torch.cat([queue[ptr:], queue[:ptr]])
+        """The queue's rows from oldest to newest (it is a ring buffer).
+
+        The pointer stays a tensor, here and in :meth:`_enqueue`: reading it on the host syncs the
+        GPU, and with it read as an int, torch 2.14.1's Inductor generated code naming an undefined
+        symbol (``torch.compile(SelfLabelingLoss(5, 8, queue_size=64, samples_per_image=16),
+        fullgraph=True)(torch.randn(2, 8, 6, 6), torch.randn(2, 5, 6, 6))`` at commit a38c0b6 of
+        cpsl-ops raised ``NameError: name 'u1' is not defined`` from the generated code).
+        """
+        order = (self.queue_ptr + torch.arange(self.queue_size, device=queue.device)) % self.queue_size
+        return queue.index_select(0, order)
 
     def _targets(self, current: Tensor, queued: Optional[Tensor]) -> Tensor:
         """Sinkhorn targets (B, S, K) of the current scores (B, S, K), balanced with the queue."""
@@ -262,9 +269,8 @@ class SelfLabelingLoss(nn.Module):
     def _enqueue(self, queue: Tensor, rows: Tensor) -> None:
         """Writes ``rows`` at the ring pointer; of more rows than the queue holds, the newest stay."""
         kept = rows[-self.queue_size:]
-        start = int(self.queue_ptr) + rows.shape[0] - kept.shape[0]
-        index = (start + torch.arange(kept.shape[0], device=queue.device)) % self.queue_size
-        queue[index] = kept.to(queue.dtype)
+        offsets = torch.arange(rows.shape[0] - kept.shape[0], rows.shape[0], device=queue.device)
+        queue[(self.queue_ptr + offsets) % self.queue_size] = kept.to(queue.dtype)
 
     def forward(self, features: Tensor, logits: Optional[Tensor] = None) -> Tensor:
         """The self-labeling loss of a batch.

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 import cpsl_ops
@@ -231,3 +232,26 @@ def test_prototype_ema_rejects_non_finite_features():
     with pytest.raises(ValueError, match="features must be finite"):
         module.update(features, torch.zeros(2, 2, 2, dtype=torch.long))
     assert torch.equal(module.prototypes, torch.zeros(3, 4))
+
+
+@pytest.mark.skipif(not cpsl_ops.native_available(), reason="native extension not built")
+@torch._inductor.config.patch(fallback_random=True)  # the pixel draws match eager's
+def test_loss_compiles_with_inductor_at_fullgraph_and_matches_eager():
+    """The queue pointer stays a tensor (torch.compile once generated code naming an undefined
+    symbol for it); the queue filling up recompiles once."""
+    torch.manual_seed(0)
+    eager = SelfLabelingLoss(num_classes=5, feat_dim=8, queue_size=64, samples_per_image=16)
+    module = SelfLabelingLoss(num_classes=5, feat_dim=8, queue_size=64, samples_per_image=16)
+    module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(module, fullgraph=True)
+    features, logits = torch.randn(2, 8, 6, 6), torch.randn(2, 5, 6, 6)
+    for step in range(4):  # the queue is full from the third step on
+        torch.manual_seed(step)
+        expected = eager(features, logits)
+        torch.manual_seed(step)
+        loss = compiled(features, logits)
+        expected.backward()
+        loss.backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(module.prototypes.grad, eager.prototypes.grad)
+        assert torch.equal(module.feature_queue, eager.feature_queue) and torch.equal(module.queue_ptr, eager.queue_ptr)

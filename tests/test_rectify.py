@@ -121,3 +121,17 @@ def test_class_distribution():
         cpsl_ops.class_distribution(torch.full((3,), IGNORE), 4)
     with pytest.raises(TypeError, match="integer"):
         cpsl_ops.class_distribution(torch.rand(3), 4)
+
+
+def test_class_distribution_compiles_at_fullgraph_and_still_raises_value_errors():
+    compiled = torch.compile(cpsl_ops.class_distribution, fullgraph=True, backend="aot_eager")
+    labels = torch.tensor([[0, 1, 1, IGNORE], [2, 2, 2, IGNORE]])
+    torch.testing.assert_close(compiled(labels, 4), cpsl_ops.class_distribution(labels, 4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        compiled(labels, 2)
+    with pytest.raises(ValueError, match="every label equals ignore_index"):
+        compiled(torch.full((3,), IGNORE), 4)
+
+
+def test_class_counts_op_registration():
+    torch.library.opcheck(torch.ops.cpsl_ops.class_counts.default, (torch.tensor([0, 3, 1, IGNORE, 3]), 4, IGNORE))
