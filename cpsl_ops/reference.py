@@ -48,6 +48,19 @@ def normalized_log_prior(class_prior: Tensor, acc: torch.dtype) -> Tensor:
     return (relative.log() - relative.sum(-1, keepdim=True).log()).to(acc)[:, None, :]
 
 
+NON_FINITE_SCORES = ("balanced_sinkhorn: scores have NaN or infinite values, or one class's scores spread over "
+                     "more than epsilon times the largest float")
+
+
+def scaled_scores(scores: Tensor, reference: Tensor, epsilon: float) -> Tensor:
+    """x = (S - R)/ε for a per-class reference score R, subtracted in score units; raises when an x
+    is not finite (a NaN or infinite score, or a class spread over more than ε × the float range)."""
+    scaled = (scores - reference) / epsilon
+    if has_values(scaled) and not torch.isfinite(scaled).all():
+        raise ValueError(NON_FINITE_SCORES)
+    return scaled
+
+
 def balanced_sinkhorn(scores: Tensor, class_prior: Tensor, epsilon: float, num_iters: int) -> Tensor:
     """Class-balanced Sinkhorn-Knopp on B problems: scores (B, N, K), class_prior (B, K).
 
@@ -60,18 +73,19 @@ def balanced_sinkhorn(scores: Tensor, class_prior: Tensor, epsilon: float, num_i
         return (N * Q).T
 
     That overflows exp for ε below ~0.011 in fp32. Here it is run with log-domain class potentials
-    a_k: after the last column step the result is the row softmax of S/ε + a, and one iteration is
-    a_k = log r_k - logsumexp_i(S_ik/ε) first, then a_k += log(N r_k) - log(sum_i softmax(S_i/ε + a)_k).
+    a_k: after the last column step the result is the row softmax of x + a, and one iteration is
+    a_k = log r_k - logsumexp_i(x_ik) first, then a_k += log(N r_k) - log(sum_i softmax(x_i + a)_k),
+    with x = (S - max_i S_ik)/ε: the first step normalizes each class, so subtracting each class's
+    largest score changes nothing, and done in score units it keeps a constant added to one class
+    (a masked class, however large the constant) from changing the result in floating point too.
     """
     acc = accumulation_dtype(scores.dtype)
     if has_values(class_prior) and not valid_prior(class_prior):
         raise ValueError("balanced_sinkhorn: class_prior must be positive and finite in every class")
     log_prior = normalized_log_prior(class_prior, acc)
-    scaled = scores.to(acc) / epsilon
-    if has_values(scaled) and not torch.isfinite(scaled).all():
-        raise ValueError("balanced_sinkhorn: scores / epsilon has NaN or infinite values")
     if scores.numel() == 0:
         return scores.clone()
+    scaled = scaled_scores(scores.to(acc), scores.to(acc).amax(dim=1, keepdim=True), epsilon)
     log_num_samples = math.log(scores.shape[1])
     potential = log_prior - scaled.logsumexp(dim=1, keepdim=True)
     for _ in range(num_iters - 1):

@@ -95,6 +95,62 @@ def test_constant_added_to_one_class_changes_nothing(device):
     torch.testing.assert_close(cpsl_ops.balanced_sinkhorn(scores, prior), cpsl_ops.balanced_sinkhorn(shifted, prior))
 
 
+# |shift| keeping every k/64 score in [-2, 2] and its shift exact in each dtype.
+EXACT_SHIFT = {torch.float64: 2.0**40, torch.float32: 2.0**16, torch.float16: 16.0, torch.bfloat16: 1.0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@given(data=st.data())
+def test_shifting_or_masking_one_class_changes_nothing(device, dtype, backend, data):
+    """The iteration normalizes each class first: an exact shift of one class's scores, or one class
+    masked to any finite constant, gives the same assignment bit for bit, however large the shift."""
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    batch, samples, classes = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 300)), data.draw(st.integers(2, 24))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    scores = (torch.randint(-128, 129, (batch, samples, classes), generator=generator) / 64).to(device=device, dtype=dtype)
+    shifted_class, masked_class = data.draw(st.integers(0, classes - 1)), data.draw(st.integers(0, classes - 1))
+    shift = data.draw(st.integers(-int(EXACT_SHIFT[dtype]) * 64, int(EXACT_SHIFT[dtype]) * 64)) / 64
+    largest = torch.finfo(dtype).max
+    mask = torch.tensor(data.draw(st.floats(-largest, largest, allow_nan=False, allow_infinity=False)), dtype=dtype)
+    shifted = scores.clone()
+    shifted[..., shifted_class] += shift
+    assert torch.equal(shifted[..., shifted_class] - shift, scores[..., shifted_class])  # the shift is exact
+    masked, zeroed = scores.clone(), scores.clone()
+    masked[..., masked_class], zeroed[..., masked_class] = mask.item(), 0.0
+    prior = torch.rand(classes, generator=generator).to(device) + 0.05
+    epsilon = data.draw(st.sampled_from([0.01, 0.05, 0.5]))
+    with cpsl_ops.use_backend(backend):
+        assert torch.equal(cpsl_ops.balanced_sinkhorn(shifted, prior, epsilon), cpsl_ops.balanced_sinkhorn(scores, prior, epsilon))
+        assert torch.equal(cpsl_ops.balanced_sinkhorn(masked, prior, epsilon), cpsl_ops.balanced_sinkhorn(zeroed, prior, epsilon))
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mask", [-1e12, -3e38, 1e30, -60000.0, 65000.0])
+@pytest.mark.parametrize("samples", [40, 1000, 5000])
+def test_a_masked_class_matches_the_reference(device, dtype, mask, samples):
+    """Masked to a constant far from the other scores, a class gets the same mass natively as in the
+    reference, and as masked to 0, on either design of the CPU kernel's first pass (narrow or
+    widely spread scores)."""
+    if abs(mask) > torch.finfo(dtype).max:
+        pytest.skip("not a finite value of this dtype")
+    for spread in (1.0, 8.0):  # cosine-like scores, and logits the CPU kernel takes in two passes
+        scores = (random_tensor((2, samples, 7), torch.float64, device, samples) * spread).clamp(-3 * spread, 3 * spread)
+        scores[..., 2] = mask
+        scores = scores.to(dtype)
+        prior = CPSL_PRIOR[:7].to(device)
+        native, expected = native_and_reference(cpsl_ops.balanced_sinkhorn, scores, prior, 0.05)
+        assert_close(native, expected, dtype)
+        zeroed = scores.clone()
+        zeroed[..., 2] = 0
+        native_zeroed, expected_zeroed = native_and_reference(cpsl_ops.balanced_sinkhorn, zeroed, prior, 0.05)
+        assert torch.equal(native, native_zeroed) and torch.equal(expected, expected_zeroed)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_batch_equals_separate_calls(device):
     scores = random_tensor((3, 200, 11), torch.float32, device, 1).clamp(-1, 1)

@@ -35,33 +35,52 @@ const acc_t* contiguous_rows(const scalar_t* scores, int64_t row_stride, int64_t
   return buffer;
 }
 
-// Column log-sum-exps of S/ε, read in the rows' own order with no transpose: kLanes rows hold
+// x = (S - R)/ε, the scores the kernel works with: R_k, a maximum of class k's scores
+// (sampled_class_maxima), is subtracted in score units before the scaling, so that adding a
+// constant to one class's scores (a masked class, say) leaves every x unchanged wherever the
+// shifted scores are exact, however large the constant. The iteration itself is invariant to
+// such a shift (its first step normalizes each class).
+template <typename acc_t>
+struct ScaledScores {
+  acc_t inv_epsilon;
+  const acc_t* reference;           // R_k, K values
+  const acc_t* position_reference;  // R_(p mod K) for the kLanes * K positions of the lanes form
+
+  acc_t operator()(acc_t score, int64_t k) const { return (score - reference[k]) * inv_epsilon; }
+};
+
+// Column log-sum-exps of x, read in the rows' own order with no transpose: kLanes rows hold
 // `classes` whole registers, and register j of every such group holds the same positions
 // p = (row mod kLanes) * classes + k, so each position keeps its own running log-sum-exp with
 // whole-register operations only. The positions of a class are merged once per call.
 // Folds a tile's rows into position_max/position_sum (kLanes * classes each); false if a value of
-// S/ε is not finite.
+// x is not finite.
 template <typename acc_t>
-bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t classes, acc_t inv_epsilon,
-                                 acc_t* position_max, acc_t* position_sum) {
+bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t classes,
+                                 const ScaledScores<acc_t>& scale, acc_t* position_max, acc_t* position_sum) {
   using Lanes = LanesOf<acc_t>;
   const int64_t group = kLanes * classes, groups = rows / kLanes;
+  const acc_t inv_epsilon = scale.inv_epsilon;
   // Sums value - value: 0 while every value is finite, NaN after an inf or NaN. Read in row order,
   // which also brings the tile into L1 for the class-strided loops below.
   Lanes not_finite = {};
-  for (int64_t i = 0; i < groups * group; i += kLanes) {
-    const Lanes value = load_lanes<Lanes>(rows_data + i) * inv_epsilon;
-    not_finite += value - value;
-  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < group; i += kLanes) {
+      const Lanes value =
+          (load_lanes<Lanes>(rows_data + g * group + i) - load_lanes<Lanes>(scale.position_reference + i)) * inv_epsilon;
+      not_finite += value - value;
+    }
   if (groups > 0)
     for (int64_t j = 0; j < classes; ++j) {
       const acc_t* values = rows_data + j * kLanes;
+      const Lanes reference = load_lanes<Lanes>(scale.position_reference + j * kLanes);
       Lanes tile_max = load_lanes<Lanes>(values);
       for (int64_t g = 1; g < groups; ++g) tile_max = lanes_max(tile_max, load_lanes<Lanes>(values + g * group));
       const Lanes old_max = load_lanes<Lanes>(position_max + j * kLanes);
-      const Lanes max = lanes_max(old_max, tile_max * inv_epsilon);
+      const Lanes max = lanes_max(old_max, (tile_max - reference) * inv_epsilon);
       Lanes sum = load_lanes<Lanes>(position_sum + j * kLanes) * vector_exp(old_max - max);
-      for (int64_t g = 0; g < groups; ++g) sum += vector_exp(load_lanes<Lanes>(values + g * group) * inv_epsilon - max);
+      for (int64_t g = 0; g < groups; ++g)
+        sum += vector_exp((load_lanes<Lanes>(values + g * group) - reference) * inv_epsilon - max);
       store_lanes(position_max + j * kLanes, max);
       store_lanes(position_sum + j * kLanes, sum);
     }
@@ -69,7 +88,7 @@ bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t c
   for (int64_t l = 0; l < kLanes; ++l) finite &= not_finite[l] == acc_t(0);
   for (int64_t r = groups * kLanes; r < rows; ++r)  // the last rows of a problem
     for (int64_t k = 0; k < classes; ++k) {
-      const acc_t value = rows_data[r * classes + k] * inv_epsilon;
+      const acc_t value = scale(rows_data[r * classes + k], k);
       finite &= value - value == acc_t(0);
       const int64_t position = (r % kLanes) * classes + k;
       OnlineLogSumExp<acc_t> lse{position_max[position], position_sum[position]};
@@ -80,33 +99,31 @@ bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t c
   return finite;
 }
 
-// kept[k][r] <- exp(scores[first + r][k] / ε + potential[k] - m_r), m_r being the row's largest
-// exponent, and row_weight[r] = exp(m_r - tile_max) with tile_max the largest m_r: kept ·
-// row_weight is exp(S/ε + potential - tile_max), from which the column sums of the tile follow
-// without another exponential. Returns false if a score / ε is -inf (NaN and +inf turn the
-// exponentials into NaN instead).
+// kept[k][r] <- exp(x[first + r][k] + potential[k] - m_r), m_r being the row's largest exponent,
+// and row_weight[r] = exp(m_r - tile_max) with tile_max the largest m_r: kept · row_weight is
+// exp(x + potential - tile_max), from which the column sums of the tile follow without another
+// exponential. Returns false if an x is -inf (NaN and +inf turn the exponentials into NaN instead).
 template <typename scalar_t, typename acc_t>
 bool tile_row_exponentials(const scalar_t* scores, int64_t row_stride, int64_t first, int64_t rows,
-                           int64_t classes, acc_t inv_epsilon, const acc_t* potential, acc_t* __restrict kept,
-                           acc_t* __restrict row_weight, acc_t& tile_max) {
+                           int64_t classes, const ScaledScores<acc_t>& scale, const acc_t* potential,
+                           acc_t* __restrict kept, acc_t* __restrict row_weight, acc_t& tile_max) {
   constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
   transpose(scores + first * row_stride, row_stride, rows, classes, kept, kRowTile);
   acc_t row_max[kRowTile], row_min[kRowTile];
   std::fill(row_max, row_max + rows, -kInfinity);
   std::fill(row_min, row_min + rows, kInfinity);
   for (int64_t k = 0; k < classes; ++k) {
-    const acc_t* __restrict column = kept + k * kRowTile;
-    const acc_t shift = potential[k];
+    acc_t* __restrict column = kept + k * kRowTile;
+    const acc_t reference = scale.reference[k], inv_epsilon = scale.inv_epsilon, shift = potential[k];
     for (int64_t r = 0; r < rows; ++r) {
-      const acc_t value = column[r] * inv_epsilon + shift;
-      row_max[r] = value > row_max[r] ? value : row_max[r];
-      row_min[r] = value < row_min[r] ? value : row_min[r];
+      column[r] = (column[r] - reference) * inv_epsilon + shift;
+      row_max[r] = column[r] > row_max[r] ? column[r] : row_max[r];
+      row_min[r] = column[r] < row_min[r] ? column[r] : row_min[r];
     }
   }
   for (int64_t k = 0; k < classes; ++k) {
     acc_t* __restrict column = kept + k * kRowTile;
-    const acc_t shift = potential[k];
-    for (int64_t r = 0; r < rows; ++r) column[r] = vector_exp(column[r] * inv_epsilon + shift - row_max[r]);
+    for (int64_t r = 0; r < rows; ++r) column[r] = vector_exp(column[r] - row_max[r]);
   }
   tile_max = -kInfinity;
   acc_t lowest = kInfinity;
@@ -118,25 +135,44 @@ bool tile_row_exponentials(const scalar_t* scores, int64_t row_stride, int64_t f
   return lowest > -kInfinity;
 }
 
-// Whether the first pass should take one exponential per score (tile_row_exponentials) rather
-// than two: in a sample of up to 16 tiles, at most a quarter may hold a class whose best score / ε
-// lies more than spread below the tile's best one. Such a tile needs its column sums from the
-// scores again, and scores spread that widely (logits, small ε) are faster with two passes.
+// Up to 16 tiles spread over a problem, sampled to choose R and the design of the first pass.
+struct SampledTiles {
+  int64_t samples, tiles, count;
+  explicit SampledTiles(int64_t num_samples)
+      : samples(num_samples), tiles((num_samples + kRowTile - 1) / kRowTile), count(std::min<int64_t>(tiles, 16)) {}
+  int64_t first(int64_t i) const { return i * tiles / count * kRowTile; }
+  int64_t rows(int64_t i) const { return std::min(kRowTile, samples - first(i)); }
+};
+
+// reference[k] = R_k, the largest score of class k in the sampled tiles. The maximum of shifted
+// scores is the shifted maximum, exactly, and sampled classes keep their natural spread in x.
 template <typename scalar_t, typename acc_t>
-bool mostly_narrow_tiles(const scalar_t* scores, int64_t row_stride, int64_t samples, int64_t classes,
-                         acc_t inv_epsilon, acc_t spread, acc_t* class_max) {
-  const int64_t tiles = (samples + kRowTile - 1) / kRowTile, sampled = std::min<int64_t>(tiles, 16);
-  int64_t wide = 0;
-  for (int64_t i = 0; i < sampled; ++i) {
-    const int64_t first = i * tiles / sampled * kRowTile, rows = std::min(kRowTile, samples - first);
-    std::fill(class_max, class_max + classes, -std::numeric_limits<acc_t>::infinity());
-    for (int64_t r = 0; r < rows; ++r)
+void sampled_class_maxima(const scalar_t* scores, int64_t row_stride, const SampledTiles& sample, int64_t classes,
+                          acc_t* reference) {
+  std::fill(reference, reference + classes, -std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < sample.count; ++i)
+    for (int64_t r = sample.first(i); r < sample.first(i) + sample.rows(i); ++r)
       for (int64_t k = 0; k < classes; ++k)
-        class_max[k] = std::max(class_max[k], static_cast<acc_t>(scores[(first + r) * row_stride + k]));
+        reference[k] = std::max(reference[k], static_cast<acc_t>(scores[r * row_stride + k]));
+}
+
+// Whether the first pass should take one exponential per score (tile_row_exponentials) rather
+// than two: in the sampled tiles, at most a quarter may hold a class whose best x lies more than
+// spread below the tile's best one. Such a tile needs its column sums from the scores again, and
+// scores spread that widely (logits, small ε) are faster with two passes.
+template <typename scalar_t, typename acc_t>
+bool mostly_narrow_tiles(const scalar_t* scores, int64_t row_stride, const SampledTiles& sample, int64_t classes,
+                         const ScaledScores<acc_t>& scale, acc_t spread, acc_t* class_max) {
+  int64_t wide = 0;
+  for (int64_t i = 0; i < sample.count; ++i) {
+    std::fill(class_max, class_max + classes, -std::numeric_limits<acc_t>::infinity());
+    for (int64_t r = sample.first(i); r < sample.first(i) + sample.rows(i); ++r)
+      for (int64_t k = 0; k < classes; ++k)
+        class_max[k] = std::max(class_max[k], scale(static_cast<acc_t>(scores[r * row_stride + k]), k));
     const auto [lowest, highest] = std::minmax_element(class_max, class_max + classes);
-    wide += (*highest - *lowest) * inv_epsilon > spread;
+    wide += *highest - *lowest > spread;
   }
-  return 4 * wide <= sampled;
+  return 4 * wide <= sample.count;
 }
 
 // mass[k] += Σ_r tile[k][r] · row_factor[r]: a tile's contribution to the column masses of its
@@ -152,14 +188,15 @@ void add_column_masses(const acc_t* tile, const acc_t* row_factor, int64_t rows,
   }
 }
 
-// x[k * kRowTile] = softmax over k of (row[k] / ε + potential[k]), from the scores, exactly.
+// x[k * kRowTile] = softmax over k of (x_k + potential[k]) of one row, from the scores, exactly.
 template <typename scalar_t, typename acc_t>
-void recompute_row(const scalar_t* row, const acc_t* potential, acc_t inv_epsilon, int64_t classes, acc_t* x) {
+void recompute_row(const scalar_t* row, const acc_t* potential, const ScaledScores<acc_t>& scale, int64_t classes,
+                   acc_t* x) {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t k = 0; k < classes; ++k) max = std::max(max, static_cast<acc_t>(row[k]) * inv_epsilon + potential[k]);
+  for (int64_t k = 0; k < classes; ++k) max = std::max(max, scale(static_cast<acc_t>(row[k]), k) + potential[k]);
   acc_t sum = 0;
   for (int64_t k = 0; k < classes; ++k) {
-    x[k * kRowTile] = std::exp(static_cast<acc_t>(row[k]) * inv_epsilon + potential[k] - max);
+    x[k * kRowTile] = std::exp(scale(static_cast<acc_t>(row[k]), k) + potential[k] - max);
     sum += x[k * kRowTile];
   }
   for (int64_t k = 0; k < classes; ++k) x[k * kRowTile] /= sum;
@@ -185,12 +222,12 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
   // row maxima are 1) above rescaled_row_floor.
   const acc_t spread_limit = floor_depth - acc_t(1);
 
-  // Per block and class, a running Σ exp(S/ε - reference) over the block's rows.
+  // Per block and class, a running Σ exp(x - block_reference) over the block's rows.
   std::vector<acc_t> block_reference(num_blocks * classes), block_sum(num_blocks * classes);
   // Per block, the running log-sum-exps of the tiles whose column sums needed the scores again.
   std::vector<acc_t> lane_max(num_blocks * classes * kLanes), lane_sum(num_blocks * classes * kLanes);
   std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), kept_potential(classes), rescale(classes);
-  std::vector<acc_t> sampled_class_max(classes);
+  std::vector<acc_t> sampled_class_max(classes), reference(classes), position_reference(kLanes * classes);
   // The kept matrix (E or the first assignment, see below), tile by tile as the tiles hold it
   // (class-major inside a tile), so that a tile is one contiguous block of K × kRowTile values to
   // stream in.
@@ -204,6 +241,10 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     const scalar_t* s = data_of<const scalar_t>(scores) + b * scores.stride(0);
     scalar_t* out = data_of<scalar_t>(assignment) + b * samples * classes;
     const acc_t* log_r = log_r_all + b * classes;
+    const SampledTiles sample(samples);
+    sampled_class_maxima(s, row_stride, sample, classes, reference.data());
+    for (int64_t p = 0; p < kLanes * classes; ++p) position_reference[p] = reference[p % classes];
+    const ScaledScores<acc_t> scale{inv_epsilon, reference.data(), position_reference.data()};
 
     // Runs visit(tile_buffer, first_row, rows, block) over every tile, in parallel over blocks.
     auto for_each_tile = [&](auto&& visit) {
@@ -218,8 +259,8 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     };
     auto kept_tile = [&](int64_t first) { return workspace + first / kRowTile * classes * kRowTile; };
 
-    // The column log-sum-exps of S/ε give the first iteration's potentials. Either the first pass
-    // takes the only exponential of every score, E = exp(S/ε - row maximum), keeps it in the
+    // The column log-sum-exps of x give the first iteration's potentials. Either the first pass
+    // takes the only exponential of every score, E = exp(x - row maximum), keeps it in the
     // workspace and takes the column sums from it too, or (widely spread scores) it takes them
     // from the scores alone and a second pass fills the workspace.
     std::atomic<bool> non_finite{false};
@@ -230,18 +271,18 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
     auto accumulate_from_scores = [&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
       const int64_t positions = blk * classes * kLanes;
-      if (!accumulate_column_logsumexp(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
-                                       inv_epsilon, lane_max.data() + positions, lane_sum.data() + positions))
+      if (!accumulate_column_logsumexp(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes, scale,
+                                       lane_max.data() + positions, lane_sum.data() + positions))
         non_finite = true;
     };
     const bool one_exponential =
-        mostly_narrow_tiles(s, row_stride, samples, classes, inv_epsilon, floor_depth, sampled_class_max.data());
+        mostly_narrow_tiles(s, row_stride, sample, classes, scale, floor_depth, sampled_class_max.data());
     if (!one_exponential) for_each_tile(accumulate_from_scores);
     else
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         acc_t row_weight[kRowTile], tile_max;
         acc_t* const kept = kept_tile(first);
-        if (!tile_row_exponentials(s, row_stride, first, rows, classes, inv_epsilon, kept_potential.data(), kept,
+        if (!tile_row_exponentials(s, row_stride, first, rows, classes, scale, kept_potential.data(), kept,
                                    row_weight, tile_max))
           non_finite = true;
         acc_t* const tile_sum = x;
@@ -276,7 +317,7 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
       if (!std::isfinite(column_lse.value())) non_finite = true;
       potential[k] = initial_class_potential(log_r[k], column_lse.value());
     }
-    CPSL_CHECK_VALUE(!non_finite, "balanced_sinkhorn: scores / epsilon has NaN or infinite values (problem ", b,
+    CPSL_CHECK_VALUE(!non_finite, "balanced_sinkhorn: ", kNonFiniteScoresMessage, " (problem ", b,
                       " of ", batch, ")");
 
     // Iteration t's assignment is the workspace rescaled by e^(a_t - kept_potential) class by class
@@ -291,7 +332,7 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         acc_t row_weight[kRowTile], tile_max, row_inverse[kRowTile] = {};
         acc_t* const kept = num_iters == 1 ? x : kept_tile(first);
-        tile_row_exponentials(s, row_stride, first, rows, classes, inv_epsilon, potential.data(), kept, row_weight,
+        tile_row_exponentials(s, row_stride, first, rows, classes, scale, potential.data(), kept, row_weight,
                               tile_max);
         for (int64_t k = 0; k < classes; ++k)
           for (int64_t r = 0; r < rows; ++r) row_inverse[r] += kept[k * kRowTile + r];
@@ -329,7 +370,7 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
         if (underflow)
           for (int64_t r = 0; r < rows; ++r)
             if (row_sum[r] < rescaled_row_floor<acc_t>()) {
-              recompute_row(s + (first + r) * row_stride, potential.data(), inv_epsilon, classes, x + r);
+              recompute_row(s + (first + r) * row_stride, potential.data(), scale, classes, x + r);
               row_sum[r] = acc_t(1);
             }
         for (int64_t r = 0; r < rows; ++r) row_sum[r] = acc_t(1) / row_sum[r];  // now the row's normalizing factor

@@ -56,15 +56,23 @@ __device__ __forceinline__ ChunkRows chunk_rows(const Args& a, int64_t chunk) {
   return {chunk / a.chunks_per_problem, first, min(a.samples, first + kRowsPerChunk)};
 }
 
-// The warp's row softmax of S/ε + potential for its lane's classes.
+// x = (S - R)/ε with R the problem's first row (sinkhorn_math.h): subtracted in score units, so
+// that a constant added to one class's scores changes nothing.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t scaled_score(scalar_t score, scalar_t reference, acc_t inv_epsilon) {
+  return (static_cast<acc_t>(score) - static_cast<acc_t>(reference)) * inv_epsilon;
+}
+
+// The warp's row softmax of x + potential for its lane's classes; `reference` is the first row.
 template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_t* potential, int64_t classes,
-                                                 acc_t inv_epsilon, int lane, acc_t* values) {
+__device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const scalar_t* reference,
+                                                 const acc_t* potential, int64_t classes, acc_t inv_epsilon, int lane,
+                                                 acc_t* values) {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
 #pragma unroll
   for (int c = 0; c < kClassesPerLane; ++c) {
     const int64_t k = lane + c * cuda::kWarp;
-    values[c] = k < classes ? static_cast<acc_t>(row[k]) * inv_epsilon + potential[k]
+    values[c] = k < classes ? scaled_score(row[k], reference[k], inv_epsilon) + potential[k]
                             : -std::numeric_limits<acc_t>::infinity();
     max = values[c] > max ? values[c] : max;
   }
@@ -80,7 +88,7 @@ __device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_
   for (int c = 0; c < kClassesPerLane; ++c) values[c] /= sum;
 }
 
-// Per-class running log-sum-exp of S/ε over the chunk's rows, merged over warps in warp order.
+// Per-class running log-sum-exp of x over the chunk's rows, merged over warps in warp order.
 template <int kClassesPerLane, typename scalar_t, typename acc_t>
 __device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
                                        acc_t (*shared_max)[kClassesPerLane * cuda::kWarp],
@@ -95,7 +103,7 @@ __device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, i
     for (int c = 0; c < kClassesPerLane; ++c) {
       const int64_t k = lane + c * cuda::kWarp;
       if (k < a.classes) {
-        const acc_t x = static_cast<acc_t>(s[i * a.row_stride + k]) * a.inv_epsilon;
+        const acc_t x = scaled_score(s[i * a.row_stride + k], s[k], a.inv_epsilon);
         finite &= isfinite(x);
         lse[c].add(x);
       }
@@ -125,7 +133,7 @@ __device__ void chunk_column_mass(const SinkhornArgs<scalar_t, acc_t>& a, int64_
   const scalar_t* s = a.scores + rows.problem * a.batch_stride;
   acc_t mass[kClassesPerLane] = {}, values[kClassesPerLane];
   for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.potential + rows.problem * a.classes, a.classes,
+    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, s, a.potential + rows.problem * a.classes, a.classes,
                                       a.inv_epsilon, lane, values);
 #pragma unroll
     for (int c = 0; c < kClassesPerLane; ++c) mass[c] += values[c];
@@ -149,7 +157,7 @@ __device__ void chunk_assignment(const SinkhornArgs<scalar_t, acc_t>& a, int64_t
   scalar_t* o = a.out + rows.problem * a.samples * a.classes;
   acc_t values[kClassesPerLane];
   for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.potential + rows.problem * a.classes, a.classes,
+    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, s, a.potential + rows.problem * a.classes, a.classes,
                                       a.inv_epsilon, lane, values);
 #pragma unroll
     for (int c = 0; c < kClassesPerLane; ++c) {
@@ -285,7 +293,7 @@ Tensor balanced_sinkhorn_cuda(const Tensor& scores, const Tensor& class_prior, d
     }
     const cuda::HostFlags<kNumFlags> raised(flags, context.stream());
     CPSL_CHECK_VALUE(!raised[kBadPrior], "balanced_sinkhorn: class_prior must be positive and finite in every class");
-    CPSL_CHECK_VALUE(!raised[kNonFiniteScores], "balanced_sinkhorn: scores / epsilon has NaN or infinite values");
+    CPSL_CHECK_VALUE(!raised[kNonFiniteScores], "balanced_sinkhorn: ", kNonFiniteScoresMessage);
   });
   return assignment;
 }

@@ -6,12 +6,15 @@
 // P_ik(a) = softmax_k(S_ik/ε + a_k) and one full iteration becomes, in the log domain,
 //   first:  a_k = log r_k - logsumexp_i(S_ik/ε)
 //   then:   a_k += log(N r_k) - log(sum_i P_ik(a))
-// Every exponential is taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16
-// scores stay finite. The CPU kernel's later iterations rescale a kept matrix instead of taking
-// exponentials again (rescaled_row_floor): the first softmax for widely spread scores, otherwise
-// exp(S/ε - row maximum), one exponential per score, from which it also takes the column
-// log-sum-exps. The CUDA kernel keeps nothing: every pass recomputes the row softmax from the
-// scores.
+// The first step normalizes each class, so a constant added to class k's scores changes nothing:
+// the kernels work with x = (S - R_k)/ε for a score R_k of class k (the CPU kernel a sampled
+// maximum, the CUDA kernel the first row's, the reference the maximum), subtracted in score units
+// so that this holds in floating point too, however large the constant. Every exponential is
+// taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16 scores stay finite.
+// The CPU kernel's later iterations rescale a kept matrix instead of taking exponentials again
+// (rescaled_row_floor): the first softmax for widely spread scores, otherwise exp(x - row maximum),
+// one exponential per score, from which it also takes the column log-sum-exps. The CUDA kernel
+// keeps nothing: every pass recomputes the row softmax from the scores.
 #pragma once
 #include <cmath>
 #include <limits>
@@ -19,6 +22,12 @@
 #include "cpsl_ops/macros.h"
 
 namespace cpsl_ops {
+
+// What the kernels raise when an x is not finite: a NaN or infinite score does it, and so does a
+// class whose scores spread over more than ε × the float range.
+constexpr const char* kNonFiniteScoresMessage =
+    "scores have NaN or infinite values, or one class's scores spread over more than epsilon times the largest "
+    "float";
 
 // A running log-sum-exp: value = max + log(sum).
 template <typename acc_t>
