@@ -131,6 +131,9 @@ def test_class_distribution_compiles_at_fullgraph_and_still_raises_value_errors(
         compiled(labels, 2)
     with pytest.raises(ValueError, match="every label equals ignore_index"):
         compiled(torch.full((3,), IGNORE), 4)
+    # An argument error found while tracing: the same ValueError where the graph may break.
+    with pytest.raises(ValueError, match="num_classes must be at least 1"):
+        torch.compile(cpsl_ops.class_distribution, backend="aot_eager")(labels, 0)
 
 
 def test_class_counts_op_registration():

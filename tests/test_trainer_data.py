@@ -210,3 +210,16 @@ def test_prepare_main_return_codes(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         prepare_main([])
+
+
+def test_a_truncated_png_is_an_error_naming_it_and_prepare_can_decode_every_file(tmp_path):
+    make_gta5(tmp_path / "gta5")
+    broken = tmp_path / "gta5" / "images" / "00002.png"
+    broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])
+    dataset = GTA5Dataset(tmp_path / "gta5")
+    with pytest.raises(OSError, match=r"images/00002\.png"):
+        dataset[1]
+    assert check_dataset("gta5", tmp_path / "gta5").ok  # file names alone look fine
+    report = check_dataset("gta5", tmp_path / "gta5", check_decode=True)
+    assert len(report.problems) == 1 and "undecodable file" in report.message() and "00002.png" in report.message()
+    assert prepare_main(["--gta5", str(tmp_path / "gta5"), "--check-decode"]) == 1

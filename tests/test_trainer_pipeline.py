@@ -1,6 +1,7 @@
 """The example trainer's config, augmentation and stages, on tiny synthetic datasets (CPU)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -196,3 +197,41 @@ def test_demo_adaptation_beats_source_only_by_a_clear_margin(tmp_path, capsys):
     assert metrics["adapted_stage"] == "cpsl"
     assert metrics["mIoU_gain"] == pytest.approx(metrics["adapted"]["mIoU"] - metrics["source_only"]["mIoU"], abs=0.01)
     assert metrics["mIoU_gain"] >= 4.0, metrics
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not a whole zip"])
+def test_a_truncated_or_empty_checkpoint_is_an_error_naming_it(tmp_path, content):
+    config = tiny_config(tmp_path, "run")
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(content)
+    with pytest.raises(ValueError, match=r"last\.pt is not a readable torch file"):
+        Pipeline(config).run(resume=checkpoint)
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    from cpsl_trainer.files import OutputLock
+
+    config = tiny_config(tmp_path, "run")
+    with OutputLock(Path(config.train.output_dir)):  # as the first run holds it
+        with pytest.raises(RuntimeError, match="another trainer process is writing into"):
+            Pipeline(config).run()
+    with OutputLock(Path(config.train.output_dir)):  # released: a later run may take it
+        pass
+
+
+def test_overrides_may_follow_the_options_and_a_resume_logs_no_iteration_twice(tmp_path):
+    config = tiny_config(tmp_path, "run", "distill.stages=0", "train.log_every=1", "cpsl.iterations=4")
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    checkpoints = Path(config.train.output_dir) / "checkpoints"
+    with pytest.raises(StopRequested):
+        Pipeline(config, stop_after=("cpsl", 2)).run()
+    shutil.copy(checkpoints / "last.pt", tmp_path / "at2.pt")
+    with pytest.raises(StopRequested):  # logs CPSL iteration 3, then stops
+        Pipeline(config, stop_after=("cpsl", 3)).run(resume=checkpoints / "last.pt")
+    # Back to the checkpoint at 2 (as if the job had died before the one at 3), the override after
+    # the options: iteration 3 is logged again, and only once.
+    assert main(["--config", str(path), "--resume", str(tmp_path / "at2.pt"), "train.log_every=1"]) == 0
+    logged = [(entry["stage"], entry["iteration"]) for entry in
+              map(json.loads, (Path(config.train.output_dir) / "log.jsonl").read_text().splitlines())]
+    assert len(logged) == len(set(logged)) and logged[-2:] == [("cpsl", 3), ("cpsl", 4)]

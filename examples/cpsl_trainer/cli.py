@@ -14,6 +14,7 @@ from .data import prepare_main
 from .demo_data import write_demo_datasets
 from .distributed import Distributed
 from .engine import Pipeline, StopRequested, choose_device
+from .files import load_torch_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -39,7 +40,7 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
         parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as cpsl.iterations=2000")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.demo and args.config:
         parser.error("--demo uses examples/configs/demo.yaml; pass overrides instead of --config")
     if not args.demo and not args.config:
@@ -51,7 +52,7 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
         config = with_demo_data(config) if args.demo else config
         pipeline = Pipeline(config)
         model = pipeline.new_model(None)
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+        model.load_state_dict(load_torch_file(args.weights))
         pipeline.evaluate(model.to(pipeline.device), args.weights.stem)
         return 0
     resume = None

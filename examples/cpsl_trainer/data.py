@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .files import read_with_path
 from .labels import (
     CITYSCAPES_ID_TO_TRAIN_ID,
     CITYSCAPES_PALETTE,
@@ -42,6 +43,12 @@ def read_png16(path: PathLike) -> np.ndarray:
     width, height, rows, info = png.Reader(filename=str(path)).asDirect()
     pixels = np.array([np.asarray(row, dtype=np.uint16) for row in rows], dtype=np.uint16)
     return pixels.reshape(height, width, info["planes"])
+
+
+def read_rgb(path: PathLike) -> Image.Image:
+    """An image file as 8-bit RGB, decoded whole (the file is closed on return)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _parent_made(path: PathLike) -> Path:
@@ -225,11 +232,11 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         image_path, label_path = self.pairs[index]
-        image = Image.open(image_path).convert("RGB")
+        image = read_with_path(image_path, read_rgb)
         if label_path is None:
             label = Image.fromarray(np.full((image.height, image.width), IGNORE_INDEX, dtype=np.uint8))
         else:
-            label = Image.fromarray(self.read_train_ids(label_path))
+            label = Image.fromarray(read_with_path(label_path, self.read_train_ids))
             if self.size is None and label.size != image.size:
                 raise ValueError(f"{image_path} is {image.width}x{image.height} but its label {label_path} is "
                                  f"{label.width}x{label.height}; pass size=(H, W) to resize both")
@@ -327,9 +334,19 @@ def _size_problem(image_path: Path, label_path: Path) -> Optional[str]:
         return f"unreadable file ({error}): re-extract it from the dataset archive or delete it"
 
 
-def check_dataset(kind: str, root: PathLike, check_sizes: bool = False) -> DatasetReport:
+def _decode_problem(path: Path) -> Optional[str]:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return None
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"undecodable file {path} ({error}): re-extract it from the dataset archive or delete it"
+
+
+def check_dataset(kind: str, root: PathLike, check_sizes: bool = False, check_decode: bool = False) -> DatasetReport:
     """Checks a dataset tree from its file names alone; ``check_sizes`` also opens every file's header
-    to find unreadable files and image/label size mismatches (slow on GTA5's 25k pairs)."""
+    to find unreadable files and image/label size mismatches, ``check_decode`` decodes every file
+    whole to find truncated or corrupt ones (both slow on GTA5's 25k pairs, decoding the most)."""
     if kind not in CHECKED:
         raise ValueError(f"kind must be one of {sorted(CHECKED)}, got {kind!r}")
     report = DatasetReport(kind, Path(root))
@@ -350,6 +367,9 @@ def check_dataset(kind: str, root: PathLike, check_sizes: bool = False) -> Datas
         if check_sizes:
             checked = (_size_problem(image, label) for image, label in found.pairs if label is not None)
             report.problems += [problem for problem in checked if problem]
+        if check_decode:
+            files = (path for pair in found.pairs for path in pair if path is not None)
+            report.problems += [problem for problem in map(_decode_problem, files) if problem]
     return report
 
 
@@ -360,11 +380,13 @@ def prepare_main(argv: Optional[List[str]] = None) -> int:
     for kind in CHECKED:
         parser.add_argument(f"--{kind}", type=Path, metavar="DIR", help=f"the {kind} dataset root")
     parser.add_argument("--check-sizes", action="store_true", help="also open every file (slow on GTA5)")
+    parser.add_argument("--check-decode", action="store_true",
+                        help="also decode every file whole, to find truncated ones (slower still)")
     args = parser.parse_args(argv)
     roots = {kind: getattr(args, kind) for kind in CHECKED if getattr(args, kind) is not None}
     if not roots:
         parser.error("pass at least one of --gta5, --cityscapes, --synthia")
-    reports = [check_dataset(kind, root, args.check_sizes) for kind, root in roots.items()]
+    reports = [check_dataset(kind, root, args.check_sizes, args.check_decode) for kind, root in roots.items()]
     for report in reports:
         print(report.message())
     return 0 if all(report.ok for report in reports) else 1

@@ -39,6 +39,7 @@ from .augment import CropBoxes, box_mask, crop, cutmix_box, strong_view
 from .config import Config, config_from_dict
 from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset, write_rgb
 from .distributed import Distributed, synchronize_batch_norm
+from .files import OutputLock, keep_log_lines, load_torch_file
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA_13_TRAIN_IDS, SYNTHIA_16_TRAIN_IDS, colorize
 from .metrics import ConfusionMatrix, iou_table
 from .model import DeepLabV2, parameter_groups
@@ -326,7 +327,7 @@ class Pipeline:
         os.replace(partial, self.checkpoint_path)  # a job killed while saving leaves the last good one
 
     def load_checkpoint(self, path: Path) -> None:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_torch_file(path, weights_only=False)
         def comparable(config: Config) -> Dict[str, Any]:
             values = config.to_dict()
             values["train"].pop("output_dir")  # a run directory may be moved
@@ -339,6 +340,10 @@ class Pipeline:
             raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
                              f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
         self.state = payload
+        if self.dist.is_main:  # the resumed run logs again what came after the checkpoint
+            completed, stage, iteration = set(payload["completed"]), payload["stage"], payload["iteration"]
+            keep_log_lines(self.output / "log.jsonl", lambda entry: entry["stage"] in completed or (
+                entry["stage"] == stage and entry["iteration"] <= iteration))
 
     def resume_modules(self, stage: str, modules: Dict[str, Any]) -> int:
         """Restores ``modules`` if the checkpoint stopped inside ``stage``; returns the start iteration."""
@@ -534,10 +539,10 @@ class Pipeline:
     def cpsl(self) -> None:
         stage, cfg, data = "cpsl", self.config.cpsl, self.config.data
         warm = self.new_model(None)
-        warm.load_state_dict(torch.load(self.stage_weights("warmup"), map_location="cpu"))
+        warm.load_state_dict(load_torch_file(self.stage_weights("warmup")))
         warm.to(self.device)
         pseudo = self.pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
-        summary = torch.load(pseudo / "summary.pt")
+        summary = load_torch_file(pseudo / "summary.pt")
         student = warm.train()
         teacher = copy.deepcopy(student)  # the official EMA network stays in training mode
         for param in teacher.parameters():
@@ -618,7 +623,7 @@ class Pipeline:
     def distill(self, number: int, teacher_stage: str) -> None:
         stage, cfg, data = f"distill{number}", self.config.distill, self.config.data
         teacher = self.new_model(None)
-        teacher.load_state_dict(torch.load(self.stage_weights(teacher_stage), map_location="cpu"))
+        teacher.load_state_dict(load_torch_file(self.stage_weights(teacher_stage)))
         teacher.to(self.device).eval()
         pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
         if cfg.student_init == "teacher":
@@ -730,6 +735,12 @@ class Pipeline:
         return plan
 
     def run(self, resume: Optional[Path] = None) -> Dict[str, Any]:
+        """Runs every stage not completed yet, from ``resume`` if given; the main rank holds the
+        output folder's lock throughout (a second run on the folder is refused)."""
+        with OutputLock(self.output) if self.dist.is_main else nullcontext():
+            return self._run(resume)
+
+    def _run(self, resume: Optional[Path]) -> Dict[str, Any]:
         if resume is not None:
             self.load_checkpoint(resume)
         if self.dist.is_main:
@@ -742,7 +753,7 @@ class Pipeline:
             stage()
             if self.dist.is_main:
                 model = self.new_model(None)
-                model.load_state_dict(torch.load(self.stage_weights(name), map_location="cpu"))
+                model.load_state_dict(load_torch_file(self.stage_weights(name)))
                 self.state["metrics"][name] = self.evaluate(model.to(self.device), name)
             self.dist.barrier()
             self.state["completed"] = self.state["completed"] + [name]

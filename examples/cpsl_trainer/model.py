@@ -13,6 +13,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from .files import load_torch_file
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 # Where torchvision publishes the ImageNet weights; named in the error when a local file is missing.
 _TORCHVISION_URLS = {
@@ -183,7 +185,7 @@ class DeepLabV2(nn.Module):
                 f"pretrained weights {path} not found; for ImageNet initialisation download "
                 f"{_TORCHVISION_URLS[self.backbone_name]} yourself and pass its path"
             )
-        state: Mapping[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        state: Mapping[str, Any] = load_torch_file(path)
         if any(k.startswith(("backbone.", "head.")) for k in state):
             _check_keys(list(self.state_dict()), list(state), f"DeepLabV2 state dict {path}")
             self.load_state_dict(state, strict=False)  # strict=False only to tolerate missing BN counters
