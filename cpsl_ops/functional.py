@@ -105,11 +105,11 @@ def balanced_sinkhorn(
         Assignment of the shape and dtype of ``scores``; each row sums to 1. No gradient flows.
         Adding a constant to one class's scores leaves it unchanged, however large the constant
         (so a class masked with a large negative score is balanced like any other): every
-        backend subtracts a per-class reference score before dividing by ε.
+        backend subtracts each class's largest score before dividing by ε.
 
     Raises:
-        ValueError: on NaN or infinite scores, a class whose scores spread over more than ε times
-            the largest float of the accumulation dtype, a prior entry that is not positive, or N = 0 (with
+        ValueError: on NaN or infinite scores, a class whose scores spread so widely that
+            (scores - their maximum) / ε overflows, a prior entry that is not positive, or N = 0 (with
             a group: on every rank, when any rank has bad values or no rank has a sample). Shape,
             dtype, device and argument errors are raised before any communication, on the ranks
             that make them only: the others then wait in the first collective until the group's

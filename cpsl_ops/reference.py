@@ -42,19 +42,22 @@ def valid_prior(class_prior: Tensor) -> Tensor:
 
 
 def normalized_log_prior(class_prior: Tensor, acc: torch.dtype) -> Tensor:
-    """(B, 1, K) log(r / sum r) of a (B, K) prior, in fp64 from r / max(r) (no sum overflows and
-    no quotient underflows, whatever the prior's dtype), cast to ``acc``."""
-    relative = class_prior.double() / class_prior.double().amax(-1, keepdim=True)
-    return (relative.log() - relative.sum(-1, keepdim=True).log()).to(acc)[:, None, :]
+    """(B, 1, K) log(r / sum r) of a (B, K) prior, in fp64 as log r - log max r - log sum(r / max r)
+    (no sum overflows and no logarithm is of a quotient that underflowed, whatever the prior's
+    dtype), cast to ``acc``."""
+    prior = class_prior.double()
+    largest = prior.amax(-1, keepdim=True)
+    scale = largest.log() + (prior / largest).sum(-1, keepdim=True).log()
+    return (prior.log() - scale).to(acc)[:, None, :]
 
 
-NON_FINITE_SCORES = ("balanced_sinkhorn: scores have NaN or infinite values, or one class's scores spread over "
-                     "more than epsilon times the largest float")
+NON_FINITE_SCORES = ("balanced_sinkhorn: scores have NaN or infinite values, or one class's scores spread so widely "
+                     "that (scores - their maximum) / epsilon overflows")
 
 
 def scaled_scores(scores: Tensor, reference: Tensor, epsilon: float) -> Tensor:
     """x = (S - R)/ε for a per-class reference score R, subtracted in score units; raises when an x
-    is not finite (a NaN or infinite score, or a class spread over more than ε × the float range)."""
+    is not finite (a NaN or infinite score, or a class spread so widely that (S - R)/ε overflows)."""
     scaled = (scores - reference) / epsilon
     if has_values(scaled) and not torch.isfinite(scaled).all():
         raise ValueError(NON_FINITE_SCORES)

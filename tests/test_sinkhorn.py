@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cpsl_ops
+from cpsl_ops import reference
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
 
 CPSL_PRIOR = torch.tensor([0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338,
@@ -328,3 +329,29 @@ def test_priors_near_the_float_range_are_normalized_safely(backend, prior):
     with cpsl_ops.use_backend(backend):
         torch.testing.assert_close(cpsl_ops.balanced_sinkhorn(scores, prior),
                                    cpsl_ops.balanced_sinkhorn(scores, rescaled), rtol=1e-5, atol=1e-6)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masked_rows", ["the first row", "the CPU kernel's sampled tiles"])
+def test_a_class_masked_in_some_rows_keeps_the_precision_of_the_others(device, masked_rows):
+    """x = (S - M)/eps subtracts each class's largest score: a reference score far below it (a masked
+    first row, or masked rows where the CPU kernel samples its tiles) would cost x its precision."""
+    scores = random_tensor((1, 4096, 4), torch.float64, device, 3).clamp(-1, 1)
+    rows = [0] if masked_rows == "the first row" else [r for i in range(16) for r in range(256 * i, 256 * i + 64)]
+    scores[0, rows, 3] = -1e6
+    expected = reference.balanced_sinkhorn(scores, CPSL_PRIOR[:4].double().to(device)[None], 0.05, 3)
+    native = cpsl_ops.balanced_sinkhorn(scores.float(), CPSL_PRIOR[:4].to(device), 0.05)
+    assert_close(native, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_prior_entry_whose_ratio_to_the_largest_underflows(backend):
+    if backend == "native" and not cpsl_ops.native_available():
+        pytest.skip("native extension not built")
+    scores = random_tensor((50, 4), torch.float32, "cpu", 4)
+    prior = torch.tensor([1e10, 1e-320, 1.0, 1.0], dtype=torch.float64)
+    with cpsl_ops.use_backend(backend):
+        result = cpsl_ops.balanced_sinkhorn(scores, prior)
+    assert torch.isfinite(result).all() and result[:, 1].max() < 1e-30
+    torch.testing.assert_close(result.sum(1), torch.ones(50))

@@ -35,16 +35,16 @@ const acc_t* contiguous_rows(const scalar_t* scores, int64_t row_stride, int64_t
   return buffer;
 }
 
-// x = (S - R)/ε, the scores the kernel works with: R_k, a maximum of class k's scores
-// (sampled_class_maxima), is subtracted in score units before the scaling, so that adding a
-// constant to one class's scores (a masked class, say) leaves every x unchanged wherever the
-// shifted scores are exact, however large the constant. The iteration itself is invariant to
-// such a shift (its first step normalizes each class).
+// x = (S - M)/ε, the scores the kernel works with: M_k, the largest score of class k, is
+// subtracted in score units before the scaling, so that adding a constant to one class's scores
+// (a masked class, say) leaves every x unchanged wherever the shifted scores are exact, however
+// large the constant, and x keeps the scores' precision near each class's top. The iteration
+// itself is invariant to such a shift (its first step normalizes each class).
 template <typename acc_t>
 struct ScaledScores {
   acc_t inv_epsilon;
-  const acc_t* reference;           // R_k, K values
-  const acc_t* position_reference;  // R_(p mod K) for the kLanes * K positions of the lanes form
+  const acc_t* reference;           // M_k, K values
+  const acc_t* position_reference;  // M_(p mod K) for the kLanes * K positions of the lanes form
 
   acc_t operator()(acc_t score, int64_t k) const { return (score - reference[k]) * inv_epsilon; }
 };
@@ -135,7 +135,7 @@ bool tile_row_exponentials(const scalar_t* scores, int64_t row_stride, int64_t f
   return lowest > -kInfinity;
 }
 
-// Up to 16 tiles spread over a problem, sampled to choose R and the design of the first pass.
+// Up to 16 tiles spread over a problem, sampled to choose the design of the first pass.
 struct SampledTiles {
   int64_t samples, tiles, count;
   explicit SampledTiles(int64_t num_samples)
@@ -144,16 +144,22 @@ struct SampledTiles {
   int64_t rows(int64_t i) const { return std::min(kRowTile, samples - first(i)); }
 };
 
-// reference[k] = R_k, the largest score of class k in the sampled tiles. The maximum of shifted
-// scores is the shifted maximum, exactly, and sampled classes keep their natural spread in x.
-template <typename scalar_t, typename acc_t>
-void sampled_class_maxima(const scalar_t* scores, int64_t row_stride, const SampledTiles& sample, int64_t classes,
-                          acc_t* reference) {
-  std::fill(reference, reference + classes, -std::numeric_limits<acc_t>::infinity());
-  for (int64_t i = 0; i < sample.count; ++i)
-    for (int64_t r = sample.first(i); r < sample.first(i) + sample.rows(i); ++r)
-      for (int64_t k = 0; k < classes; ++k)
-        reference[k] = std::max(reference[k], static_cast<acc_t>(scores[r * row_stride + k]));
+// Folds a tile's rows (contiguous, row-major) into position_max (kLanes * classes, in the lanes
+// form of accumulate_column_logsumexp): position p keeps the largest score of class p mod K.
+template <typename acc_t>
+void accumulate_class_maxima(const acc_t* rows_data, int64_t rows, int64_t classes, acc_t* position_max) {
+  using Lanes = LanesOf<acc_t>;
+  const int64_t group = kLanes * classes, groups = rows / kLanes;
+  for (int64_t j = 0; j < classes && groups > 0; ++j) {
+    Lanes max = load_lanes<Lanes>(position_max + j * kLanes);
+    for (int64_t g = 0; g < groups; ++g) max = lanes_max(max, load_lanes<Lanes>(rows_data + g * group + j * kLanes));
+    store_lanes(position_max + j * kLanes, max);
+  }
+  for (int64_t r = groups * kLanes; r < rows; ++r)
+    for (int64_t k = 0; k < classes; ++k) {
+      acc_t& max = position_max[(r % kLanes) * classes + k];
+      max = std::max(max, rows_data[r * classes + k]);
+    }
 }
 
 // Whether the first pass should take one exponential per score (tile_row_exponentials) rather
@@ -241,10 +247,6 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     const scalar_t* s = data_of<const scalar_t>(scores) + b * scores.stride(0);
     scalar_t* out = data_of<scalar_t>(assignment) + b * samples * classes;
     const acc_t* log_r = log_r_all + b * classes;
-    const SampledTiles sample(samples);
-    sampled_class_maxima(s, row_stride, sample, classes, reference.data());
-    for (int64_t p = 0; p < kLanes * classes; ++p) position_reference[p] = reference[p % classes];
-    const ScaledScores<acc_t> scale{inv_epsilon, reference.data(), position_reference.data()};
 
     // Runs visit(tile_buffer, first_row, rows, block) over every tile, in parallel over blocks.
     auto for_each_tile = [&](auto&& visit) {
@@ -258,6 +260,19 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
       });
     };
     auto kept_tile = [&](int64_t first) { return workspace + first / kRowTile * classes * kRowTile; };
+
+    // M_k, in a read-only pass of its own: the first pass needs x already.
+    std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
+    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+      accumulate_class_maxima(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
+                              lane_max.data() + blk * classes * kLanes);
+    });
+    std::fill(reference.begin(), reference.end(), -kInfinity);
+    for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
+      reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
+    for (int64_t p = 0; p < kLanes * classes; ++p) position_reference[p] = reference[p % classes];
+    const ScaledScores<acc_t> scale{inv_epsilon, reference.data(), position_reference.data()};
+    const SampledTiles sample(samples);
 
     // The column log-sum-exps of x give the first iteration's potentials. Either the first pass
     // takes the only exponential of every score, E = exp(x - row maximum), keeps it in the

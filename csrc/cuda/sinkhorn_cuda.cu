@@ -39,8 +39,9 @@ struct SinkhornArgs {
   int64_t batch, samples, classes, batch_stride, row_stride, chunks_per_problem, num_iters;
   acc_t inv_epsilon, log_num_samples;
   const acc_t* __restrict__ log_prior;  // (B, K)
-  acc_t* partial_max;                   // (B, chunks, K): per-chunk column maxima, then unused
-  acc_t* partial_sum;                   // (B, chunks, K): per-chunk sums of exp(x - max), then masses
+  acc_t* partial_max;                   // (B, chunks, K): per-chunk largest scores, then unused
+  acc_t* partial_sum;                   // (B, chunks, K): per-chunk sums of exp((S - max)/ε), then masses
+  acc_t* class_max;                     // (B, K): M, each class's largest score
   acc_t* potential;                     // (B, K)
   int32_t* flags;                       // kNumFlags
   scalar_t* __restrict__ out;
@@ -56,26 +57,24 @@ __device__ __forceinline__ ChunkRows chunk_rows(const Args& a, int64_t chunk) {
   return {chunk / a.chunks_per_problem, first, min(a.samples, first + kRowsPerChunk)};
 }
 
-// x = (S - R)/ε with R the problem's first row (sinkhorn_math.h): subtracted in score units, so
-// that a constant added to one class's scores changes nothing.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t scaled_score(scalar_t score, scalar_t reference, acc_t inv_epsilon) {
-  return (static_cast<acc_t>(score) - static_cast<acc_t>(reference)) * inv_epsilon;
-}
-
-// The warp's row softmax of x + potential for its lane's classes; `reference` is the first row.
+// The warp's row softmax of x + potential for its lane's classes, x = (S - M)/ε with M each
+// class's largest score, subtracted in score units (sinkhorn_math.h). An x that is not finite (a
+// class spread so widely that it overflows) raises the flag.
 template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const scalar_t* reference,
-                                                 const acc_t* potential, int64_t classes, acc_t inv_epsilon, int lane,
-                                                 acc_t* values) {
+__device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_t* class_max, const acc_t* potential,
+                                                 int64_t classes, acc_t inv_epsilon, int lane, acc_t* values,
+                                                 int32_t* flags) {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
+  bool finite = true;
 #pragma unroll
   for (int c = 0; c < kClassesPerLane; ++c) {
     const int64_t k = lane + c * cuda::kWarp;
-    values[c] = k < classes ? scaled_score(row[k], reference[k], inv_epsilon) + potential[k]
-                            : -std::numeric_limits<acc_t>::infinity();
+    const acc_t x = k < classes ? (static_cast<acc_t>(row[k]) - class_max[k]) * inv_epsilon : acc_t(0);
+    finite &= isfinite(x);
+    values[c] = k < classes ? x + potential[k] : -std::numeric_limits<acc_t>::infinity();
     max = values[c] > max ? values[c] : max;
   }
+  if (!finite) flags[kNonFiniteScores] = 1;
   max = cuda::warp_max(max);
   acc_t sum = 0;
 #pragma unroll
@@ -88,7 +87,8 @@ __device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const scal
   for (int c = 0; c < kClassesPerLane; ++c) values[c] /= sum;
 }
 
-// Per-class running log-sum-exp of x over the chunk's rows, merged over warps in warp order.
+// Per-class running log-sum-exp over the chunk's rows, in score units (its max is the chunk's
+// largest score, its sum that of exp((S - max)/ε)), merged over warps in warp order.
 template <int kClassesPerLane, typename scalar_t, typename acc_t>
 __device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
                                        acc_t (*shared_max)[kClassesPerLane * cuda::kWarp],
@@ -103,9 +103,9 @@ __device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, i
     for (int c = 0; c < kClassesPerLane; ++c) {
       const int64_t k = lane + c * cuda::kWarp;
       if (k < a.classes) {
-        const acc_t x = scaled_score(s[i * a.row_stride + k], s[k], a.inv_epsilon);
-        finite &= isfinite(x);
-        lse[c].add(x);
+        const acc_t score = static_cast<acc_t>(s[i * a.row_stride + k]);
+        finite &= isfinite(score);
+        lse[c].add(score, a.inv_epsilon);
       }
     }
   if (!finite) a.flags[kNonFiniteScores] = 1;
@@ -117,7 +117,8 @@ __device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, i
   __syncthreads();
   for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
     OnlineLogSumExp<acc_t> merged;
-    for (int w = 0; w < kWarps; ++w) merged.merge(OnlineLogSumExp<acc_t>{shared_max[w][k], shared_sum[w][k]});
+    for (int w = 0; w < kWarps; ++w)
+      merged.merge(OnlineLogSumExp<acc_t>{shared_max[w][k], shared_sum[w][k]}, a.inv_epsilon);
     a.partial_max[chunk * a.classes + k] = merged.max;
     a.partial_sum[chunk * a.classes + k] = merged.sum;
   }
@@ -133,8 +134,9 @@ __device__ void chunk_column_mass(const SinkhornArgs<scalar_t, acc_t>& a, int64_
   const scalar_t* s = a.scores + rows.problem * a.batch_stride;
   acc_t mass[kClassesPerLane] = {}, values[kClassesPerLane];
   for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, s, a.potential + rows.problem * a.classes, a.classes,
-                                      a.inv_epsilon, lane, values);
+    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.class_max + rows.problem * a.classes,
+                                      a.potential + rows.problem * a.classes, a.classes, a.inv_epsilon, lane, values,
+                                      a.flags);
 #pragma unroll
     for (int c = 0; c < kClassesPerLane; ++c) mass[c] += values[c];
   }
@@ -157,8 +159,9 @@ __device__ void chunk_assignment(const SinkhornArgs<scalar_t, acc_t>& a, int64_t
   scalar_t* o = a.out + rows.problem * a.samples * a.classes;
   acc_t values[kClassesPerLane];
   for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, s, a.potential + rows.problem * a.classes, a.classes,
-                                      a.inv_epsilon, lane, values);
+    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.class_max + rows.problem * a.classes,
+                                      a.potential + rows.problem * a.classes, a.classes, a.inv_epsilon, lane, values,
+                                      a.flags);
 #pragma unroll
     for (int c = 0; c < kClassesPerLane; ++c) {
       const int64_t k = lane + c * cuda::kWarp;
@@ -186,8 +189,10 @@ __global__ void __launch_bounds__(cuda::kThreads) sinkhorn_kernel(SinkhornArgs<s
     const int64_t b = pair / a.classes, k = pair % a.classes;
     OnlineLogSumExp<acc_t> merged;
     for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
-      merged.merge(OnlineLogSumExp<acc_t>{a.partial_max[c * a.classes + k], a.partial_sum[c * a.classes + k]});
-    a.potential[pair] = initial_class_potential(a.log_prior[pair], merged.value());
+      merged.merge(OnlineLogSumExp<acc_t>{a.partial_max[c * a.classes + k], a.partial_sum[c * a.classes + k]},
+                   a.inv_epsilon);
+    a.class_max[pair] = merged.max;  // the log-sum-exp of x = (S - M)/ε is log(merged.sum)
+    a.potential[pair] = initial_class_potential(a.log_prior[pair], std::log(merged.sum));
   }
   grid.sync();
 
@@ -226,6 +231,7 @@ void run_sinkhorn(const cuda::DeviceContext& context, const Tensor& scores, cons
   const ScalarType acc_dtype = scalar_type_of<acc_t>();
   const Tensor partial_max = empty_on(scores, {batch, chunks_per_problem, classes}, acc_dtype);
   const Tensor partial_sum = empty_on(scores, {batch, chunks_per_problem, classes}, acc_dtype);
+  const Tensor class_max = empty_on(scores, {batch, classes}, acc_dtype);
   const Tensor potential = empty_on(scores, {batch, classes}, acc_dtype);
   SinkhornArgs<scalar_t, acc_t> args{data_of<const scalar_t>(scores),
                                      batch,
@@ -240,6 +246,7 @@ void run_sinkhorn(const cuda::DeviceContext& context, const Tensor& scores, cons
                                      data_of<const acc_t>(log_prior),
                                      data_of<acc_t>(partial_max),
                                      data_of<acc_t>(partial_sum),
+                                     data_of<acc_t>(class_max),
                                      data_of<acc_t>(potential),
                                      data_of<int32_t>(flags),
                                      data_of<scalar_t>(assignment)};

@@ -7,9 +7,9 @@
 //   first:  a_k = log r_k - logsumexp_i(S_ik/ε)
 //   then:   a_k += log(N r_k) - log(sum_i P_ik(a))
 // The first step normalizes each class, so a constant added to class k's scores changes nothing:
-// the kernels work with x = (S - R_k)/ε for a score R_k of class k (the CPU kernel a sampled
-// maximum, the CUDA kernel the first row's, the reference the maximum), subtracted in score units
-// so that this holds in floating point too, however large the constant. Every exponential is
+// every backend works with x = (S - M_k)/ε, M_k the largest score of class k, subtracted in score
+// units so that this holds in floating point too, however large the constant (and so that x keeps
+// the precision of the scores near each class's top, where its mass is). Every exponential is
 // taken after subtracting a running maximum, so ε down to 0.01 and fp16/bf16 scores stay finite.
 // The CPU kernel's later iterations rescale a kept matrix instead of taking exponentials again
 // (rescaled_row_floor): the first softmax for widely spread scores, otherwise exp(x - row maximum),
@@ -24,33 +24,36 @@
 namespace cpsl_ops {
 
 // What the kernels raise when an x is not finite: a NaN or infinite score does it, and so does a
-// class whose scores spread over more than ε × the float range.
+// class whose scores spread so widely that (S - max)/ε overflows.
 constexpr const char* kNonFiniteScoresMessage =
-    "scores have NaN or infinite values, or one class's scores spread over more than epsilon times the largest "
-    "float";
+    "scores have NaN or infinite values, or one class's scores spread so widely that (scores - their maximum) / "
+    "epsilon overflows";
 
-// A running log-sum-exp: value = max + log(sum).
+// A running log-sum-exp of scale · v over values v: value = scale · max + log(sum) with
+// sum = Σ exp((v - max) · scale). With v the scores themselves and scale = 1/ε, max is the class's
+// largest score and log(sum) the log-sum-exp of x = (S - max)/ε, each difference taken in score
+// units (sinkhorn_math.h's header says why).
 template <typename acc_t>
 struct OnlineLogSumExp {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum = acc_t(0);
 
-  CPSL_HOST_DEVICE void add(acc_t x) {
-    if (x > max) {
-      sum = sum * std::exp(max - x) + acc_t(1);
-      max = x;
+  CPSL_HOST_DEVICE void add(acc_t v, acc_t scale = acc_t(1)) {
+    if (v > max) {
+      sum = sum * std::exp((max - v) * scale) + acc_t(1);
+      max = v;
     } else {
-      sum += std::exp(x - max);
+      sum += std::exp((v - max) * scale);
     }
   }
 
-  CPSL_HOST_DEVICE void merge(const OnlineLogSumExp& other) {
+  CPSL_HOST_DEVICE void merge(const OnlineLogSumExp& other, acc_t scale = acc_t(1)) {
     if (other.sum == acc_t(0)) return;
     if (other.max > max) {
-      sum = sum * std::exp(max - other.max) + other.sum;
+      sum = sum * std::exp((max - other.max) * scale) + other.sum;
       max = other.max;
     } else {
-      sum += other.sum * std::exp(other.max - max);
+      sum += other.sum * std::exp((other.max - max) * scale);
     }
   }
 

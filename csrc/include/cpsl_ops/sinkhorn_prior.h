@@ -7,10 +7,10 @@
 
 namespace cpsl_ops {
 
-// log_prior[k] = log(r_k / Σ_j r_j) of one problem's prior, computed in double from the entries
-// divided by their maximum (so that no sum overflows and no quotient underflows, whatever the
-// prior's dtype), then cast to the accumulation type; false if an entry is not positive and finite
-// (the caller raises).
+// log_prior[k] = log(r_k / Σ_j r_j) of one problem's prior, computed in double as
+// log r_k - log max r - log Σ_j (r_j / max r): no sum overflows and no logarithm is of a quotient
+// that underflowed, whatever the prior's dtype; then cast to the accumulation type. False if an
+// entry is not positive and finite (the caller raises).
 template <typename prior_t, typename acc_t>
 CPSL_HOST_DEVICE bool normalized_log_prior(const prior_t* prior, int64_t stride, int64_t classes, acc_t* log_prior) {
   double largest = 0;
@@ -23,9 +23,9 @@ CPSL_HOST_DEVICE bool normalized_log_prior(const prior_t* prior, int64_t stride,
   if (!valid) return false;
   double total = 0;
   for (int64_t k = 0; k < classes; ++k) total += static_cast<double>(prior[k * stride]) / largest;
-  const double log_total = std::log(total);
+  const double log_scale = std::log(largest) + std::log(total);
   for (int64_t k = 0; k < classes; ++k)
-    log_prior[k] = static_cast<acc_t>(std::log(static_cast<double>(prior[k * stride]) / largest) - log_total);
+    log_prior[k] = static_cast<acc_t>(std::log(static_cast<double>(prior[k * stride])) - log_scale);
   return true;
 }
 
