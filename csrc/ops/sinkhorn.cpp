@@ -9,10 +9,12 @@
 //     assignment   (B, N, K), dtype of scores, contiguous; each row sums to 1
 //
 // Returns exactly what the official exp-domain iteration returns, computed with the log-domain
-// potentials of include/cpsl_ops/sinkhorn_math.h: num_iters + 1 passes over the matrix, each
-// parallel over fixed blocks of rows (on a GPU, all of them in one cooperative launch for all B
-// problems). NaN or infinite scores raise. No gradient: the targets are
-// detached by design. Kernels: cpu/sinkhorn_cpu.cpp, cuda/sinkhorn_cuda.cu.
+// potentials of include/cpsl_ops/sinkhorn_math.h on x = (S - max_i S_ik)/ε (a constant added to
+// one class changes nothing): num_iters + 1 passes over the matrix on a GPU (all B problems in one
+// cooperative launch), num_iters + 2 on the CPU (the class maxima take a read-only pass of their
+// own), each parallel over fixed blocks of rows. NaN or infinite scores, and a class whose x
+// overflows, raise. No gradient: the targets are detached by design. Kernels:
+// cpu/sinkhorn_cpu.cpp, cuda/sinkhorn_cuda.cu.
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
