@@ -20,6 +20,9 @@ namespace {
 // Rows per tile. A tile is held class-major, x[k * kRowTile + r], so that every loop runs over
 // contiguous rows and vectorizes, whatever K is.
 constexpr int64_t kRowTile = 64;
+// How far above the reference R_k (x units) a class's largest score may rise before the first pass
+// is run again with the exact maxima: x up to 8 keeps fp32's absolute precision near 1e-6.
+constexpr double kReferenceSlack = 8;
 
 // Rows [first, first + rows) of a problem as contiguous acc_t values (rows × classes): the scores
 // themselves when they already are, else a converted copy in buffer.
@@ -35,52 +38,48 @@ const acc_t* contiguous_rows(const scalar_t* scores, int64_t row_stride, int64_t
   return buffer;
 }
 
-// x = (S - M)/ε, the scores the kernel works with: M_k, the largest score of class k, is
-// subtracted in score units before the scaling, so that adding a constant to one class's scores
-// (a masked class, say) leaves every x unchanged wherever the shifted scores are exact, however
-// large the constant, and x keeps the scores' precision near each class's top. The iteration
-// itself is invariant to such a shift (its first step normalizes each class).
+// x = (S - R)/ε, the scores the kernel works with: R_k, the largest score of class k (or of a
+// sample of its rows, within kReferenceSlack of it), is subtracted in score units before the
+// scaling, so that adding a constant to one class's scores (a masked class, say) leaves every x
+// unchanged wherever the shifted scores are exact, however large the constant, and x keeps the
+// scores' precision near each class's top. The iteration itself is invariant to such a shift (its
+// first step normalizes each class).
 template <typename acc_t>
 struct ScaledScores {
   acc_t inv_epsilon;
-  const acc_t* reference;           // M_k, K values
-  const acc_t* position_reference;  // M_(p mod K) for the kLanes * K positions of the lanes form
+  const acc_t* reference;  // R_k, K values
 
   acc_t operator()(acc_t score, int64_t k) const { return (score - reference[k]) * inv_epsilon; }
 };
 
-// Column log-sum-exps of x, read in the rows' own order with no transpose: kLanes rows hold
-// `classes` whole registers, and register j of every such group holds the same positions
+// Column log-sum-exps in score units, read in the rows' own order with no transpose: kLanes rows
+// hold `classes` whole registers, and register j of every such group holds the same positions
 // p = (row mod kLanes) * classes + k, so each position keeps its own running log-sum-exp with
-// whole-register operations only. The positions of a class are merged once per call.
-// Folds a tile's rows into position_max/position_sum (kLanes * classes each); false if a value of
-// x is not finite.
+// whole-register operations only: position_max[p] its largest score, position_sum[p] the sum of
+// exp((S - position_max)/ε), each difference taken in score units. The positions of a class are
+// merged once per call (so this pass also gives each class's largest score). Folds a tile's rows
+// into position_max/position_sum (kLanes * classes each); false if a score is not finite.
 template <typename acc_t>
-bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t classes,
-                                 const ScaledScores<acc_t>& scale, acc_t* position_max, acc_t* position_sum) {
+bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t classes, acc_t inv_epsilon,
+                                 acc_t* position_max, acc_t* position_sum) {
   using Lanes = LanesOf<acc_t>;
   const int64_t group = kLanes * classes, groups = rows / kLanes;
-  const acc_t inv_epsilon = scale.inv_epsilon;
   // Sums value - value: 0 while every value is finite, NaN after an inf or NaN. Read in row order,
   // which also brings the tile into L1 for the class-strided loops below.
   Lanes not_finite = {};
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t i = 0; i < group; i += kLanes) {
-      const Lanes value =
-          (load_lanes<Lanes>(rows_data + g * group + i) - load_lanes<Lanes>(scale.position_reference + i)) * inv_epsilon;
-      not_finite += value - value;
-    }
+  for (int64_t i = 0; i < groups * group; i += kLanes) {
+    const Lanes value = load_lanes<Lanes>(rows_data + i);
+    not_finite += value - value;
+  }
   if (groups > 0)
     for (int64_t j = 0; j < classes; ++j) {
       const acc_t* values = rows_data + j * kLanes;
-      const Lanes reference = load_lanes<Lanes>(scale.position_reference + j * kLanes);
       Lanes tile_max = load_lanes<Lanes>(values);
       for (int64_t g = 1; g < groups; ++g) tile_max = lanes_max(tile_max, load_lanes<Lanes>(values + g * group));
       const Lanes old_max = load_lanes<Lanes>(position_max + j * kLanes);
-      const Lanes max = lanes_max(old_max, (tile_max - reference) * inv_epsilon);
-      Lanes sum = load_lanes<Lanes>(position_sum + j * kLanes) * vector_exp(old_max - max);
-      for (int64_t g = 0; g < groups; ++g)
-        sum += vector_exp((load_lanes<Lanes>(values + g * group) - reference) * inv_epsilon - max);
+      const Lanes max = lanes_max(old_max, tile_max);
+      Lanes sum = load_lanes<Lanes>(position_sum + j * kLanes) * vector_exp((old_max - max) * inv_epsilon);
+      for (int64_t g = 0; g < groups; ++g) sum += vector_exp((load_lanes<Lanes>(values + g * group) - max) * inv_epsilon);
       store_lanes(position_max + j * kLanes, max);
       store_lanes(position_sum + j * kLanes, sum);
     }
@@ -88,11 +87,11 @@ bool accumulate_column_logsumexp(const acc_t* rows_data, int64_t rows, int64_t c
   for (int64_t l = 0; l < kLanes; ++l) finite &= not_finite[l] == acc_t(0);
   for (int64_t r = groups * kLanes; r < rows; ++r)  // the last rows of a problem
     for (int64_t k = 0; k < classes; ++k) {
-      const acc_t value = scale(rows_data[r * classes + k], k);
-      finite &= value - value == acc_t(0);
+      const acc_t score = rows_data[r * classes + k];
+      finite &= score - score == acc_t(0);
       const int64_t position = (r % kLanes) * classes + k;
       OnlineLogSumExp<acc_t> lse{position_max[position], position_sum[position]};
-      lse.add(value);
+      lse.add(score, inv_epsilon);
       position_max[position] = lse.max;
       position_sum[position] = lse.sum;
     }
@@ -135,7 +134,8 @@ bool tile_row_exponentials(const scalar_t* scores, int64_t row_stride, int64_t f
   return lowest > -kInfinity;
 }
 
-// Up to 16 tiles spread over a problem, sampled to choose the design of the first pass.
+// Up to 16 tiles spread over a problem, sampled for a first guess of M and to choose the design of
+// the first pass.
 struct SampledTiles {
   int64_t samples, tiles, count;
   explicit SampledTiles(int64_t num_samples)
@@ -143,6 +143,18 @@ struct SampledTiles {
   int64_t first(int64_t i) const { return i * tiles / count * kRowTile; }
   int64_t rows(int64_t i) const { return std::min(kRowTile, samples - first(i)); }
 };
+
+// reference[k] = the largest score of class k in the sampled tiles: a first guess of M_k that
+// takes no pass of its own (the maximum of shifted scores is the shifted maximum, exactly).
+template <typename scalar_t, typename acc_t>
+void sampled_class_maxima(const scalar_t* scores, int64_t row_stride, const SampledTiles& sample, int64_t classes,
+                          acc_t* reference) {
+  std::fill(reference, reference + classes, -std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < sample.count; ++i)
+    for (int64_t r = sample.first(i); r < sample.first(i) + sample.rows(i); ++r)
+      for (int64_t k = 0; k < classes; ++k)
+        reference[k] = std::max(reference[k], static_cast<acc_t>(scores[r * row_stride + k]));
+}
 
 // Folds a tile's rows (contiguous, row-major) into position_max (kLanes * classes, in the lanes
 // form of accumulate_column_logsumexp): position p keeps the largest score of class p mod K.
@@ -234,6 +246,7 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
   std::vector<acc_t> lane_max(num_blocks * classes * kLanes), lane_sum(num_blocks * classes * kLanes);
   std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), kept_potential(classes), rescale(classes);
   std::vector<acc_t> sampled_class_max(classes), reference(classes), position_reference(kLanes * classes);
+  std::vector<acc_t> class_max_lanes(num_blocks * classes * kLanes);
   // The kept matrix (E or the first assignment, see below), tile by tile as the tiles hold it
   // (class-major inside a tile), so that a tile is one contiguous block of K × kRowTile values to
   // stream in.
@@ -261,76 +274,93 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     };
     auto kept_tile = [&](int64_t first) { return workspace + first / kRowTile * classes * kRowTile; };
 
-    // M_k, in a read-only pass of its own: the first pass needs x already.
-    std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
-    for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      accumulate_class_maxima(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
-                              lane_max.data() + blk * classes * kLanes);
-    });
-    std::fill(reference.begin(), reference.end(), -kInfinity);
-    for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
-      reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
-    for (int64_t p = 0; p < kLanes * classes; ++p) position_reference[p] = reference[p % classes];
-    const ScaledScores<acc_t> scale{inv_epsilon, reference.data(), position_reference.data()};
+    // x = (S - R)/ε takes R = the class maxima over the sampled tiles, which cost no pass of their
+    // own. The first pass also gives the exact maxima M: widely spread scores then take R = M at
+    // once (their log-sum-exps are in score units); the one-exponential design, whose kept
+    // exponentials are of x, runs again with R = M in the rare case that some class rises more
+    // than kReferenceSlack above R (R far below a class's top would cost x the scores' precision
+    // there, where the mass is).
     const SampledTiles sample(samples);
-
-    // The column log-sum-exps of x give the first iteration's potentials. Either the first pass
-    // takes the only exponential of every score, E = exp(x - row maximum), keeps it in the
-    // workspace and takes the column sums from it too, or (widely spread scores) it takes them
-    // from the scores alone and a second pass fills the workspace.
+    sampled_class_maxima(s, row_stride, sample, classes, reference.data());
+    const ScaledScores<acc_t> scale{inv_epsilon, reference.data()};
     std::atomic<bool> non_finite{false};
-    std::fill(kept_potential.begin(), kept_potential.end(), acc_t(0));
-    std::fill(block_reference.begin(), block_reference.end(), -kInfinity);
-    std::fill(block_sum.begin(), block_sum.end(), acc_t(0));
-    std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
-    std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
-    auto accumulate_from_scores = [&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-      const int64_t positions = blk * classes * kLanes;
-      if (!accumulate_column_logsumexp(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes, scale,
-                                       lane_max.data() + positions, lane_sum.data() + positions))
-        non_finite = true;
-    };
-    const bool one_exponential =
-        mostly_narrow_tiles(s, row_stride, sample, classes, scale, floor_depth, sampled_class_max.data());
-    if (!one_exponential) for_each_tile(accumulate_from_scores);
-    else
-      for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-        acc_t row_weight[kRowTile], tile_max;
-        acc_t* const kept = kept_tile(first);
-        if (!tile_row_exponentials(s, row_stride, first, rows, classes, scale, kept_potential.data(), kept,
-                                   row_weight, tile_max))
+    bool one_exponential = false;
+    for (bool rerun = false;; rerun = true) {
+      // The column log-sum-exps of x give the first iteration's potentials. Either the first pass
+      // takes the only exponential of every score, E = exp(x - row maximum), keeps it in the
+      // workspace and takes the column sums from it too, or (widely spread scores) it takes them
+      // from the scores alone and a second pass fills the workspace.
+      std::fill(kept_potential.begin(), kept_potential.end(), acc_t(0));
+      std::fill(block_reference.begin(), block_reference.end(), -kInfinity);
+      std::fill(block_sum.begin(), block_sum.end(), acc_t(0));
+      std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
+      std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
+      std::fill(class_max_lanes.begin(), class_max_lanes.end(), -kInfinity);
+      auto accumulate_from_scores = [&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+        const int64_t positions = blk * classes * kLanes;
+        if (!accumulate_column_logsumexp(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
+                                         inv_epsilon, lane_max.data() + positions, lane_sum.data() + positions))
           non_finite = true;
-        acc_t* const tile_sum = x;
-        bool below_floor = false;
-        for (int64_t k = 0; k < classes; ++k) {
-          const acc_t* __restrict column = kept + k * kRowTile;
-          acc_t sum = 0;
+      };
+      one_exponential = mostly_narrow_tiles(s, row_stride, sample, classes, scale, floor_depth, sampled_class_max.data());
+      if (!one_exponential) for_each_tile(accumulate_from_scores);
+      else
+        for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+          // M from the tile's scores, read from cache (the pass streams them in right here).
+          accumulate_class_maxima(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
+                                  class_max_lanes.data() + blk * classes * kLanes);
+          acc_t row_weight[kRowTile], tile_max;
+          acc_t* const kept = kept_tile(first);
+          if (!tile_row_exponentials(s, row_stride, first, rows, classes, scale, kept_potential.data(), kept,
+                                     row_weight, tile_max))
+            non_finite = true;
+          acc_t* const tile_sum = x;
+          bool below_floor = false;
+          for (int64_t k = 0; k < classes; ++k) {
+            const acc_t* __restrict column = kept + k * kRowTile;
+            acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_weight[r];
-          tile_sum[k] = sum;
-          below_floor |= sum < sum_floor;
-        }
-        // Classes far below the tile's best scores: the tile's column sums come from the scores.
-        if (below_floor) return accumulate_from_scores(x, first, rows, blk);
-        acc_t* reference = block_reference.data() + blk * classes;
-        acc_t* block = block_sum.data() + blk * classes;
-        for (int64_t k = 0; k < classes; ++k) {
-          const acc_t merged = std::max(reference[k], tile_max);
-          block[k] = block[k] * vector_exp(reference[k] - merged) + tile_sum[k] * vector_exp(tile_max - merged);
-          reference[k] = merged;
-        }
-      });
-    for (int64_t k = 0; k < classes && !non_finite; ++k) {
-      OnlineLogSumExp<acc_t> column_lse;
-      for (int64_t blk = 0; blk < num_blocks; ++blk) {
-        column_lse.merge(OnlineLogSumExp<acc_t>{block_reference[blk * classes + k], block_sum[blk * classes + k]});
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t position = (blk * kLanes + l) * classes + k;
-          column_lse.merge(OnlineLogSumExp<acc_t>{lane_max[position], lane_sum[position]});
-        }
+            for (int64_t r = 0; r < rows; ++r) sum += column[r] * row_weight[r];
+            tile_sum[k] = sum;
+            below_floor |= sum < sum_floor;
+          }
+          // Classes far below the tile's best scores: the tile's column sums come from the scores.
+          if (below_floor) return accumulate_from_scores(x, first, rows, blk);
+          acc_t* block_max = block_reference.data() + blk * classes;
+          acc_t* block = block_sum.data() + blk * classes;
+          for (int64_t k = 0; k < classes; ++k) {
+            const acc_t merged = std::max(block_max[k], tile_max);
+            block[k] = block[k] * vector_exp(block_max[k] - merged) + tile_sum[k] * vector_exp(tile_max - merged);
+            block_max[k] = merged;
+          }
+        });
+      if (non_finite) break;
+      std::fill(sampled_class_max.begin(), sampled_class_max.end(), -kInfinity);  // from here on the exact M
+      for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
+        sampled_class_max[p % classes] =
+            std::max({sampled_class_max[p % classes], class_max_lanes[p], lane_max[p]});
+      bool close = true;
+      for (int64_t k = 0; k < classes; ++k)
+        close &= (sampled_class_max[k] - reference[k]) * inv_epsilon <= kReferenceSlack;
+      if (!one_exponential) {
+        std::copy(sampled_class_max.begin(), sampled_class_max.end(), reference.begin());
+      } else if (!close && !rerun) {
+        std::copy(sampled_class_max.begin(), sampled_class_max.end(), reference.begin());
+        continue;
       }
-      if (!std::isfinite(column_lse.value())) non_finite = true;
-      potential[k] = initial_class_potential(log_r[k], column_lse.value());
+      for (int64_t k = 0; k < classes; ++k) {
+        OnlineLogSumExp<acc_t> column_lse;
+        for (int64_t blk = 0; blk < num_blocks; ++blk) {
+          column_lse.merge(OnlineLogSumExp<acc_t>{block_reference[blk * classes + k], block_sum[blk * classes + k]});
+          for (int64_t l = 0; l < kLanes; ++l) {  // from score units to x
+            const int64_t position = (blk * kLanes + l) * classes + k;
+            column_lse.merge(OnlineLogSumExp<acc_t>{scale(lane_max[position], k), lane_sum[position]});
+          }
+        }
+        if (!std::isfinite(column_lse.value())) non_finite = true;
+        potential[k] = initial_class_potential(log_r[k], column_lse.value());
+      }
+      break;
     }
     CPSL_CHECK_VALUE(!non_finite, "balanced_sinkhorn: ", kNonFiniteScoresMessage, " (problem ", b,
                       " of ", batch, ")");
@@ -347,14 +377,17 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
       for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         acc_t row_weight[kRowTile], tile_max, row_inverse[kRowTile] = {};
         acc_t* const kept = num_iters == 1 ? x : kept_tile(first);
-        tile_row_exponentials(s, row_stride, first, rows, classes, scale, potential.data(), kept, row_weight,
-                              tile_max);
+        if (!tile_row_exponentials(s, row_stride, first, rows, classes, scale, potential.data(), kept, row_weight,
+                                   tile_max))
+          non_finite = true;  // an x that overflows, which the first pass of widely spread scores does not see
         for (int64_t k = 0; k < classes; ++k)
           for (int64_t r = 0; r < rows; ++r) row_inverse[r] += kept[k * kRowTile + r];
         for (int64_t r = 0; r < rows; ++r) row_inverse[r] = acc_t(1) / row_inverse[r];
         if (num_iters == 1) return transpose(kept, kRowTile, classes, rows, out + first * classes, classes, row_inverse);
         add_column_masses(kept, row_inverse, rows, classes, column_mass.data() + blk * classes);
       });
+      CPSL_CHECK_VALUE(!non_finite, "balanced_sinkhorn: ", kNonFiniteScoresMessage, " (problem ", b, " of ", batch,
+                       ")");
       kept_potential = potential;
       first_rescaled_iteration = 2;
     }
