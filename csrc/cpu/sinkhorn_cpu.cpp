@@ -245,8 +245,8 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
   // Per block, the running log-sum-exps of the tiles whose column sums needed the scores again.
   std::vector<acc_t> lane_max(num_blocks * classes * kLanes), lane_sum(num_blocks * classes * kLanes);
   std::vector<acc_t> column_mass(num_blocks * classes), potential(classes), kept_potential(classes), rescale(classes);
-  std::vector<acc_t> sampled_class_max(classes), reference(classes), position_reference(kLanes * classes);
-  std::vector<acc_t> class_max_lanes(num_blocks * classes * kLanes);
+  std::vector<acc_t> tile_class_max(classes), reference(classes);
+  std::vector<acc_t> block_top(num_blocks);  // per block, the largest x of the one-exponential first pass
   // The kept matrix (E or the first assignment, see below), tile by tile as the tiles hold it
   // (class-major inside a tile), so that a tile is one contiguous block of K × kRowTile values to
   // stream in.
@@ -275,11 +275,11 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     auto kept_tile = [&](int64_t first) { return workspace + first / kRowTile * classes * kRowTile; };
 
     // x = (S - R)/ε takes R = the class maxima over the sampled tiles, which cost no pass of their
-    // own. The first pass also gives the exact maxima M: widely spread scores then take R = M at
-    // once (their log-sum-exps are in score units); the one-exponential design, whose kept
-    // exponentials are of x, runs again with R = M in the rare case that some class rises more
-    // than kReferenceSlack above R (R far below a class's top would cost x the scores' precision
-    // there, where the mass is).
+    // own. Widely spread scores take the exact maxima M from their first pass (its log-sum-exps are
+    // in score units); the one-exponential design, whose kept exponentials are of x, notes the
+    // largest x it meets and, in the rare case that some class rises more than kReferenceSlack
+    // above R (R far below a class's top would cost x the scores' precision there, where the mass
+    // is), takes M in a read-only pass and runs its first pass again with R = M.
     const SampledTiles sample(samples);
     sampled_class_maxima(s, row_stride, sample, classes, reference.data());
     const ScaledScores<acc_t> scale{inv_epsilon, reference.data()};
@@ -295,25 +295,23 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
       std::fill(block_sum.begin(), block_sum.end(), acc_t(0));
       std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
       std::fill(lane_sum.begin(), lane_sum.end(), acc_t(0));
-      std::fill(class_max_lanes.begin(), class_max_lanes.end(), -kInfinity);
+      std::fill(block_top.begin(), block_top.end(), -kInfinity);
       auto accumulate_from_scores = [&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
         const int64_t positions = blk * classes * kLanes;
         if (!accumulate_column_logsumexp(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
                                          inv_epsilon, lane_max.data() + positions, lane_sum.data() + positions))
           non_finite = true;
       };
-      one_exponential = mostly_narrow_tiles(s, row_stride, sample, classes, scale, floor_depth, sampled_class_max.data());
+      one_exponential = mostly_narrow_tiles(s, row_stride, sample, classes, scale, floor_depth, tile_class_max.data());
       if (!one_exponential) for_each_tile(accumulate_from_scores);
       else
         for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
-          // M from the tile's scores, read from cache (the pass streams them in right here).
-          accumulate_class_maxima(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
-                                  class_max_lanes.data() + blk * classes * kLanes);
           acc_t row_weight[kRowTile], tile_max;
           acc_t* const kept = kept_tile(first);
           if (!tile_row_exponentials(s, row_stride, first, rows, classes, scale, kept_potential.data(), kept,
                                      row_weight, tile_max))
             non_finite = true;
+          block_top[blk] = std::max(block_top[blk], tile_max);  // the largest x (kept_potential is 0)
           acc_t* const tile_sum = x;
           bool below_floor = false;
           for (int64_t k = 0; k < classes; ++k) {
@@ -335,18 +333,24 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
           }
         });
       if (non_finite) break;
-      std::fill(sampled_class_max.begin(), sampled_class_max.end(), -kInfinity);  // from here on the exact M
-      for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
-        sampled_class_max[p % classes] =
-            std::max({sampled_class_max[p % classes], class_max_lanes[p], lane_max[p]});
-      bool close = true;
-      for (int64_t k = 0; k < classes; ++k)
-        close &= (sampled_class_max[k] - reference[k]) * inv_epsilon <= kReferenceSlack;
-      if (!one_exponential) {
-        std::copy(sampled_class_max.begin(), sampled_class_max.end(), reference.begin());
-      } else if (!close && !rerun) {
-        std::copy(sampled_class_max.begin(), sampled_class_max.end(), reference.begin());
-        continue;
+      if (!one_exponential) {  // every tile went through the lanes form, whose maxima are M
+        std::fill(reference.begin(), reference.end(), -kInfinity);
+        for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
+          reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
+      } else if (!rerun) {
+        bool close = *std::max_element(block_top.begin(), block_top.end()) <= kReferenceSlack;
+        for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p) close &= scale(lane_max[p], p % classes) <= kReferenceSlack;
+        if (!close) {
+          std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
+          for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
+            accumulate_class_maxima(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
+                                    lane_max.data() + blk * classes * kLanes);
+          });
+          std::fill(reference.begin(), reference.end(), -kInfinity);
+          for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
+            reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
+          continue;
+        }
       }
       for (int64_t k = 0; k < classes; ++k) {
         OnlineLogSumExp<acc_t> column_lse;
