@@ -7,10 +7,12 @@
 // class sum is accumulated in double (class_sum_t) by one block per (channel, chunk of kClassChunk
 // classes): each thread walks a fixed stride of the pixels with the chunk's sums in registers, and
 // the block merges its threads in a fixed order. There are no atomics, so results are
-// bit-identical from run to run and independent of cuBLAS settings.
+// bit-identical from run to run and independent of cuBLAS settings. Under CUDA graph capture, a
+// bad label or feature makes the new prototypes NaN instead of raising.
 #include <torch/csrc/stable/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
@@ -104,7 +106,7 @@ std::tuple<Tensor, Tensor> update_prototypes_cuda(const Tensor& prototypes, cons
              cuda::kMaxGridY * kClassChunk, " classes, got ", classes);
   const Tensor new_prototypes = empty_on(prototypes, {classes, channels}, prototypes.scalar_type());
   const Tensor counts = zeros_on(prototypes, {classes}, ScalarType::Long);
-  const Tensor flags = zeros_on(prototypes, {kNumFlags}, ScalarType::Int);
+  const cuda::DeviceFlags<kNumFlags> flags(prototypes, context.stream());
   dispatch_floating(features.scalar_type(), "update_prototypes", [&](auto feature_tag) {
     using scalar_t = decltype(feature_tag);
     using acc_t = acc_type<scalar_t>;
@@ -116,7 +118,7 @@ std::tuple<Tensor, Tensor> update_prototypes_cuda(const Tensor& prototypes, cons
       if (label_view.numel() == 0) return;
       // One block at least: with K = 0 every label but ignore_index is out of range.
       class_counts_kernel<label_t><<<std::max<int64_t>(class_chunks, 1), cuda::kThreads, 0, context.stream()>>>(
-          label_access, classes, ignore_index, data_of<int64_t>(counts), data_of<int32_t>(flags));
+          label_access, classes, ignore_index, data_of<int64_t>(counts), flags.data());
       CPSL_KERNEL_LAUNCH_CHECK();
       if (channels * classes == 0) return;
       class_sums_kernel<scalar_t, label_t><<<dim3(channels, class_chunks), cuda::kThreads, 0, context.stream()>>>(
@@ -128,11 +130,12 @@ std::tuple<Tensor, Tensor> update_prototypes_cuda(const Tensor& prototypes, cons
       ema_kernel<scalar_t, acc_t><<<cuda::blocks_for(classes * channels), cuda::kThreads, 0, context.stream()>>>(
           data_of<const scalar_t>(prototypes), prototypes.stride(0), prototypes.stride(1),
           data_of<const class_sum_t>(sums), data_of<const int64_t>(counts), classes, channels,
-          static_cast<acc_t>(momentum), data_of<scalar_t>(new_prototypes), data_of<int32_t>(flags));
+          static_cast<acc_t>(momentum), data_of<scalar_t>(new_prototypes), flags.data());
       CPSL_KERNEL_LAUNCH_CHECK();
     }
+    flags.fill_if_raised(new_prototypes, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
   });
-  const cuda::HostFlags<kNumFlags> raised(flags, context.stream());
+  const auto raised = flags.read();
   CPSL_CHECK_VALUE(!raised[kBadLabel], "update_prototypes: labels must lie in [0, ", classes,
                    ") or equal ignore_index=", ignore_index);
   CPSL_CHECK_VALUE(!raised[kNonFiniteFeatures],

@@ -1,7 +1,10 @@
 // CUDA kernel of cpsl_ops::rectify_pseudo_labels (schema: ops/rectify.cpp; math: rectify_math.h).
 // One thread per pixel, one pass over its K soft labels and logits (coalesced along pixels); the
-// (image, pixel) pairs are one flat index, so the batch has no limit of 65,535.
+// (image, pixel) pairs are one flat index, so the batch has no limit of 65,535. Under CUDA graph
+// capture, bad values make every confidence NaN and every label ignore_index instead of raising.
 #include <torch/csrc/stable/library.h>
+
+#include <limits>
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
@@ -41,17 +44,19 @@ std::tuple<Tensor, Tensor> rectify_pseudo_labels_cuda(const Tensor& soft, const 
   const Tensor confidence = empty_on(soft, {soft.size(0), soft.size(2), soft.size(3)}, soft.scalar_type());
   if (labels.numel() == 0) return {labels, confidence};
   const Tensor p = as_batch_channel_pixel(soft), l = as_batch_channel_pixel(logits);
-  const Tensor invalid = zeros_on(soft, {1}, ScalarType::Int);
+  const cuda::DeviceFlags<1> invalid(soft, context.stream());
   dispatch_floating(soft.scalar_type(), "rectify_pseudo_labels", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     rectify_kernel<scalar_t, acc_t><<<cuda::blocks_for(p.size(0) * p.size(2)), cuda::kThreads, 0, context.stream()>>>(
         data_of<const scalar_t>(p), cuda::Strides3d(p), data_of<const scalar_t>(l), cuda::Strides3d(l), p.size(0),
         p.size(1), p.size(2), static_cast<acc_t>(threshold), ignore_index, data_of<int64_t>(labels),
-        data_of<scalar_t>(confidence), data_of<int32_t>(invalid));
+        data_of<scalar_t>(confidence), invalid.data());
     CPSL_KERNEL_LAUNCH_CHECK();
+    invalid.fill_if_raised(confidence, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
   });
-  CPSL_CHECK_VALUE(!cuda::HostFlags<1>(invalid, context.stream())[0],
+  invalid.fill_if_raised(labels, ignore_index);
+  CPSL_CHECK_VALUE(!invalid.read()[0],
                    "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and prototype_logits "
                    "finite");
   return {labels, confidence};

@@ -1,10 +1,12 @@
 // Helpers of the CUDA kernels, on PyTorch's stable ABI: the current stream and device, error
-// checks, launch geometry, block and warp reductions and strided 3-d access.
+// checks, error flags that work under CUDA graph capture, launch geometry, block and warp
+// reductions and strided 3-d access.
 #pragma once
 #include <cuda_runtime.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpsl_ops/stable.h"
@@ -48,15 +50,63 @@ class DeviceContext {
   cudaStream_t stream_;
 };
 
-// Reads device-side error flags written by the kernels: the one synchronization of the eager path.
+// Whether work queued on the stream is being recorded into a CUDA graph instead of running.
+inline bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  CPSL_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Fills out[0, n) with value when any of the first num_flags flags is set.
+template <typename T>
+__global__ void fill_if_raised_kernel(const int32_t* __restrict__ flags, int num_flags, T* __restrict__ out, int64_t n,
+                                      T value) {
+  bool raised = false;
+  for (int f = 0; f < num_flags; ++f) raised |= flags[f] != 0;
+  if (!raised) return;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = value;
+}
+
+// The error flags of one op call, set on the device by its kernels. Outside graph capture the host
+// reads them once, after every kernel: the op's one synchronization, which lets it raise a
+// ValueError. While the stream is captured into a CUDA graph nothing can be read back, so read()
+// reports nothing and fill_if_raised() records a kernel that, at replay, overwrites the outputs
+// with NaN (or another marker) when a flag is set: no bad input passes silently either way.
 template <int kFlags>
-struct HostFlags {
-  int32_t values[kFlags];
-  HostFlags(const Tensor& flags, cudaStream_t stream) {
-    CPSL_CUDA_CHECK(cudaMemcpyAsync(values, flags.data_ptr(), sizeof(values), cudaMemcpyDeviceToHost, stream));
-    CPSL_CUDA_CHECK(cudaStreamSynchronize(stream));
+class DeviceFlags {
+ public:
+  DeviceFlags(const Tensor& like, cudaStream_t stream)
+      : flags_(zeros_on(like, {kFlags}, ScalarType::Int)), stream_(stream), capturing_(is_capturing(stream)) {}
+
+  int32_t* data() const { return data_of<int32_t>(flags_); }
+  bool capturing() const { return capturing_; }
+
+  template <typename T>
+  void fill_if_raised(const Tensor& out, T value) const {
+    if (!capturing_ || out.numel() == 0) return;
+    const int64_t blocks = std::min<int64_t>(blocks_for(out.numel()), 1024);
+    fill_if_raised_kernel<T><<<blocks, kThreads, 0, stream_>>>(data(), kFlags, data_of<T>(out), out.numel(), value);
+    CPSL_KERNEL_LAUNCH_CHECK();
   }
-  bool operator[](int i) const { return values[i] != 0; }
+
+  struct Raised {
+    int32_t values[kFlags] = {};
+    bool operator[](int i) const { return values[i] != 0; }
+  };
+  Raised read() const {
+    Raised raised;
+    if (capturing_) return raised;
+    CPSL_CUDA_CHECK(cudaMemcpyAsync(raised.values, data(), sizeof(raised.values), cudaMemcpyDeviceToHost, stream_));
+    CPSL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return raised;
+  }
+
+ private:
+  Tensor flags_;
+  cudaStream_t stream_;
+  bool capturing_;
 };
 
 template <typename T>
