@@ -1,19 +1,31 @@
-// CUDA kernel of cpsl_ops::balanced_sinkhorn (schema: ops/sinkhorn.cpp; math: sinkhorn_math.h).
+// CUDA kernel of cpsl_ops::balanced_sinkhorn (schema: ops/sinkhorn.cpp; math: sinkhorn_math.h;
+// passes: sinkhorn_cuda_passes.cuh).
 //
-// One cooperative launch runs every iteration of all B problems: a grid of co-resident blocks
-// walks fixed chunks of kRowsPerChunk rows, and grid-wide barriers separate the passes (column
-// log-sum-exp, T − 1 column masses, the final softmax) from the merges of their per-chunk partials
-// into the class potentials. Scores are re-read on every pass; at CPSL's size (8 × 65,792 × 19,
-// 40 MB in fp32) they fit in the L2 of an H100 (50 MB). Inside a chunk, one warp takes a row at a time with lane l holding classes
-// l, l + 32, ..., so a row's softmax is two warp reductions. Each chunk's partials are merged in
-// chunk order by one thread per (problem, class): the result does not depend on the grid size, and
-// there are no atomics, so runs are bit-identical.
+// Blocks walk fixed chunks of kRowsPerChunk rows through the passes of the iteration (column
+// log-sum-exp, T - 1 column masses, the final softmax); between passes, one thread per (problem,
+// class) merges the chunks' partials into the class potential, in chunk order. Scores are re-read
+// on every pass; at CPSL's size (8 x 65,792 x 19, 40 MB in fp32) they fit in the L2 of an H100
+// (50 MB). There are no atomics, so runs are bit-identical.
+//
+// Two launch paths give the same bits: one cooperative launch of co-resident blocks with grid-wide
+// barriers between passes, or one launch per pass and merge (2T + 1 launches), used wherever the
+// cooperative one cannot run: a device without the attribute, a launch refused (MPS or
+// green-context SM limits; the error is cleared), or a stream being captured into a CUDA graph.
+// Tests select a path and cap the grid with two environment variables, read at each call:
+//   CPSL_OPS_CUDA_SINKHORN_LAUNCH      auto (default) | cooperative | per_pass
+//   CPSL_OPS_CUDA_SINKHORN_MAX_BLOCKS  a positive cap on the blocks of a pass (each then walks
+//                                      several chunks)
 #include <cooperative_groups.h>
 #include <torch/csrc/stable/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/macros.h"
@@ -21,196 +33,81 @@
 #include "cpsl_ops/sinkhorn_math.h"
 #include "cpsl_ops/sinkhorn_prior.h"
 #include "cpsl_ops/stable.h"
+#include "sinkhorn_cuda_passes.cuh"
 
 namespace cpsl_ops {
 namespace {
 
-constexpr int kRowsPerChunk = 1024;
-constexpr int kWarps = cuda::kThreads / cuda::kWarp;
-// Device-side flags of one call, read by the host once, after every kernel.
-constexpr int kNonFiniteScores = 0, kBadPrior = 1, kNumFlags = 2;
+using namespace sinkhorn_cuda;
 
-// Everything the kernel reads or writes. Buffers written inside the launch are plain pointers (no
-// const __restrict__): other blocks write them before a barrier, so reads must not go through the
-// read-only cache.
-template <typename scalar_t, typename acc_t>
-struct SinkhornArgs {
-  const scalar_t* __restrict__ scores;
-  int64_t batch, samples, classes, batch_stride, row_stride, chunks_per_problem, num_iters;
-  acc_t inv_epsilon, log_num_samples;
-  const acc_t* __restrict__ log_prior;  // (B, K)
-  acc_t* partial_max;                   // (B, chunks, K): per-chunk largest scores, then unused
-  acc_t* partial_sum;                   // (B, chunks, K): per-chunk sums of exp((S - max)/ε), then masses
-  acc_t* class_max;                     // (B, K): M, each class's largest score
-  acc_t* potential;                     // (B, K)
-  int32_t* flags;                       // kNumFlags
-  scalar_t* __restrict__ out;
-};
+enum class Pass { kColumnLogSumExp, kColumnMass, kAssignment };
 
-struct ChunkRows {
-  int64_t problem, first, last;
-};
-
-template <typename Args>
-__device__ __forceinline__ ChunkRows chunk_rows(const Args& a, int64_t chunk) {
-  const int64_t first = (chunk % a.chunks_per_problem) * kRowsPerChunk;
-  return {chunk / a.chunks_per_problem, first, min(a.samples, first + kRowsPerChunk)};
-}
-
-// The warp's row softmax of x + potential for its lane's classes, x = (S - M)/ε with M each
-// class's largest score, subtracted in score units (sinkhorn_math.h). An x that is not finite (a
-// class spread so widely that it overflows) raises the flag.
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_t* class_max, const acc_t* potential,
-                                                 int64_t classes, acc_t inv_epsilon, int lane, acc_t* values,
-                                                 int32_t* flags) {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
-  bool finite = true;
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    const int64_t k = lane + c * cuda::kWarp;
-    const acc_t x = k < classes ? (static_cast<acc_t>(row[k]) - class_max[k]) * inv_epsilon : acc_t(0);
-    finite &= isfinite(x);
-    values[c] = k < classes ? x + potential[k] : -std::numeric_limits<acc_t>::infinity();
-    max = values[c] > max ? values[c] : max;
-  }
-  if (!finite) flags[kNonFiniteScores] = 1;
-  max = cuda::warp_max(max);
-  acc_t sum = 0;
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    values[c] = exp(values[c] - max);
-    sum += values[c];
-  }
-  sum = cuda::warp_sum(sum);
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) values[c] /= sum;
-}
-
-// Per-class running log-sum-exp over the chunk's rows, in score units (its max is the chunk's
-// largest score, its sum that of exp((S - max)/ε)), merged over warps in warp order.
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void chunk_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                       acc_t (*shared_max)[kClassesPerLane * cuda::kWarp],
-                                       acc_t (*shared_sum)[kClassesPerLane * cuda::kWarp]) {
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const ChunkRows rows = chunk_rows(a, chunk);
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  OnlineLogSumExp<acc_t> lse[kClassesPerLane];
-  bool finite = true;
-  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps)
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) {
-      const int64_t k = lane + c * cuda::kWarp;
-      if (k < a.classes) {
-        const acc_t score = static_cast<acc_t>(s[i * a.row_stride + k]);
-        finite &= isfinite(score);
-        lse[c].add(score, a.inv_epsilon);
-      }
-    }
-  if (!finite) a.flags[kNonFiniteScores] = 1;
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    shared_max[warp][lane + c * cuda::kWarp] = lse[c].max;
-    shared_sum[warp][lane + c * cuda::kWarp] = lse[c].sum;
-  }
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
-    OnlineLogSumExp<acc_t> merged;
-    for (int w = 0; w < kWarps; ++w)
-      merged.merge(OnlineLogSumExp<acc_t>{shared_max[w][k], shared_sum[w][k]}, a.inv_epsilon);
-    a.partial_max[chunk * a.classes + k] = merged.max;
-    a.partial_sum[chunk * a.classes + k] = merged.sum;
-  }
-  __syncthreads();  // the block's next chunk rewrites the shared arrays
-}
-
-// Per-class sums of the current row softmax over the chunk's rows, summed over warps in warp order.
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void chunk_column_mass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                  acc_t (*shared_mass)[kClassesPerLane * cuda::kWarp]) {
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const ChunkRows rows = chunk_rows(a, chunk);
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  acc_t mass[kClassesPerLane] = {}, values[kClassesPerLane];
-  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.class_max + rows.problem * a.classes,
-                                      a.potential + rows.problem * a.classes, a.classes, a.inv_epsilon, lane, values,
-                                      a.flags);
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) mass[c] += values[c];
-  }
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) shared_mass[warp][lane + c * cuda::kWarp] = mass[c];
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
-    acc_t total = 0;
-    for (int w = 0; w < kWarps; ++w) total += shared_mass[w][k];
-    a.partial_sum[chunk * a.classes + k] = total;
-  }
-  __syncthreads();
-}
-
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void chunk_assignment(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk) {
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const ChunkRows rows = chunk_rows(a, chunk);
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  scalar_t* o = a.out + rows.problem * a.samples * a.classes;
-  acc_t values[kClassesPerLane];
-  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.class_max + rows.problem * a.classes,
-                                      a.potential + rows.problem * a.classes, a.classes, a.inv_epsilon, lane, values,
-                                      a.flags);
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) {
-      const int64_t k = lane + c * cuda::kWarp;
-      if (k < a.classes) o[i * a.classes + k] = static_cast<scalar_t>(values[c]);
+// Every chunk of the call, through one pass, in the blocks' grid-stride order.
+template <Pass kPass, int kClassesPerLane, typename scalar_t, typename acc_t>
+__device__ void run_pass(const SinkhornArgs<scalar_t, acc_t>& a, Scratch<kClassesPerLane, acc_t>& scratch) {
+  const int64_t chunks = a.batch * a.chunks_per_problem;
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    if constexpr (kPass == Pass::kColumnLogSumExp) {
+      column_logsumexp_pass(a, chunk, scratch);
+    } else {
+      row_softmax_pass<kPass == Pass::kAssignment>(a, chunk, scratch);
     }
   }
 }
 
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(cuda::kThreads) sinkhorn_kernel(SinkhornArgs<scalar_t, acc_t> a) {
-  namespace cg = cooperative_groups;
-  cg::grid_group grid = cg::this_grid();
-  __shared__ acc_t shared_a[kWarps][kClassesPerLane * cuda::kWarp];
-  __shared__ acc_t shared_b[kWarps][kClassesPerLane * cuda::kWarp];
-  const int64_t chunks = a.batch * a.chunks_per_problem, pairs = a.batch * a.classes;
-  const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+// Every (problem, class) pair through one merge: the first (after the column log-sum-exp) or a
+// later iteration's (after a column mass).
+template <bool kFirst, typename scalar_t, typename acc_t>
+__device__ void run_merge(const SinkhornArgs<scalar_t, acc_t>& a) {
+  const int64_t pairs = a.batch * a.classes;
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (a.flags[kBadPrior]) return;  // written by log_prior_kernel before this launch; the host raises
-
-  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x)
-    chunk_column_logsumexp<kClassesPerLane>(a, chunk, shared_a, shared_b);
-  grid.sync();
-  if (a.flags[kNonFiniteScores]) return;  // every block reads the same flag after the barrier; the host raises
-  for (int64_t pair = thread; pair < pairs; pair += threads) {
-    const int64_t b = pair / a.classes, k = pair % a.classes;
-    OnlineLogSumExp<acc_t> merged;
-    for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
-      merged.merge(OnlineLogSumExp<acc_t>{a.partial_max[c * a.classes + k], a.partial_sum[c * a.classes + k]},
-                   a.inv_epsilon);
-    a.class_max[pair] = merged.max;  // the log-sum-exp of x = (S - M)/ε is log(merged.sum)
-    a.potential[pair] = initial_class_potential(a.log_prior[pair], std::log(merged.sum));
-  }
-  grid.sync();
-
-  for (int64_t iter = 1; iter < a.num_iters; ++iter) {
-    for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x)
-      chunk_column_mass<kClassesPerLane>(a, chunk, shared_a);
-    grid.sync();
-    for (int64_t pair = thread; pair < pairs; pair += threads) {
-      const int64_t b = pair / a.classes, k = pair % a.classes;
-      acc_t mass = 0;
-      for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
-        mass += a.partial_sum[c * a.classes + k];
-      a.potential[pair] += class_potential_step(a.log_prior[pair], a.log_num_samples, mass);
+  for (int64_t pair = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; pair < pairs; pair += threads) {
+    if constexpr (kFirst) {
+      merge_column_logsumexp(a, pair);
+    } else {
+      merge_column_mass(a, pair);
     }
+  }
+}
+
+// Whether an earlier kernel of this call raised a flag that stops it (the host then raises, and the
+// outputs are not used). Only kernels launched before the reader write these flags: the whole
+// grid sees the same values, so no block or warp leaves a barrier the others wait at.
+template <typename Args>
+__device__ __forceinline__ bool stopped(const Args& a, bool after_first_pass) {
+  return a.flags[kBadPrior] || (after_first_pass && a.flags[kNonFiniteScores]);
+}
+
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(cuda::kThreads, 2) cooperative_sinkhorn_kernel(SinkhornArgs<scalar_t, acc_t> a) {
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  __shared__ Scratch<kClassesPerLane, acc_t> scratch;
+  if (stopped(a, false)) return;  // every block reads the same flags at the same point: none waits alone
+  run_pass<Pass::kColumnLogSumExp>(a, scratch);
+  grid.sync();
+  if (stopped(a, true)) return;
+  run_merge<true>(a);
+  grid.sync();
+  for (int64_t iter = 1; iter < a.num_iters; ++iter) {
+    run_pass<Pass::kColumnMass>(a, scratch);
+    grid.sync();
+    run_merge<false>(a);
     grid.sync();
   }
+  run_pass<Pass::kAssignment>(a, scratch);
+}
 
-  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) chunk_assignment<kClassesPerLane>(a, chunk);
+template <Pass kPass, int kClassesPerLane, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(cuda::kThreads) pass_kernel(SinkhornArgs<scalar_t, acc_t> a) {
+  __shared__ Scratch<kClassesPerLane, acc_t> scratch;
+  if (stopped(a, kPass != Pass::kColumnLogSumExp)) return;
+  run_pass<kPass>(a, scratch);
+}
+
+template <bool kFirst, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(cuda::kThreads) merge_kernel(SinkhornArgs<scalar_t, acc_t> a) {
+  if (stopped(a, true)) return;
+  run_merge<kFirst>(a);
 }
 
 // log of each problem's normalized prior; raises kBadPrior on a non-positive or non-finite entry.
@@ -222,9 +119,96 @@ __global__ void log_prior_kernel(const prior_t* __restrict__ prior, int64_t stri
   if (!normalized_log_prior(prior + b * stride0, stride1, classes, log_prior + b * classes)) flags[kBadPrior] = 1;
 }
 
-template <typename scalar_t, int kClassesPerLane>
+enum class Launch { kAuto, kCooperative, kPerPass };
+
+Launch launch_setting() {
+  const char* value = std::getenv("CPSL_OPS_CUDA_SINKHORN_LAUNCH");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return Launch::kAuto;
+  if (std::strcmp(value, "cooperative") == 0) return Launch::kCooperative;
+  CPSL_CHECK(std::strcmp(value, "per_pass") == 0,
+             "CPSL_OPS_CUDA_SINKHORN_LAUNCH must be auto, cooperative or per_pass, got '", value, "'");
+  return Launch::kPerPass;
+}
+
+int64_t max_blocks_setting() {
+  const char* value = std::getenv("CPSL_OPS_CUDA_SINKHORN_MAX_BLOCKS");
+  if (value == nullptr || *value == '\0') return INT_MAX;
+  char* end = nullptr;
+  const long long blocks = std::strtoll(value, &end, 10);
+  CPSL_CHECK(*end == '\0' && blocks > 0, "CPSL_OPS_CUDA_SINKHORN_MAX_BLOCKS must be a positive integer, got '",
+             value, "'");
+  return std::min<long long>(blocks, INT_MAX);
+}
+
+// True if the cooperative kernel was launched. A refusal returns false with the error cleared,
+// unless this path was required (then it raises).
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+bool launch_cooperative(const cuda::DeviceContext& context, SinkhornArgs<scalar_t, acc_t> args, int64_t max_grid,
+                        bool required) {
+  const auto kernel = cooperative_sinkhorn_kernel<kClassesPerLane, scalar_t, acc_t>;
+  int blocks_per_multiprocessor = 0;
+  CPSL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, cuda::kThreads, 0));
+  const int64_t resident =
+      static_cast<int64_t>(blocks_per_multiprocessor) * context.attribute(cudaDevAttrMultiProcessorCount);
+  cudaError_t status = cudaErrorCooperativeLaunchTooLarge;
+  if (resident > 0) {
+    const dim3 grid(static_cast<unsigned int>(std::min(max_grid, resident)));
+    void* kernel_args[] = {&args};
+    status = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(cuda::kThreads),
+                                         kernel_args, 0, context.stream());
+    if (status == cudaSuccess) return true;
+    (void)cudaGetLastError();  // a refused launch is also the thread's last error: clear it
+  }
+  CPSL_CHECK(!required, "balanced_sinkhorn: the cooperative launch was refused (", cudaGetErrorString(status),
+             "); CPSL_OPS_CUDA_SINKHORN_LAUNCH=cooperative forbids the per-pass fallback");
+  return false;
+}
+
+// Loads the per-pass kernels of one instantiation on the current device (CUDA loads kernels
+// lazily, at first use), so that the eager warm-up before a CUDA-graph capture loads them, not the
+// capture. Once per device and process (loading twice is harmless).
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+void load_per_pass_kernels(int device) {
+  static std::atomic<uint64_t> loaded_devices{0};
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (loaded_devices.load() & bit)) return;
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(pass_kernel<Pass::kColumnLogSumExp, kClassesPerLane, scalar_t, acc_t>),
+      reinterpret_cast<const void*>(pass_kernel<Pass::kColumnMass, kClassesPerLane, scalar_t, acc_t>),
+      reinterpret_cast<const void*>(pass_kernel<Pass::kAssignment, kClassesPerLane, scalar_t, acc_t>),
+      reinterpret_cast<const void*>(merge_kernel<true, scalar_t, acc_t>),
+      reinterpret_cast<const void*>(merge_kernel<false, scalar_t, acc_t>)};
+  for (const void* kernel : kernels) {
+    cudaFuncAttributes attributes;
+    CPSL_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  }
+  loaded_devices.fetch_or(bit);
+}
+
+template <int kClassesPerLane, typename scalar_t, typename acc_t>
+void launch_per_pass(const cuda::DeviceContext& context, const SinkhornArgs<scalar_t, acc_t>& args,
+                     int64_t max_grid) {
+  const dim3 grid(static_cast<unsigned int>(max_grid));
+  const dim3 merge_grid(static_cast<unsigned int>(cuda::blocks_for(args.batch * args.classes)));
+  const cudaStream_t stream = context.stream();
+  pass_kernel<Pass::kColumnLogSumExp, kClassesPerLane><<<grid, cuda::kThreads, 0, stream>>>(args);
+  CPSL_KERNEL_LAUNCH_CHECK();
+  merge_kernel<true><<<merge_grid, cuda::kThreads, 0, stream>>>(args);
+  CPSL_KERNEL_LAUNCH_CHECK();
+  for (int64_t iter = 1; iter < args.num_iters; ++iter) {
+    pass_kernel<Pass::kColumnMass, kClassesPerLane><<<grid, cuda::kThreads, 0, stream>>>(args);
+    CPSL_KERNEL_LAUNCH_CHECK();
+    merge_kernel<false><<<merge_grid, cuda::kThreads, 0, stream>>>(args);
+    CPSL_KERNEL_LAUNCH_CHECK();
+  }
+  pass_kernel<Pass::kAssignment, kClassesPerLane><<<grid, cuda::kThreads, 0, stream>>>(args);
+  CPSL_KERNEL_LAUNCH_CHECK();
+}
+
+template <int kClassesPerLane, typename scalar_t>
 void run_sinkhorn(const cuda::DeviceContext& context, const Tensor& scores, const Tensor& log_prior,
-                  const Tensor& flags, double epsilon, int64_t num_iters, const Tensor& assignment) {
+                  const cuda::DeviceFlags<kNumFlags>& flags, double epsilon, int64_t num_iters,
+                  const Tensor& assignment) {
   using acc_t = acc_type<scalar_t>;
   const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
   const int64_t chunks_per_problem = cuda::blocks_for(samples, kRowsPerChunk);
@@ -233,75 +217,73 @@ void run_sinkhorn(const cuda::DeviceContext& context, const Tensor& scores, cons
   const Tensor partial_sum = empty_on(scores, {batch, chunks_per_problem, classes}, acc_dtype);
   const Tensor class_max = empty_on(scores, {batch, classes}, acc_dtype);
   const Tensor potential = empty_on(scores, {batch, classes}, acc_dtype);
-  SinkhornArgs<scalar_t, acc_t> args{data_of<const scalar_t>(scores),
-                                     batch,
-                                     samples,
-                                     classes,
-                                     scores.stride(0),
-                                     scores.stride(1),
-                                     chunks_per_problem,
-                                     num_iters,
-                                     static_cast<acc_t>(1.0 / epsilon),
-                                     static_cast<acc_t>(std::log(static_cast<double>(samples))),
-                                     data_of<const acc_t>(log_prior),
-                                     data_of<acc_t>(partial_max),
-                                     data_of<acc_t>(partial_sum),
-                                     data_of<acc_t>(class_max),
-                                     data_of<acc_t>(potential),
-                                     data_of<int32_t>(flags),
-                                     data_of<scalar_t>(assignment)};
-
-  // A cooperative launch needs every block resident at once: no more blocks than the device holds.
-  const auto kernel = sinkhorn_kernel<kClassesPerLane, scalar_t, acc_t>;
-  int blocks_per_multiprocessor = 0;
-  CPSL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, cuda::kThreads, 0));
-  const int64_t resident =
-      static_cast<int64_t>(blocks_per_multiprocessor) * context.attribute(cudaDevAttrMultiProcessorCount);
-  CPSL_CHECK(resident > 0, "balanced_sinkhorn: the CUDA kernel does not fit on this device");
-  const unsigned int grid = static_cast<unsigned int>(std::min(batch * chunks_per_problem, resident));
-  void* kernel_args[] = {&args};
-  CPSL_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(cuda::kThreads),
-                                              kernel_args, 0, context.stream()));
+  const SinkhornArgs<scalar_t, acc_t> args{data_of<const scalar_t>(scores),
+                                           batch,
+                                           samples,
+                                           classes,
+                                           scores.stride(0),
+                                           scores.stride(1),
+                                           chunks_per_problem,
+                                           num_iters,
+                                           static_cast<acc_t>(1.0 / epsilon),
+                                           static_cast<acc_t>(std::log(static_cast<double>(samples))),
+                                           data_of<const acc_t>(log_prior),
+                                           data_of<acc_t>(partial_max),
+                                           data_of<acc_t>(partial_sum),
+                                           data_of<acc_t>(class_max),
+                                           data_of<acc_t>(potential),
+                                           flags.data(),
+                                           data_of<scalar_t>(assignment)};
+  const int64_t max_grid = std::min(batch * chunks_per_problem, max_blocks_setting());
+  const Launch launch = launch_setting();
+  if (!flags.capturing()) load_per_pass_kernels<kClassesPerLane, scalar_t, acc_t>(context.device());
+  // Graph capture takes the per-pass path: it records plain kernel nodes on every CUDA version.
+  const bool cooperative = launch == Launch::kCooperative ||
+                           (launch == Launch::kAuto && !flags.capturing() &&
+                            context.attribute(cudaDevAttrCooperativeLaunch));
+  if (cooperative && launch_cooperative<kClassesPerLane>(context, args, max_grid, launch == Launch::kCooperative))
+    return;
+  launch_per_pass<kClassesPerLane>(context, args, max_grid);
 }
 
 Tensor balanced_sinkhorn_cuda(const Tensor& scores, const Tensor& class_prior, double epsilon, int64_t num_iters) {
   check_sinkhorn_inputs(scores, class_prior, epsilon, num_iters);
   const int64_t batch = scores.size(0), samples = scores.size(1), classes = scores.size(2);
-  CPSL_CHECK(classes <= 8 * cuda::kWarp, "balanced_sinkhorn: the CUDA kernel supports K <= 256, got ", classes);
   const cuda::DeviceContext context(scores);
   const Tensor rows = scores.stride(2) == 1 ? scores : torch::stable::contiguous(scores);
   const Tensor assignment = empty_on(scores, {batch, samples, classes}, scores.scalar_type());
   if (batch * classes == 0) return assignment;
+  const cuda::DeviceFlags<kNumFlags> flags(scores, context.stream());
   dispatch_floating(scores.scalar_type(), "balanced_sinkhorn", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     const Tensor log_prior = empty_on(scores, {batch, classes}, scalar_type_of<acc_t>());
-    const Tensor flags = zeros_on(scores, {kNumFlags}, ScalarType::Int);
     dispatch_floating(class_prior.scalar_type(), "balanced_sinkhorn", [&](auto prior_tag) {
       using prior_t = decltype(prior_tag);
       log_prior_kernel<prior_t, acc_t><<<cuda::blocks_for(batch), cuda::kThreads, 0, context.stream()>>>(
           data_of<const prior_t>(class_prior), class_prior.stride(0), class_prior.stride(1), batch, classes,
-          data_of<acc_t>(log_prior), data_of<int32_t>(flags));
+          data_of<acc_t>(log_prior), flags.data());
       CPSL_KERNEL_LAUNCH_CHECK();
     });
     if (samples > 0) {
-      CPSL_CHECK(context.attribute(cudaDevAttrCooperativeLaunch),
-                 "balanced_sinkhorn: this GPU does not support cooperative launches, which the CUDA kernel needs; "
-                 "use cpsl_ops.set_backend('reference') on it");
       if (classes <= cuda::kWarp) {
-        run_sinkhorn<scalar_t, 1>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+        run_sinkhorn<1, scalar_t>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
       } else if (classes <= 2 * cuda::kWarp) {
-        run_sinkhorn<scalar_t, 2>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+        run_sinkhorn<2, scalar_t>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
       } else if (classes <= 4 * cuda::kWarp) {
-        run_sinkhorn<scalar_t, 4>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+        run_sinkhorn<4, scalar_t>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+      } else if (classes <= kMaxClassesPerLane * cuda::kWarp) {
+        run_sinkhorn<kMaxClassesPerLane, scalar_t>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
       } else {
-        run_sinkhorn<scalar_t, 8>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
+        run_sinkhorn<kWide, scalar_t>(context, rows, log_prior, flags, epsilon, num_iters, assignment);
       }
     }
-    const cuda::HostFlags<kNumFlags> raised(flags, context.stream());
-    CPSL_CHECK_VALUE(!raised[kBadPrior], "balanced_sinkhorn: class_prior must be positive and finite in every class");
-    CPSL_CHECK_VALUE(!raised[kNonFiniteScores], "balanced_sinkhorn: ", kNonFiniteScoresMessage);
+    flags.fill_if_raised(assignment, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
   });
+  const auto raised = flags.read();
+  CPSL_CHECK_VALUE(!raised[kBadPrior], "balanced_sinkhorn: class_prior must be positive and finite in every class");
+  CPSL_CHECK_VALUE(!raised[kNonFiniteScores] && !raised[kSpreadOverflow], "balanced_sinkhorn: ",
+                   kNonFiniteScoresMessage);
   return assignment;
 }
 

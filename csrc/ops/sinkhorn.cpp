@@ -11,11 +11,11 @@
 // Returns exactly what the official exp-domain iteration returns, computed with the log-domain
 // potentials of include/cpsl_ops/sinkhorn_math.h on x = (S - max_i S_ik)/ε (a constant added to
 // one class changes nothing): num_iters + 1 passes over the matrix (on a GPU, all B problems in
-// one cooperative launch), each parallel over fixed blocks of rows; the CPU kernel runs its first
+// one cooperative launch, or one launch per pass), each parallel over fixed blocks of rows; the CPU kernel runs its first
 // pass again, after a read-only pass for the exact class maxima, when a sample of the rows put a
 // class's maximum too low. NaN or infinite scores, and a class whose x overflows, raise. No
 // gradient: the targets are detached by design. Kernels: cpu/sinkhorn_cpu.cpp,
-// cuda/sinkhorn_cuda.cu.
+// cuda/sinkhorn_cuda.cu (its passes: cuda/sinkhorn_cuda_passes.cuh).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {
