@@ -7,6 +7,12 @@ reference (:mod:`cpsl_ops.reference`) otherwise or when the reference backend is
 With a ``process_group`` of more than one rank, :func:`balanced_sinkhorn`,
 :func:`update_prototypes_` and :func:`class_distribution` run their :mod:`cpsl_ops.distributed`
 form instead, which returns the single-process result on the concatenation of all ranks' inputs.
+
+On CUDA each native op synchronizes with the host once, to raise a ``ValueError`` on bad values.
+While its stream is being captured into a CUDA graph it cannot, so it does not: at replay, bad
+values make its outputs NaN instead (the Sinkhorn assignment, the updated prototypes, the
+rectified confidence, with every rectified label ``ignore_index``). Results do not depend on
+TF32 or deterministic-algorithm settings: the kernels use no cuBLAS and no atomics.
 """
 
 from __future__ import annotations

@@ -133,6 +133,12 @@ class SelfLabelingLoss(nn.Module):
     CPSL passes features of the EMA network computed under ``no_grad``, so only the prototypes
     learn from this loss; gradients still reach ``features`` if they require them.
 
+    CUDA graphs: once the memory bank is full (or with ``queue_size=0``) a whole step (forward,
+    backward, :meth:`update_ema`, :meth:`rectify`) makes no host synchronization and can be captured
+    with ``torch.cuda.graph`` (tested where a GPU is present); until then each step reads
+    ``queue_len`` on the host. The fill level is read again after ``load_state_dict``, not after
+    writes to the buffers by hand.
+
     Choices where the official code is inconsistent or sequential, documented:
 
     * Queue rows are scored against the normalized prototypes, like the current rows (the official
@@ -194,6 +200,7 @@ class SelfLabelingLoss(nn.Module):
         self.register_buffer("logit_queue", torch.zeros(queue_size, num_classes))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
+        self._queue_full = False  # a host copy of queue_len == queue_size once it holds (_queue_is_full)
 
     @property
     def num_classes(self) -> int:
@@ -253,6 +260,28 @@ class SelfLabelingLoss(nn.Module):
         order = (self.queue_ptr + torch.arange(self.queue_size, device=queue.device)) % self.queue_size
         return queue.index_select(0, order)
 
+    def _queue_is_full(self, device: torch.device) -> bool:
+        """Whether the memory bank is full, read from ``queue_len`` on the host until it is.
+
+        That read syncs the GPU, which CUDA-graph capture forbids; once the queue is full it stays
+        full, so from then on a step has no host synchronization and can be captured.
+        """
+        if self.queue_size == 0:
+            return False
+        if not self._queue_full:
+            if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "SelfLabelingLoss: capture a step into a CUDA graph once the memory bank is full "
+                    f"(queue_len == queue_size = {self.queue_size}) or with queue_size=0: until then each step "
+                    "reads the fill level on the host"
+                )
+            self._queue_full = int(self.queue_len) == self.queue_size
+        return self._queue_full
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._queue_full = False  # read the loaded queue_len again
+
     def _targets(self, current: Tensor, queued: Optional[Tensor]) -> Tensor:
         """Sinkhorn targets (B, S, K) of the current scores (B, S, K), balanced with the queue."""
         batch, samples, classes = current.shape
@@ -307,7 +336,7 @@ class SelfLabelingLoss(nn.Module):
         predictions = prototype_similarity(sampled.reshape(-1, self.feat_dim), self.prototypes, self.temperature)
         log_probabilities = predictions.float().log_softmax(dim=-1).view(batch, samples, -1)
 
-        queue_ready = self.queue_size > 0 and int(self.queue_len) == self.queue_size
+        queue_ready = self._queue_is_full(features.device)
         with torch.no_grad():
             cosines = predictions.detach().view(batch, samples, -1) * self.temperature
             queued_cosines = (
