@@ -11,6 +11,7 @@ Environment switches:
   CUDA_HOME                   the toolkit to use (else it is found from ``nvcc`` on the PATH)
   TORCH_CUDA_ARCH_LIST        GPU architectures (default "7.5;8.0;9.0+PTX")
   CPSL_OPS_CPU_FLAGS          SIMD flags of the CPU kernels (default: "-mavx2 -mfma" where supported)
+  CPSL_OPS_NO_SPILLS=1        fail when a CUDA kernel spills registers (CI; ptxas always warns)
   MAX_JOBS                    parallel compile jobs (default: by cores and memory)
 """
 
@@ -143,13 +144,14 @@ def build_extensions():
     extensions[0].libraries = ["torch_cpu"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        ptxas = "-Xptxas=--warn-on-spills" + (",--warning-as-error" if _env_flag("CPSL_OPS_NO_SPILLS") else "")
         cuda_extension = CUDAExtension(
             "cpsl_ops._C_cuda",
             cuda_sources,
             include_dirs=include_dirs + nvidia_wheel_include_dirs(),
             extra_compile_args={
                 "cxx": [*cxx_flags, "-DUSE_CUDA"],
-                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-DUSE_CUDA", *stable_abi],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-DUSE_CUDA", ptxas, *stable_abi],
             },
             py_limited_api=True,
         )
