@@ -4,13 +4,15 @@ Rows per op: native-<device>, reference-eager and reference-compiled (torch.comp
 reference function), plus the common hand-written alternatives where the issue names them
 (``index_add_`` for the prototype update). Sizes are CPSL's: similarity and rectification on the
 4×256×128×224 student-resolution features with 19 prototypes; the loss step on 4 EMA feature maps
-of 256×65×113 (129×257 with --full) with the 65,536-row queue.
+of 256×65×113 (129×257 with --full) with the 65,536-row queue. Each row's floor is the bytes its
+op must move (the GB/s column's) at the bandwidth of a copy of the features measured in the run.
 
     python benchmarks/bench_ops.py [--quick] [--device cuda] [--warmup-s S] [--json out.json]
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, List
 
 import torch
@@ -68,6 +70,10 @@ def main() -> None:
     element = features.element_size()
     feature_gb = features.numel() * element / 1e9
     logits_gb = batch * classes * height * width * element / 1e9
+
+    copy_target = torch.empty_like(features)
+    copy_ms = statistics.median(measure(lambda: copy_target.copy_(features), device, 2, repeats, warmup_s))
+    copy_gb_per_s = 2 * feature_gb / (copy_ms / 1e3)
 
     compiled_similarity = compile_or_none(reference.similarity, compile_enabled)
     bench_case(rows, "similarity forward", size, feature_gb + logits_gb, device, repeats, warmup_s, {
@@ -137,7 +143,10 @@ def main() -> None:
                queue * (dim + classes) * element / 1e9, device, repeats, warmup_s, step_rows)
 
     add_speedups(rows)
-    print_table(rows, f"cpsl_ops on {device} (median of repeats)")
+    for row in rows:
+        row.floor_ms = row.gbytes / copy_gb_per_s * 1e3
+    print_table(rows, f"cpsl_ops on {device} (median of repeats; floors at the copy bandwidth, "
+                      f"{copy_gb_per_s:.1f} GB/s counting read and write)")
     save(rows, {"benchmark": "ops"}, device, args.json)
 
 

@@ -8,13 +8,19 @@ Implementations, side by side in one process:
   pot                  Python Optimal Transport's ot.sinkhorn with the same marginals, ε and a
                        fixed iteration count (optional: pip install pot)
 Also printed: the time this machine takes to read and write the score matrix once (a copy), times
-the iteration count — the memory bound of an unfused iteration.
+the iteration count — the memory bound of an unfused iteration — and each row's floor: reading
+the scores T + 1 times and writing the assignment once at the copy's bandwidth, (T + 2) / 2 copies.
 
-    python benchmarks/bench_sinkhorn.py [--quick] [--device cuda] [--warmup-s S] [--json out.json] [--plot out.png]
+    python benchmarks/bench_sinkhorn.py [--quick] [--device cuda] [--cases cpsl,cpsl-16x] [--warmup-s S]
+                                        [--json out.json] [--plot out.png]
+
+Cases: cpsl (8 x 65,792 x 19, T = 3), cpsl-16x (16 times as many problems; default on CUDA only),
+sweep-N, sweep-K, sweep-T, sweep-dtype, epsilon (ε = 0.01); all but cpsl-16x by default.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Dict, List
 
 import torch
@@ -24,13 +30,14 @@ from cpsl_ops import reference
 
 try:  # run as a script (python benchmarks/bench_sinkhorn.py) or as a module
     from harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot, print_table, save,
-                         warmup_seconds)
+                         set_floor, warmup_seconds)
 except ImportError:
     from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot,
-                                    print_table, save, warmup_seconds)
+                                    print_table, save, set_floor, warmup_seconds)
 
 CPSL_PRIOR = [0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338, 0.02424, 0.04341,
               0.01315, 0.00161, 0.06605, 0.00408, 0.00279, 0.00185, 0.00123, 0.00191]
+CASES = ("cpsl", "cpsl-16x", "sweep-N", "sweep-K", "sweep-T", "sweep-dtype", "epsilon")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
@@ -108,11 +115,13 @@ def run_case(rows: List[Row], label: str, batch: int, samples: int, classes: int
     bound = make_row("balanced_sinkhorn", size, f"bound: {num_iters} x copy", [t * num_iters for t in copy_times],
                      moved, **params)
     rows.append(bound)
+    set_floor(rows, "balanced_sinkhorn", size, statistics.median(copy_times) * (num_iters + 2) / 2)
 
 
 def main() -> None:
     parser = common_arguments(__doc__)
     parser.add_argument("--plot", default=None, help="write a PNG of time against N (needs matplotlib)")
+    parser.add_argument("--cases", default=None, help=f"comma-separated subset of: {', '.join(CASES)}")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -122,18 +131,31 @@ def main() -> None:
         print("note: POT (pip install pot) is not installed: no 'pot' rows")
     rows: List[Row] = []
 
-    run_case(rows, "cpsl", 8, 65_792, 19, 3, "fp32", device, args, compiled, pot)
-    sweep_n = [1_000, 10_000, 65_792] if args.quick else [1_000, 10_000, 65_792, 262_144, 1_048_576, 4_194_304]
-    for samples in sweep_n:
-        run_case(rows, "sweep-N", 1, samples, 19, 3, "fp32", device, args, compiled, pot)
+    cases = set(args.cases.split(",")) if args.cases else set(CASES) - ({"cpsl-16x"} if device.type != "cuda" else set())
+    unknown = cases - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
+
+    def run(label: str, batch: int, samples: int, classes: int, num_iters: int, dtype_name: str,
+            epsilon: float = 0.05) -> None:
+        run_case(rows, label, batch, samples, classes, num_iters, dtype_name, device, args, compiled, pot, epsilon)
+
+    if "cpsl" in cases:
+        run("cpsl", 8, 65_792, 19, 3, "fp32")
+    if "cpsl-16x" in cases:
+        run("cpsl-16x", 128, 65_792, 19, 3, "fp32")
+    if "sweep-N" in cases:
+        for samples in [1_000, 10_000, 65_792] if args.quick else [1_000, 10_000, 65_792, 262_144, 1_048_576, 4_194_304]:
+            run("sweep-N", 1, samples, 19, 3, "fp32")
     if not args.quick:
-        for classes in (64, 256):
-            run_case(rows, "sweep-K", 1, 65_792, classes, 3, "fp32", device, args, compiled, pot)
-        for num_iters in (10, 50):
-            run_case(rows, "sweep-T", 1, 65_792, 19, num_iters, "fp32", device, args, compiled, pot)
-        for dtype_name in ("fp16", "bf16"):
-            run_case(rows, "sweep-dtype", 8, 65_792, 19, 3, dtype_name, device, args, compiled, pot)
-        run_case(rows, "epsilon", 8, 65_792, 19, 3, "fp32", device, args, compiled, pot, epsilon=0.01)
+        for classes in (64, 256) if "sweep-K" in cases else ():
+            run("sweep-K", 1, 65_792, classes, 3, "fp32")
+        for num_iters in (10, 50) if "sweep-T" in cases else ():
+            run("sweep-T", 1, 65_792, 19, num_iters, "fp32")
+        for dtype_name in ("fp16", "bf16") if "sweep-dtype" in cases else ():
+            run("sweep-dtype", 8, 65_792, 19, 3, dtype_name)
+        if "epsilon" in cases:
+            run("epsilon", 8, 65_792, 19, 3, "fp32", epsilon=0.01)
 
     add_speedups(rows)
     print_table(rows, f"balanced_sinkhorn on {device} (median of repeats; GB/s for one read of the scores and "

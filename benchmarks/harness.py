@@ -2,7 +2,9 @@
 
 Each measurement is a row: an operation, a size, an implementation, the median time over repeats
 after warm-up (CUDA events on GPUs), the spread (25th to 75th percentile), the achieved GB/s for
-the bytes the operation must move, and the ratio against the eager PyTorch reference.
+the bytes the operation must move, the ratio against the eager PyTorch reference and, where the
+script sets one, the row's floor: the bytes the operation must move divided by the copy bandwidth
+measured in the same run, with the fraction of it the row reaches (floor / time; 1 is the floor).
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ class Row:
     gbytes: float
     params: Dict[str, object] = field(default_factory=dict)
     speedup_vs_reference: Optional[float] = None
+    floor_ms: Optional[float] = None
 
     @property
     def gb_per_s(self) -> float:
         return self.gbytes / (self.median_ms / 1e3)
+
+    @property
+    def of_floor(self) -> Optional[float]:
+        return None if self.floor_ms is None else self.floor_ms / self.median_ms
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,16 +95,26 @@ def add_speedups(rows: List[Row]) -> None:
         row.speedup_vs_reference = None if base is None else base / row.median_ms
 
 
+def set_floor(rows: List[Row], op: str, size: str, floor_ms: float) -> None:
+    """Give every row of ``op`` at ``size`` the same floor (see the module docstring)."""
+    for row in rows:
+        if row.op == op and row.size == size:
+            row.floor_ms = floor_ms
+
+
 def print_table(rows: List[Row], title: str) -> None:
     print(f"\n{title}")
-    header = f"{'op':<22} {'size':<26} {'impl':<20} {'median ms':>10} {'p25-p75 ms':>17} {'GB/s':>8} {'vs ref':>7}"
+    header = (f"{'op':<22} {'size':<26} {'impl':<20} {'median ms':>10} {'p25-p75 ms':>17} {'GB/s':>8} {'vs ref':>7} "
+              f"{'floor ms':>9} {'of floor':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
         speedup = "" if row.speedup_vs_reference is None else f"{row.speedup_vs_reference:6.2f}x"
         spread = f"{row.p25_ms:.3f}-{row.p75_ms:.3f}"
+        floor = "" if row.floor_ms is None else f"{row.floor_ms:9.3f}"
+        of_floor = "" if row.of_floor is None else f"{row.of_floor:7.0%}"
         print(f"{row.op:<22} {row.size:<26} {row.impl:<20} {row.median_ms:10.3f} {spread:>17} "
-              f"{row.gb_per_s:8.2f} {speedup:>7}")
+              f"{row.gb_per_s:8.2f} {speedup:>7} {floor:>9} {of_floor:>8}")
 
 
 def cpu_model() -> str:
@@ -140,7 +157,7 @@ def save(rows: List[Row], extra: Dict[str, object], device: torch.device, path: 
     if not path:
         return
     payload = {"environment": environment(device), **extra,
-               "rows": [dict(asdict(r), gb_per_s=r.gb_per_s) for r in rows]}
+               "rows": [dict(asdict(r), gb_per_s=r.gb_per_s, of_floor=r.of_floor) for r in rows]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path}")

@@ -1,7 +1,12 @@
-"""Calls every CUDA kernel once on small inputs, for compute-sanitizer (memcheck, racecheck).
+"""Calls every CUDA kernel on small inputs, for compute-sanitizer (memcheck, racecheck, synccheck,
+initcheck). The Sinkhorn problems span three chunks of rows and both launch paths run on a grid of
+two blocks, so that blocks walk several chunks and every merge and barrier is exercised; the
+narrow (K <= 256) and wide (K > 256) layouts both run.
 
-    compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.py
 """
+
+import os
 
 import torch
 
@@ -21,8 +26,12 @@ def main() -> None:
             logits.float().square().sum().backward()
             flat = torch.randn(37, 32, device=device, dtype=dtype, requires_grad=True)
             cpsl_ops.prototype_similarity(flat, prototypes).float().sum().backward()
-            for classes in (19, 64, 256):
-                cpsl_ops.balanced_sinkhorn(torch.rand(3, 1500, classes, device=device, dtype=dtype), None, 0.05, 3)
+            for launch in ("cooperative", "per_pass"):
+                os.environ["CPSL_OPS_CUDA_SINKHORN_LAUNCH"] = launch
+                os.environ["CPSL_OPS_CUDA_SINKHORN_MAX_BLOCKS"] = "2"
+                for classes in (19, 64, 256, 300):
+                    scores = torch.rand(2, 2500, classes, device=device, dtype=dtype)
+                    cpsl_ops.balanced_sinkhorn(scores, None, 0.05, 3)
             labels = torch.randint(0, 19, (2, 9, 13), device=device)
             labels[:, 0] = 255
             cpsl_ops.update_prototypes_(prototypes.detach().clone(), features.detach(), labels, 0.9)
