@@ -235,3 +235,30 @@ def test_overrides_may_follow_the_options_and_a_resume_logs_no_iteration_twice(t
     logged = [(entry["stage"], entry["iteration"]) for entry in
               map(json.loads, (Path(config.train.output_dir) / "log.jsonl").read_text().splitlines())]
     assert len(logged) == len(set(logged)) and logged[-2:] == [("cpsl", 3), ("cpsl", 4)]
+
+
+def test_warmup_weights_replace_stage_zero_and_students_may_carry_bn_pretrain(tmp_path):
+    config = tiny_config(tmp_path, "run", "distill.stages=1", "distill.bn_pretrain=true")
+    torch.manual_seed(0)
+    weights = Pipeline(config).new_model().state_dict()
+    torch.save(weights, tmp_path / "warm.pt")
+    config = load_config(None, [f"warmup.weights={tmp_path / 'warm.pt'}"], base=config)
+    metrics = Pipeline(config).run()
+    output = Path(config.train.output_dir)
+    adopted = torch.load(output / "checkpoints" / "warmup.pt")
+    assert all(torch.equal(adopted[name], value) for name, value in weights.items())
+    stages = {json.loads(line)["stage"] for line in (output / "log.jsonl").read_text().splitlines()}
+    assert stages == {"cpsl", "distill1"} and list(metrics["stages"]) == ["warmup", "cpsl", "distill1"]
+    student = torch.load(output / "checkpoints" / "distill1.pt")
+    assert "bn_pretrain.weight" in student and "bn_pretrain.weight" not in torch.load(output / "checkpoints" / "cpsl.pt")
+
+
+def test_warmup_weights_of_another_network_are_refused(tmp_path):
+    torch.save({"ResNet101": {"model_state": {"conv1.weight": torch.zeros(1)}}, "iter": 1}, tmp_path / "official.pth")
+    config = tiny_config(tmp_path, "run", "distill.stages=0", f"warmup.weights={tmp_path / 'official.pth'}")
+    with pytest.raises(ValueError, match="model.backbone=resnet101 and model.layout=official"):
+        Pipeline(config).run()
+    torch.save({"head.classifier.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    config = tiny_config(tmp_path, "again", "distill.stages=0", f"warmup.weights={tmp_path / 'other.pt'}")
+    with pytest.raises(RuntimeError, match="state_dict"):
+        Pipeline(config).run()

@@ -14,7 +14,7 @@ from .data import prepare_main
 from .demo_data import write_demo_datasets
 from .distributed import Distributed
 from .engine import Pipeline, StopRequested, choose_device
-from .files import load_torch_file
+from .model import load_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -35,7 +35,8 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
     parser.add_argument("--demo", action="store_true",
                         help="generate synthetic GTA5/Cityscapes-format data and run the whole pipeline on the CPU")
     if evaluate_only:
-        parser.add_argument("--weights", type=Path, required=True, help="model weights, e.g. OUTPUT_DIR/checkpoints/cpsl.pt")
+        parser.add_argument("--weights", type=Path, required=True,
+                            help="model weights, e.g. OUTPUT_DIR/checkpoints/cpsl.pt, or an official CPSL checkpoint")
     else:
         parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -51,8 +52,8 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
     if evaluate_only:
         config = with_demo_data(config) if args.demo else config
         pipeline = Pipeline(config)
-        model = pipeline.new_model(None)
-        model.load_state_dict(load_torch_file(args.weights))
+        model = load_weights(args.weights, lambda bn_pretrain: pipeline.new_model(None, bn_pretrain),
+                             pipeline.protocol.num_classes)
         pipeline.evaluate(model.to(pipeline.device), args.weights.stem)
         return 0
     resume = None

@@ -40,6 +40,9 @@ class ModelConfig:
     feat_dim: int = 256
     dilations: List[int] = field(default_factory=lambda: [6, 12, 18, 24])
     dropout: float = 0.1
+    # "official": the official code's bottlenecks (stride on the first 1x1 conv), which its
+    # checkpoints need; "torchvision": torchvision's. Same for resnet18/34 (model.py).
+    layout: str = "official"
 
 
 @dataclass
@@ -57,6 +60,9 @@ class WarmupConfig:
 
     iterations: int = 20000
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # Skip the training: take these weights (an official warm-up checkpoint, or a weights file of
+    # this trainer) as the warm-up model.
+    weights: Optional[str] = None
 
 
 @dataclass
@@ -95,6 +101,8 @@ class DistillConfig:
     # "pretrained": a fresh student from model.pretrained (the official code uses SimCLRv2
     # weights); "teacher": start from the teacher's weights.
     student_init: str = "pretrained"
+    # A BatchNorm on the students' backbone output, trained with the head (the official --bn_clr).
+    bn_pretrain: bool = False
 
 
 @dataclass

@@ -42,7 +42,8 @@ from .distributed import Distributed, synchronize_batch_norm
 from .files import OutputLock, keep_log_lines, load_torch_file
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA_13_TRAIN_IDS, SYNTHIA_16_TRAIN_IDS, colorize
 from .metrics import ConfusionMatrix, iou_table
-from .model import DeepLabV2, parameter_groups
+from . import official
+from .model import DeepLabV2, load_weights, parameter_groups
 
 RCE_LOG_CLAMP = -math.log(1e-4)  # the reverse CE's log of a clamped one-hot label
 
@@ -264,10 +265,14 @@ class Pipeline:
             return SynthiaDataset(data.source_root, size=size, classes=self.protocol.classes_argument)
         raise ValueError(f"data.source must be gta5 or synthia, got {data.source!r}")
 
-    def new_model(self, pretrained: Optional[str]) -> DeepLabV2:
+    def new_model(self, pretrained: Optional[str] = None, bn_pretrain: bool = False) -> DeepLabV2:
         model = self.config.model
         return DeepLabV2(model.backbone, self.protocol.num_classes, model.feat_dim, tuple(model.dilations), pretrained,
-                         model.dropout)
+                         model.dropout, model.layout, bn_pretrain)
+
+    def stage_model(self, stage: str, pretrained: Optional[str] = None) -> DeepLabV2:
+        """A new network of ``stage``: the distillation students carry ``bn_pretrain`` if asked."""
+        return self.new_model(pretrained, stage.startswith("distill") and self.config.distill.bn_pretrain)
 
     def parallel(self, model: nn.Module) -> nn.Module:
         """Under torchrun: BatchNorm over the global batch and a DDP wrapper; else ``model`` itself."""
@@ -450,7 +455,10 @@ class Pipeline:
 
     def warmup(self) -> None:
         stage, stage_config = "warmup", self.config.warmup
-        model = self.new_model(self.config.model.pretrained).to(self.device).train()
+        if stage_config.weights:
+            self.adopt_warmup_weights(Path(stage_config.weights))
+            return
+        model = self.stage_model(stage, self.config.model.pretrained).to(self.device).train()
         net = self.parallel(model)
         optimizer = self.optimizer(model, stage_config.optim)
         scaler = self.new_scaler()
@@ -468,6 +476,25 @@ class Pipeline:
             return {"loss_source": loss.item(), "lr": lr}
 
         self.train_loop(stage, start, stage_config.iterations, modules, step, model)
+
+    def adopt_warmup_weights(self, path: Path) -> None:
+        """Stage 0 without training: ``warmup.weights`` (e.g. the official warm-up checkpoint, or
+        this trainer's weights file) become the warm-up weights."""
+        model_config = self.config.model
+        if official.is_checkpoint(path) and (model_config.backbone, model_config.layout) != ("resnet101", "official"):
+            raise ValueError(f"warmup.weights={path} is an official ResNet-101 checkpoint: set "
+                             f"model.backbone=resnet101 and model.layout=official (got {model_config.backbone}, "
+                             f"{model_config.layout})")
+        model = load_weights(path, lambda bn_pretrain: self.new_model(None, bn_pretrain), self.protocol.num_classes)
+        try:
+            self.stage_model("warmup").load_state_dict(model.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"warmup.weights={path} does not fit the configured model: {error}") from error
+        self.log(f"warm-up: weights from {path}, no stage-0 training")
+        if self.dist.is_main:
+            self.stage_weights("warmup").parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), self.stage_weights("warmup"))
+        self.dist.barrier()
 
     # -- pseudo labels of a trained model on the target train set
 
@@ -538,7 +565,7 @@ class Pipeline:
 
     def cpsl(self) -> None:
         stage, cfg, data = "cpsl", self.config.cpsl, self.config.data
-        warm = self.new_model(None)
+        warm = self.stage_model("warmup")
         warm.load_state_dict(load_torch_file(self.stage_weights("warmup")))
         warm.to(self.device)
         pseudo = self.pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
@@ -622,14 +649,19 @@ class Pipeline:
 
     def distill(self, number: int, teacher_stage: str) -> None:
         stage, cfg, data = f"distill{number}", self.config.distill, self.config.data
-        teacher = self.new_model(None)
+        teacher = self.stage_model(teacher_stage)
         teacher.load_state_dict(load_torch_file(self.stage_weights(teacher_stage)))
         teacher.to(self.device).eval()
         pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
         if cfg.student_init == "teacher":
-            student = copy.deepcopy(teacher)
+            student = self.stage_model(stage).to(self.device)
+            # A student with bn_pretrain of a teacher without one starts with a fresh bn_pretrain.
+            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+            if unexpected or any(not name.startswith("bn_pretrain.") for name in missing):
+                raise ValueError(f"the {teacher_stage} weights do not fit the {stage} student: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
         elif cfg.student_init == "pretrained":
-            student = self.new_model(self.config.model.pretrained).to(self.device)
+            student = self.stage_model(stage, self.config.model.pretrained).to(self.device)
         else:
             raise ValueError(f"distill.student_init must be pretrained or teacher, got {cfg.student_init!r}")
         student.train()
@@ -752,7 +784,7 @@ class Pipeline:
             torch.manual_seed(iteration_seed(self.config.train.seed, name, -1))  # initial weights, alike on all ranks
             stage()
             if self.dist.is_main:
-                model = self.new_model(None)
+                model = self.stage_model(name)
                 model.load_state_dict(load_torch_file(self.stage_weights(name)))
                 self.state["metrics"][name] = self.evaluate(model.to(self.device), name)
             self.dist.barrier()

@@ -1,21 +1,29 @@
 """CPSL's segmentation network: DeepLabV2 (dilated ResNet, output stride 8) with ProDA's ASPP/SE head.
 
-The backbone is torchvision's ResNet, so torchvision's ImageNet checkpoints load without renaming.
-The head follows CPSL's ``Classifier_Module2`` (reference notes, section 1): five parallel branches,
-a squeeze-excitation gate, a 3x3 bottleneck whose GroupNorm output is the 256-d feature the
-prototypes cluster, and a bias-free 1x1 classifier.
+The backbone is built from torchvision's ResNet, so torchvision's ImageNet checkpoints (and
+SimCLRv2 weights converted to its names) load without renaming. Its ``layout`` is either the
+official code's (Caffe-style bottlenecks: the stride on the first 1x1 conv, every block of layer3
+and layer4 dilated alike) or torchvision's (the stride on the 3x3 conv, the first block of a
+dilated stage at the previous dilation); the weights have the same names and shapes in both, but
+the networks differ, so official checkpoints need the official layout. The head follows CPSL's
+``Classifier_Module2`` (reference notes, section 1): five parallel branches, a squeeze-excitation
+gate, a 3x3 bottleneck whose GroupNorm output is the 256-d feature the prototypes cluster, and a
+bias-free 1x1 classifier. The official checkpoint format is read and written by
+:func:`from_official_checkpoint` and :func:`save_official_checkpoint` (names: ``official.py``).
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
+from . import official
 from .files import load_torch_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+LAYOUTS = ("official", "torchvision")
 # Where torchvision publishes the ImageNet weights; named in the error when a local file is missing.
 _TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -43,14 +51,28 @@ def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
             conv.padding = (dilation, dilation)
 
 
-def _build_backbone(name: str) -> torchvision.models.ResNet:
+def _use_official_layout(resnet: torchvision.models.ResNet) -> None:
+    """Moves a bottleneck ResNet (built with layer3/4 dilated) to the official code's layout: the
+    stride of layer2's first block on its 1x1 conv, and the first blocks of layer3 and layer4
+    dilated like the others (torchvision keeps them at the previous stage's dilation)."""
+    first = resnet.layer2[0]
+    first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
+    for layer, dilation in ((resnet.layer3, 2), (resnet.layer4, 4)):
+        layer[0].conv2.dilation = layer[0].conv2.padding = (dilation, dilation)
+
+
+def _build_backbone(name: str, layout: str) -> torchvision.models.ResNet:
     """A torchvision ResNet at output stride 8, without avgpool/fc, never downloading weights."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     constructor = getattr(torchvision.models, name)
     if name in ("resnet50", "resnet101"):
         resnet = constructor(weights=None, replace_stride_with_dilation=[False, True, True])
-    else:
+        if layout == "official":
+            _use_official_layout(resnet)
+    else:  # basic blocks: one 3x3 conv takes the stride in both layouts
         resnet = constructor(weights=None)
         _dilate_basic_layer(resnet.layer3, 2)
         _dilate_basic_layer(resnet.layer4, 4)
@@ -148,9 +170,15 @@ class DeepLabV2(nn.Module):
         num_classes: logits channels (19 for Cityscapes, 16 for SYNTHIA).
         feat_dim: width of the head's branches and of ``feat`` (256 in CPSL; multiple of 32).
         dilations: dilations of the four 3x3 ASPP branches.
-        pretrained: optional local file, either a torchvision ImageNet checkpoint of ``backbone``
-            (its ``fc.*`` keys are ignored) or a state dict of this class. Nothing is downloaded.
+        pretrained: optional local file: a torchvision ImageNet checkpoint of ``backbone`` (its
+            ``fc.*`` keys are ignored), SimCLRv2 weights in torchvision's names (a
+            ``{"state_dict": ...}`` file, as the official code reads ``r101_1x_sk0``), or a state
+            dict of this class. Nothing is downloaded.
         dropout: channel dropout before ``feat`` (CPSL: 0.1).
+        layout: ``"official"`` (the official code's bottlenecks) or ``"torchvision"`` (see the
+            module docstring); the same for resnet18/34.
+        bn_pretrain: a BatchNorm on the backbone's output, as the official distillation students
+            (stages 2 and 3) have; it trains with the head.
     """
 
     def __init__(
@@ -161,12 +189,15 @@ class DeepLabV2(nn.Module):
         dilations: Sequence[int] = (6, 12, 18, 24),
         pretrained: Optional[Union[str, Path]] = None,
         dropout: float = 0.1,
+        layout: str = "official",
+        bn_pretrain: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone_name = backbone
-        self.backbone = _build_backbone(backbone)
+        self.backbone_name, self.layout = backbone, layout
+        self.backbone = _build_backbone(backbone, layout)
         # torchvision leaves the last stage's output width in ``inplanes`` (512 or 2048).
         in_channels = self.backbone.inplanes
+        self.bn_pretrain = nn.BatchNorm2d(in_channels) if bn_pretrain else None
         self.head = ASPPSEHead(in_channels, num_classes, feat_dim, dilations, dropout)
         if pretrained is not None:
             self.load_pretrained(pretrained)
@@ -175,6 +206,8 @@ class DeepLabV2(nn.Module):
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        if self.bn_pretrain is not None:
+            x = self.bn_pretrain(x)
         return self.head(x)
 
     def load_pretrained(self, path: Union[str, Path]) -> None:
@@ -186,6 +219,8 @@ class DeepLabV2(nn.Module):
                 f"{_TORCHVISION_URLS[self.backbone_name]} yourself and pass its path"
             )
         state: Mapping[str, Any] = load_torch_file(path)
+        if isinstance(state.get("state_dict"), Mapping):  # SimCLRv2 weights as the official code reads them
+            state = state["state_dict"]
         if any(k.startswith(("backbone.", "head.")) for k in state):
             _check_keys(list(self.state_dict()), list(state), f"DeepLabV2 state dict {path}")
             self.load_state_dict(state, strict=False)  # strict=False only to tolerate missing BN counters
@@ -195,16 +230,60 @@ class DeepLabV2(nn.Module):
             self.backbone.load_state_dict(state, strict=False)
 
 
+def from_official_checkpoint(path: Union[str, Path], num_classes: int = 19) -> DeepLabV2:
+    """The trainer's DeepLabV2 holding an official CPSL checkpoint's network.
+
+    Reads ``{'ResNet101': {'model_state': ..., ...}, 'iter': ..., 'best_iou': ...}`` without
+    unpickling arbitrary objects (:func:`official.read_checkpoint`) and returns a ResNet-101 model in
+    the official layout, with ``bn_pretrain`` when the checkpoint has one (stages 2 and 3), in eval
+    mode. Its ``forward`` gives the official network's ``{"feat", "out"}``.
+    """
+    checkpoint = official.read_checkpoint(path)
+    found = official.num_classes_of(checkpoint.model_state)
+    if found != num_classes:
+        raise ValueError(f"{path} has a {found}-class head, not {num_classes}")
+    model = DeepLabV2("resnet101", num_classes, layout="official",
+                      bn_pretrain=official.has_bn_pretrain(checkpoint.model_state))
+    state = official.to_trainer_names(checkpoint.model_state)
+    _check_keys(list(model.state_dict()), list(state), f"official checkpoint {path}")
+    model.load_state_dict(state, strict=False)  # strict=False only to tolerate missing BN counters
+    return model.eval()
+
+
+def save_official_checkpoint(model: DeepLabV2, path: Union[str, Path], prototypes_ema: Optional[Tensor] = None,
+                             iteration: int = 0, best_iou: float = 0.0) -> None:
+    """Writes ``model`` (a ResNet-101 in the official layout) in the official checkpoint format."""
+    if model.backbone_name != "resnet101" or model.layout != "official":
+        raise ValueError(f"the official format holds a ResNet-101 in the official layout, not a "
+                         f"{model.backbone_name} in the {model.layout} layout")
+    official.write_checkpoint(path, official.to_official_names(model.state_dict()), prototypes_ema, iteration,
+                              best_iou)
+
+
+def load_weights(path: Union[str, Path], build: Callable[[bool], DeepLabV2], num_classes: int) -> DeepLabV2:
+    """A model with the weights of ``path``: an official checkpoint (its own network), or else a
+    state dict of this trainer loaded into ``build(bn_pretrain)``, with ``bn_pretrain`` when the
+    state dict has one."""
+    if official.is_checkpoint(path):
+        return from_official_checkpoint(path, num_classes)
+    state = load_torch_file(path)
+    model = build(any(name.startswith("bn_pretrain.") for name in state))
+    model.load_state_dict(state)
+    return model
+
+
 def parameter_groups(model: DeepLabV2, lr: float, head_lr_mult: float = 10.0) -> List[Dict[str, Any]]:
-    """SGD parameter groups: backbone at ``lr``, head at ``lr * head_lr_mult``.
+    """SGD parameter groups: backbone at ``lr``, head (and ``bn_pretrain``) at ``lr * head_lr_mult``.
 
     CPSL uses a 10x head in the distillation stages 2/3 and 5x in stage 1 (reference notes,
     section 6), so the stage chooses ``head_lr_mult``. Each group carries ``"lr_mult"`` for a poly
     scheduler (``lr = base_lr * lr_mult * factor``). Weight decay is left to the optimizer and
     applies to all parameters, GroupNorm and biases included, as in CPSL.
     """
-    groups = [(model.backbone, 1.0), (model.head, head_lr_mult)]
+    heads = [model.head] + ([model.bn_pretrain] if model.bn_pretrain is not None else [])
+    groups = [([model.backbone], 1.0), (heads, head_lr_mult)]
     return [
-        {"params": [p for p in module.parameters() if p.requires_grad], "lr": lr * mult, "lr_mult": mult}
-        for module, mult in groups
+        {"params": [p for module in modules for p in module.parameters() if p.requires_grad], "lr": lr * mult,
+         "lr_mult": mult}
+        for modules, mult in groups
     ]
