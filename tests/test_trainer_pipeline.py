@@ -14,7 +14,8 @@ from cpsl_trainer.augment import CropBoxes, box_mask, crop, cutmix_box, strong_v
 from cpsl_trainer.cli import main  # noqa: E402
 from cpsl_trainer.config import Config, load_config, parse_override  # noqa: E402
 from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
-from cpsl_trainer.engine import EpochBatches, Pipeline, StopRequested, reverse_cross_entropy  # noqa: E402
+from cpsl_trainer.engine import (EpochBatches, Pipeline, StopRequested, distillation_kl,  # noqa: E402
+                                 reverse_cross_entropy)
 from cpsl_trainer.labels import IGNORE_INDEX  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo.yaml"
@@ -84,10 +85,33 @@ def test_strong_view_warp_is_shared_by_image_and_maps():
     assert (both.float().mean() > 0.3) and ((warped[..., ::2, ::2] / 2 - half).abs()[both[:, None].expand_as(half)].max() <= 1.0)
 
 
-def test_cutmix_box_covers_half_the_image_unless_clipped():
-    areas = torch.stack([box_mask(cutmix_box(torch.Generator().manual_seed(s)), (64, 64), torch.device("cpu")).float().mean()
-                         for s in range(20)])
-    assert (areas <= 0.51).all() and (areas > 0.1).all() and (areas > 0.49).any()
+def test_official_cutmix_box_covers_half_the_crop_inside_it():
+    for seed in range(50):
+        box = cutmix_box(torch.Generator().manual_seed(seed))
+        top, left, height, width = box[0].tolist()
+        assert height * width == pytest.approx(0.5) and 0.5 <= height / width <= 2
+        assert 0 <= top and top + height <= 1 and 0 <= left and left + width <= 1
+        area = box_mask(box, (256, 256), torch.device("cpu")).float().mean()
+        assert area == pytest.approx(0.5, abs=2 / 256)
+
+
+def test_clipped_cutmix_box_covers_half_the_crop_unless_clipped():
+    areas = torch.stack([box_mask(cutmix_box(torch.Generator().manual_seed(s), "clipped"), (64, 64),
+                                  torch.device("cpu")).float().mean() for s in range(20)])
+    assert (areas <= 0.51).all() and (areas > 0.1).all() and (areas > 0.49).any() and (areas < 0.45).any()
+    with pytest.raises(ValueError, match="cutmix_box"):
+        cutmix_box(torch.Generator(), "round")
+
+
+def test_distillation_kl_forms_match_their_definitions():
+    student, teacher = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4).softmax(1)
+    p = student.softmax(1)
+    official = (teacher * (teacher.log() - p)).mean()  # what F.kl_div computes when given probabilities
+    torch.testing.assert_close(distillation_kl(student, teacher, "official"), official)
+    proper = (teacher * (teacher.log() - student.log_softmax(1))).sum(1).mean()
+    torch.testing.assert_close(distillation_kl(student, teacher, "proper"), proper)
+    with pytest.raises(ValueError, match="distill.kl"):
+        distillation_kl(student, teacher, "symmetric")
 
 
 def test_reverse_cross_entropy_matches_its_definition():

@@ -163,9 +163,24 @@ def strong_view(generator: torch.Generator, images: Tensor) -> Tuple[Tensor, Str
     return strong, augment
 
 
-def cutmix_box(generator: torch.Generator) -> Tensor:
-    """A (1, 4) box (top, left, height, width) of half the image area, as the official
-    ``rand_bbox`` draws it (centre uniform, clipped at the borders), shared by the batch."""
+CUTMIX_BOXES = ("official", "clipped")
+
+
+def cutmix_box(generator: torch.Generator, shape: str = "official") -> Tensor:
+    """A (1, 4) box (top, left, height, width), as fractions of the crop, shared by the batch.
+
+    ``official``: the official code's box, of exactly half the crop's area, its height fraction
+    0.5 ** U(0, 1) (so height/width lies in [0.5, 2]) and placed uniformly inside the crop.
+    ``clipped``: a square of half the area around a uniform centre, clipped at the borders (mean
+    area about 0.34).
+    """
+    if shape == "official":
+        height = 0.5 ** float(torch.rand(1, generator=generator))
+        width = 0.5 / height
+        top, left = (torch.rand(2, generator=generator) * torch.tensor([1 - height, 1 - width])).tolist()
+        return torch.tensor([[top, left, height, width]])
+    if shape != "clipped":
+        raise ValueError(f"cpsl.cutmix_box must be one of {CUTMIX_BOXES}, got {shape!r}")
     side = math.sqrt(0.5)
     centre = torch.rand(2, generator=generator)
     low = (centre - side / 2).clamp(0, 1)

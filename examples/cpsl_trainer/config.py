@@ -84,6 +84,9 @@ class CPSLConfig:
     self_labeling_weight: float = 0.1
     rectify_threshold: float = 0.0
     cutmix_prob: float = 0.5
+    # "official": half the crop's area exactly, aspect in [0.5, 2], inside the crop; "clipped":
+    # a square around a uniform centre, clipped at the borders (augment.cutmix_box).
+    cutmix_box: str = "official"
     # Prototype initialization: per image and class, the mean feature of classes with at least
     # this many predicted pixels.
     prototype_min_pixels: int = 10
@@ -91,13 +94,16 @@ class CPSLConfig:
 
 @dataclass
 class DistillConfig:
-    """Stages 2 and 3: ProDA's self-distillation, with the KL term computed on log-probabilities."""
+    """Stages 2 and 3: ProDA's self-distillation."""
 
     stages: int = 2
     iterations: int = 90000
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=6e-4, head_lr_mult=10.0))
     confidence: float = 0.95
     kd_weight: float = 1.0
+    # "official": the official F.kl_div on probabilities, averaged over classes and pixels;
+    # "proper": KL(teacher || student) on log-probabilities (engine.distillation_kl).
+    kl: str = "official"
     # "pretrained": a fresh student from model.pretrained (the official code uses SimCLRv2
     # weights); "teacher": start from the teacher's weights.
     student_init: str = "pretrained"

@@ -148,6 +148,18 @@ def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return per_pixel[valid].mean() if valid.any() else per_pixel.sum() * 0
 
 
+def distillation_kl(student_logits: Tensor, teacher_probabilities: Tensor, form: str) -> Tensor:
+    """The distillation term: ``official`` is the official code's ``F.kl_div`` given the student's
+    probabilities where it expects log-probabilities, averaged over every (class, pixel) entry,
+    i.e. mean of t (log t - p_s); ``proper`` is KL(p_t || p_s), summed over classes and averaged
+    over pixels."""
+    if form == "official":
+        return F.kl_div(student_logits.softmax(1), teacher_probabilities, reduction="mean")
+    if form == "proper":
+        return F.kl_div(student_logits.log_softmax(1), teacher_probabilities, reduction="none").sum(1).mean()
+    raise ValueError(f"distill.kl must be official or proper, got {form!r}")
+
+
 def iteration_seed(seed: int, stage: str, iteration: int, rank: int = 0) -> int:
     """A distinct, reproducible seed for every (stage, iteration, rank)."""
     return (seed * 1_000_003 + sum(map(ord, stage)) * 7_919 + iteration + rank * 2**40) % (2**63)
@@ -603,7 +615,7 @@ class Pipeline:
             strong, strong_augment = strong_view(draws.local, weak)
             mix = bool(torch.rand(1, generator=draws.shared) < cfg.cutmix_prob)
             if mix:  # CutMix: a box of the source crop pasted into the weak target crop
-                mix_box = cutmix_box(draws.shared)
+                mix_box = cutmix_box(draws.shared, cfg.cutmix_box)
                 source_images = as_float_images(source_batch["image"], self.device)
                 source_boxes = self.crop_boxes(draws.shared, full.shape[0], source_images.shape[-2:])
                 weak = torch.where(box_mask(mix_box, data.crop_size, self.device)[:, None],
@@ -694,8 +706,7 @@ class Pipeline:
             with self.autocast():
                 student_logits = resize(net(strong)["out"], quarter).float()
             loss_pseudo = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX)
-            # KL(p_t || p_s) on log-probabilities (the official code passes probabilities).
-            loss_kd = F.kl_div(student_logits.log_softmax(1), teacher_probabilities, reduction="none").sum(1).mean()
+            loss_kd = distillation_kl(student_logits, teacher_probabilities, cfg.kl)
             total_loss = loss_pseudo + cfg.kd_weight * loss_kd
             scaler.scale(total_loss).backward()
             scaler.step(optimizer)
