@@ -286,3 +286,20 @@ def test_warmup_weights_of_another_network_are_refused(tmp_path):
     config = tiny_config(tmp_path, "again", "distill.stages=0", f"warmup.weights={tmp_path / 'other.pt'}")
     with pytest.raises(RuntimeError, match="state_dict"):
         Pipeline(config).run()
+
+
+def test_each_stage_hands_on_and_reports_its_best_evaluation(tmp_path):
+    config = tiny_config(tmp_path, "best", "distill.stages=1", "eval.every=1")
+    pipeline = Pipeline(config)
+    metrics = pipeline.run()
+    assert "best evaluation" in metrics["selection"]
+    for stage in metrics["stages"].values():
+        selection = stage["selection"]
+        assert selection["rule"] == "best" and stage["mIoU"] == selection["best_mIoU"] >= selection["last_mIoU"]
+    model = pipeline.stage_model("cpsl")
+    model.load_state_dict(torch.load(pipeline.selected_weights("cpsl")))  # what distill1 took as its teacher
+    assert pipeline.evaluate(model, "check", save_images=False)["mIoU"] == metrics["stages"]["cpsl"]["mIoU"]
+    last = Pipeline(tiny_config(tmp_path, "last", "distill.stages=0", "eval.every=1", "eval.select=last")).run()
+    assert all(stage["mIoU"] == stage["selection"]["last_mIoU"] for stage in last["stages"].values())
+    with pytest.raises(ValueError, match="eval.select"):
+        Pipeline(tiny_config(tmp_path, "bad", "eval.select=median"))

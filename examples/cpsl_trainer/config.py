@@ -114,6 +114,9 @@ class DistillConfig:
 @dataclass
 class EvalConfig:
     every: int = 1000  # iterations between evaluations inside a stage (0: only at stage ends)
+    # "best": each stage hands on and reports its best evaluation on the target val set (the
+    # official code's model selection, which the paper's figures use); "last": its last weights.
+    select: str = "best"
     mode: str = "whole"  # whole | slide
     window: List[int] = field(default_factory=lambda: [512, 1024])
     save_images: int = 8  # colour PNGs of predictions and pseudo labels written per evaluation

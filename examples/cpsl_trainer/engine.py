@@ -148,6 +148,13 @@ def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return per_pixel[valid].mean() if valid.any() else per_pixel.sum() * 0
 
 
+SELECTION_NOTES = {
+    "best": "each stage's best evaluation on the target val set (every eval.every iterations and at its end), "
+            "as the paper and the official code select; the last weights' mIoU is stages.<stage>.selection.last_mIoU",
+    "last": "each stage's last weights; its best evaluation is stages.<stage>.selection.best_mIoU",
+}
+
+
 def distillation_kl(student_logits: Tensor, teacher_probabilities: Tensor, form: str) -> Tensor:
     """The distillation term: ``official`` is the official code's ``F.kl_div`` given the student's
     probabilities where it expects log-probabilities, averaged over every (class, pixel) entry,
@@ -251,7 +258,9 @@ class Pipeline:
         self.output.mkdir(parents=True, exist_ok=True)
         self.device = choose_device(config.train.device, self.dist.local_rank)
         self.protocol = protocol_of(config.data.protocol)
-        self.state: Dict[str, Any] = {"completed": [], "metrics": {}}
+        if config.eval.select not in SELECTION_NOTES:
+            raise ValueError(f"eval.select must be one of {sorted(SELECTION_NOTES)}, got {config.eval.select!r}")
+        self.state: Dict[str, Any] = {"completed": [], "metrics": {}, "best": {}}
         self.writer = None
         if config.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -334,7 +343,7 @@ class Pipeline:
         if not self.dist.is_main:
             return
         payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
-                   "completed": self.state["completed"], "metrics": self.state["metrics"],
+                   "completed": self.state["completed"], "metrics": self.state["metrics"], "best": self.state["best"],
                    "world_size": self.dist.world_size, "rank_modules": rank_modules,
                    "modules": {name: module.state_dict() for name, module in modules.items()
                                if name not in PER_RANK_MODULES}}
@@ -356,7 +365,7 @@ class Pipeline:
         if payload["world_size"] != self.dist.world_size:
             raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
                              f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
-        self.state = payload
+        self.state = {"best": {}, **payload}  # checkpoints written before model selection lack "best"
         if self.dist.is_main:  # the resumed run logs again what came after the checkpoint
             completed, stage, iteration = set(payload["completed"]), payload["stage"], payload["iteration"]
             keep_log_lines(self.output / "log.jsonl", lambda entry: entry["stage"] in completed or (
@@ -374,7 +383,25 @@ class Pipeline:
         return int(self.state["iteration"])
 
     def stage_weights(self, stage: str) -> Path:
+        """The weights at the end of ``stage``."""
         return self.output / "checkpoints" / f"{stage}.pt"
+
+    def best_weights(self, stage: str) -> Path:
+        """The weights of ``stage``'s best evaluation on the target val set (its end included)."""
+        return self.output / "checkpoints" / f"{stage}_best.pt"
+
+    def selected_weights(self, stage: str) -> Path:
+        """What ``stage`` hands on to the next stage and reports: its best or its last weights."""
+        return self.best_weights(stage) if self.config.eval.select == "best" else self.stage_weights(stage)
+
+    def keep_if_best(self, stage: str, iteration: int, result: Dict[str, Any], weights: Dict[str, Tensor]) -> None:
+        """Main rank: records an evaluation, and saves ``weights`` as the stage's best unless an
+        earlier evaluation of the stage scored higher (a tie goes to the later, as officially)."""
+        best = self.state["best"].get(stage)
+        if best is None or result["mIoU"] >= best["result"]["mIoU"]:
+            self.best_weights(stage).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(weights, self.best_weights(stage))
+            self.state["best"] = {**self.state["best"], stage: {"iteration": iteration, "result": result}}
 
     # -- the loop shared by the training stages
 
@@ -415,7 +442,8 @@ class Pipeline:
                 tick, recent = time.perf_counter(), []
             if self.config.eval.every and done % self.config.eval.every == 0 and done < total:
                 if self.dist.is_main:
-                    self.evaluate(evaluate_model, f"{stage}-{done}", save_images=False)
+                    result = self.evaluate(evaluate_model, f"{stage}-{done}", save_images=False, step=(stage, done))
+                    self.keep_if_best(stage, done, result, evaluate_model.state_dict())
                 self.dist.barrier()
             if done % train.checkpoint_every == 0 or done == total or self.stop_after == (stage, done):
                 self.save_checkpoint(stage, done, modules)
@@ -578,7 +606,7 @@ class Pipeline:
     def cpsl(self) -> None:
         stage, cfg, data = "cpsl", self.config.cpsl, self.config.data
         warm = self.stage_model("warmup")
-        warm.load_state_dict(load_torch_file(self.stage_weights("warmup")))
+        warm.load_state_dict(load_torch_file(self.selected_weights("warmup")))
         warm.to(self.device)
         pseudo = self.pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
         summary = load_torch_file(pseudo / "summary.pt")
@@ -662,7 +690,7 @@ class Pipeline:
     def distill(self, number: int, teacher_stage: str) -> None:
         stage, cfg, data = f"distill{number}", self.config.distill, self.config.data
         teacher = self.stage_model(teacher_stage)
-        teacher.load_state_dict(load_torch_file(self.stage_weights(teacher_stage)))
+        teacher.load_state_dict(load_torch_file(self.selected_weights(teacher_stage)))
         teacher.to(self.device).eval()
         pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
         if cfg.student_init == "teacher":
@@ -741,8 +769,10 @@ class Pipeline:
         return total / hits
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, name: str, save_images: bool = True) -> Dict[str, Any]:
-        """mIoU of ``model`` on the target val set; prints the per-class table."""
+    def evaluate(self, model: nn.Module, name: str, save_images: bool = True,
+                 step: Optional[Tuple[str, int]] = None) -> Dict[str, Any]:
+        """mIoU of ``model`` on the target val set; prints the per-class table and, at a
+        ``(stage, iteration)`` step, writes the mIoU to TensorBoard."""
         was_training = model.training
         model.eval()
         confusion = ConfusionMatrix(self.protocol.num_classes)
@@ -763,8 +793,8 @@ class Pipeline:
         for subset, positions in self.protocol.extra_subsets.items():
             result[subset] = round(100 * confusion.miou(positions), 2)
         tqdm.write(iou_table(self.protocol.class_names, iou, title=f"== {name}: target val IoU (%)"))
-        if self.writer is not None:
-            self.writer.add_scalar("mIoU", result["mIoU"], len(self.state["metrics"]))
+        if self.writer is not None and step is not None:
+            self.writer.add_scalar(f"{step[0]}/mIoU", result["mIoU"], step[1])
         return result
 
     # -- the whole run
@@ -795,19 +825,38 @@ class Pipeline:
             torch.manual_seed(iteration_seed(self.config.train.seed, name, -1))  # initial weights, alike on all ranks
             stage()
             if self.dist.is_main:
-                model = self.stage_model(name)
-                model.load_state_dict(load_torch_file(self.stage_weights(name)))
-                self.state["metrics"][name] = self.evaluate(model.to(self.device), name)
+                self.state["metrics"][name] = self.select(name)
             self.dist.barrier()
             self.state["completed"] = self.state["completed"] + [name]
             self.save_checkpoint(name, 0, {})
         return self.write_metrics() if self.dist.is_main else {}
 
+    def stage_iterations(self, stage: str) -> int:
+        if stage == "warmup":
+            return 0 if self.config.warmup.weights else self.config.warmup.iterations
+        return self.config.cpsl.iterations if stage == "cpsl" else self.config.distill.iterations
+
+    def select(self, stage: str) -> Dict[str, Any]:
+        """Main rank, at the end of ``stage``: evaluates its last weights, keeps them if they are its
+        best, and returns the metrics of the weights ``eval.select`` picks, with the selection."""
+        model = self.stage_model(stage)
+        weights = load_torch_file(self.stage_weights(stage))
+        model.load_state_dict(weights)
+        end = self.stage_iterations(stage)
+        last = self.evaluate(model.to(self.device), stage, step=(stage, end))
+        self.keep_if_best(stage, end, last, weights)
+        best = self.state["best"][stage]
+        chosen, iteration = (best["result"], best["iteration"]) if self.config.eval.select == "best" else (last, end)
+        return {**chosen, "selection": {"rule": self.config.eval.select, "iteration": iteration,
+                                        "last_mIoU": last["mIoU"], "best_mIoU": best["result"]["mIoU"],
+                                        "best_iteration": best["iteration"]}}
+
     def write_metrics(self) -> Dict[str, Any]:
         stages = self.state["metrics"]
         final = list(stages)[-1]
         metrics = {"source_only": stages["warmup"], "adapted": stages[final], "adapted_stage": final,
-                   "mIoU_gain": round(stages[final]["mIoU"] - stages["warmup"]["mIoU"], 2), "stages": stages}
+                   "mIoU_gain": round(stages[final]["mIoU"] - stages["warmup"]["mIoU"], 2),
+                   "selection": SELECTION_NOTES[self.config.eval.select], "stages": stages}
         path = self.output / "metrics.json"
         path.write_text(json.dumps(metrics, indent=2))
         tqdm.write(f"source-only mIoU {stages['warmup']['mIoU']:.2f} → adapted ({final}) mIoU "
