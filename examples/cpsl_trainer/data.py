@@ -195,10 +195,11 @@ def scan(layout: Layout, root: PathLike) -> Scan:
 class SegmentationDataset(Dataset):
     """Image/label pairs of one dataset split; subclasses say where the files are and how to read a label.
 
-    A sample is a dict: ``image`` uint8 (3, H, W), ``label`` int64 (H, W) of train ids (renumbered to
+    A sample is a dict: ``image`` uint8 (3, H, W), ``label`` uint8 (H, W) of train ids (renumbered to
     ``classes`` when given) or IGNORE_INDEX, ``has_label`` bool and ``name`` (the image path relative
-    to the root). Without labels the label is all IGNORE_INDEX and ``has_label`` False, so that
-    batches of either kind go through the default collate.
+    to the root). Without labels the label is an empty uint8 tensor and ``has_label`` False: a
+    full-size dummy would cross the loader's shared memory for nothing (16.8 MB a 1024x2048 image
+    in int64). Labels stay uint8 until used (``.long()``).
     """
 
     def __init__(self, root: PathLike, layout: Layout, size: Optional[Size] = None,
@@ -233,22 +234,21 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> Dict[str, object]:
         image_path, label_path = self.pairs[index]
         image = read_with_path(image_path, read_rgb)
-        if label_path is None:
-            label = Image.fromarray(np.full((image.height, image.width), IGNORE_INDEX, dtype=np.uint8))
-        else:
+        label = None
+        if label_path is not None:
             label = Image.fromarray(read_with_path(label_path, self.read_train_ids))
             if self.size is None and label.size != image.size:
                 raise ValueError(f"{image_path} is {image.width}x{image.height} but its label {label_path} is "
                                  f"{label.width}x{label.height}; pass size=(H, W) to resize both")
         if self.size is not None:
             image = image.resize(self.size[::-1], Image.Resampling.BILINEAR)
-            label = label.resize(self.size[::-1], Image.Resampling.NEAREST)
-        train_ids = np.asarray(label)
+            label = None if label is None else label.resize(self.size[::-1], Image.Resampling.NEAREST)
+        train_ids = np.zeros(0, dtype=np.uint8) if label is None else np.array(label, dtype=np.uint8)
         if self.classes is not None:
             train_ids = restrict_classes(train_ids, self.classes)
         return {
             "image": torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(),
-            "label": torch.from_numpy(train_ids.astype(np.int64)),
+            "label": torch.from_numpy(train_ids),
             "has_label": label_path is not None,
             "name": image_path.relative_to(self.root).as_posix(),
         }

@@ -460,7 +460,7 @@ class Pipeline:
         images = as_float_images(batch["image"], self.device)
         boxes = self.crop_boxes(generator, images.shape[0], images.shape[-2:])
         crops = crop(images, boxes, data.crop_size)
-        labels = crop(batch["label"].to(self.device)[:, None], boxes, data.crop_size)[:, 0]
+        labels = crop(batch["label"].to(self.device).long()[:, None], boxes, data.crop_size)[:, 0]
         with self.autocast():
             logits = resize(model(crops)["out"], tuple(data.crop_size))
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
@@ -657,7 +657,7 @@ class Pipeline:
                 soft = crop(batch["soft"].to(self.device).float(), boxes, quarter)
                 labels, confidence = rectify_pseudo_labels(soft, prototype_logits, cfg.rectify_threshold, IGNORE_INDEX)
                 if mix:
-                    source_labels = crop(source_batch["label"].to(self.device)[:, None], source_boxes, quarter)[:, 0]
+                    source_labels = crop(source_batch["label"].to(self.device).long()[:, None], source_boxes, quarter)[:, 0]
                     labels = torch.where(box_mask(mix_box, quarter, self.device), source_labels, labels)
                 warped, valid = strong_augment.apply_to_maps(prototype_logits, fill=0.0)
                 consistency_target = warped.softmax(1)
@@ -780,7 +780,7 @@ class Pipeline:
         for index in tqdm(range(len(self.target_val)), desc=f"evaluate {name}", disable=not self.config.train.progress, leave=False):
             sample = self.target_val[index]
             image = as_float_images(sample["image"][None], self.device)
-            label = sample["label"]
+            label = sample["label"].long()
             logits = self.logits_of(model, resize(image, input_size) if tuple(image.shape[-2:]) != input_size else image)
             prediction = resize(logits, tuple(label.shape)).argmax(1)[0].cpu()
             confusion.update(prediction, label)
