@@ -303,3 +303,19 @@ def test_each_stage_hands_on_and_reports_its_best_evaluation(tmp_path):
     assert all(stage["mIoU"] == stage["selection"]["last_mIoU"] for stage in last["stages"].values())
     with pytest.raises(ValueError, match="eval.select"):
         Pipeline(tiny_config(tmp_path, "bad", "eval.select=median"))
+
+
+def test_pseudo_labels_are_reused_only_for_the_weights_that_made_them(tmp_path):
+    pipeline = Pipeline(tiny_config(tmp_path, "run"))
+    torch.manual_seed(0)
+    first, second = pipeline.new_model().eval(), pipeline.new_model().eval()
+    directory = pipeline.generate_pseudo_labels(first, "warmup", flip=False, with_prototypes=True)
+    files = sorted(directory.glob("*.npy"))
+    assert len(files) == len(pipeline.target_train) and files[0].name.endswith("_leftImg8bit.npy")
+    made = {path: path.stat().st_mtime_ns for path in files}
+    pipeline.generate_pseudo_labels(first, "warmup", flip=False, with_prototypes=True)
+    assert {path: path.stat().st_mtime_ns for path in files} == made  # the same weights: reused
+    before = torch.load(directory / "summary.pt")["prior"]
+    pipeline.generate_pseudo_labels(second, "warmup", flip=False, with_prototypes=True)  # a new warm-up
+    assert not torch.equal(torch.load(directory / "summary.pt")["prior"], before)
+    assert sorted(directory.glob("*.npy")) == files

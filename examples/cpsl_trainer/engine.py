@@ -13,11 +13,13 @@ evaluates, logs and writes checkpoints.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -107,6 +109,20 @@ class EpochBatches(Sampler):
             epoch, offset = epoch + 1, 0
 
 
+def soft_label_file(directory: Path, name: str) -> Path:
+    """Where the soft pseudo label of the image ``name`` (its path under the dataset root) is stored."""
+    return directory / (name.rsplit(".", 1)[0].replace("/", "__") + ".npy")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer, naming the weights that made a set of pseudo labels."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class WithSoftLabels(Dataset):
     """Adds the stored soft pseudo label (K, h, w) of each image as ``sample["soft"]``."""
 
@@ -118,7 +134,7 @@ class WithSoftLabels(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         sample = dict(self.dataset[index])
-        sample["soft"] = torch.from_numpy(np.load(self.directory / f"{index:06d}.npy"))
+        sample["soft"] = torch.from_numpy(np.load(soft_label_file(self.directory, sample["name"])))
         return sample
 
 
@@ -561,11 +577,16 @@ class Pipeline:
     @torch.no_grad()
     def generate_pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
         """Soft labels (K, h, w) fp16 of every target train image at stride 8, the class prior of
-        the argmax predictions and, for stage 1, the prototype initialization (class means)."""
+        the argmax predictions and, for stage 1, the prototype initialization (class means). They
+        are reused only if made by the same weights, options and images (``summary.pt``'s key)."""
         directory = self.pseudo_dir(name)
-        if (directory / "summary.pt").exists():
+        key = {"weights": weights_fingerprint(model), "flip": flip, "with_prototypes": with_prototypes,
+               "images": [pair[0].relative_to(self.target_train.root).as_posix() for pair in self.target_train.pairs],
+               "size": list(self.config.data.target_size)}
+        if (directory / "summary.pt").exists() and load_torch_file(directory / "summary.pt").get("key") == key:
             return directory
-        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
         model.eval()
         classes, feat_dim = self.protocol.num_classes, self.config.model.feat_dim
         counts = torch.zeros(classes, dtype=torch.float64)
@@ -578,8 +599,8 @@ class Pipeline:
             out = self.predict(model, as_float_images(batch["image"], self.device), flip)
             predictions = out["probabilities"].argmax(1)
             counts += class_distribution(predictions, classes).double() * predictions.numel()
-            for soft, feat, labels in zip(out["probabilities"], out["feat"], predictions):
-                np.save(directory / f"{index:06d}.npy", soft.half().cpu().numpy())
+            for soft, feat, labels, image_name in zip(out["probabilities"], out["feat"], predictions, batch["name"]):
+                np.save(soft_label_file(directory, image_name), soft.half().cpu().numpy())
                 if index < self.config.eval.save_images:
                     colour_png(self.output / "pseudo_labels" / name / f"{index:06d}.png", labels, self.protocol)
                 index += 1
@@ -598,7 +619,7 @@ class Pipeline:
             tqdm.write(f"note: no target image predicts {missing}; their prototypes start random")
             prototypes[prototype_images == 0] = torch.randn(int((prototype_images == 0).sum()), feat_dim).double()
         prior = (counts / counts.sum()).float().clamp_min(1e-6)
-        torch.save({"prior": prior / prior.sum(), "prototypes": prototypes.float()}, directory / "summary.pt")
+        torch.save({"prior": prior / prior.sum(), "prototypes": prototypes.float(), "key": key}, directory / "summary.pt")
         return directory
 
     # -- stage 1: CPSL
