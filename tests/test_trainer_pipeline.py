@@ -262,7 +262,7 @@ def test_overrides_may_follow_the_options_and_a_resume_logs_no_iteration_twice(t
 
 
 def test_warmup_weights_replace_stage_zero_and_students_may_carry_bn_pretrain(tmp_path):
-    config = tiny_config(tmp_path, "run", "distill.stages=1", "distill.bn_pretrain=true")
+    config = tiny_config(tmp_path, "run", "distill.stages=1", "distill.student_init=pretrained")
     torch.manual_seed(0)
     weights = Pipeline(config).new_model().state_dict()
     torch.save(weights, tmp_path / "warm.pt")
@@ -319,3 +319,12 @@ def test_pseudo_labels_are_reused_only_for_the_weights_that_made_them(tmp_path):
     pipeline.generate_pseudo_labels(second, "warmup", flip=False, with_prototypes=True)  # a new warm-up
     assert not torch.equal(torch.load(directory / "summary.pt")["prior"], before)
     assert sorted(directory.glob("*.npy")) == files
+
+
+def test_each_distillation_stage_chooses_how_its_student_starts(tmp_path):
+    pipeline = Pipeline(tiny_config(tmp_path, "run", "distill.student_init=[pretrained, teacher]"))
+    assert [pipeline.student_init(n) for n in (1, 2, 3)] == ["pretrained", "teacher", "teacher"]
+    assert Config().distill.student_init == ["pretrained", "teacher"] and Config().distill.bn_pretrain
+    for bad in ("distill.student_init=scratch", "distill.student_init=[]"):
+        with pytest.raises(ValueError, match="distill.student_init"):
+            Pipeline(tiny_config(tmp_path, "bad", bad)).student_init(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
@@ -104,11 +104,15 @@ class DistillConfig:
     # "official": the official F.kl_div on probabilities, averaged over classes and pixels;
     # "proper": KL(teacher || student) on log-probabilities (engine.distillation_kl).
     kl: str = "official"
-    # "pretrained": a fresh student from model.pretrained (the official code uses SimCLRv2
-    # weights); "teacher": start from the teacher's weights.
-    student_init: str = "pretrained"
+    # How each distillation stage's student starts: "pretrained", a fresh network from
+    # distill.pretrained; "teacher", the teacher's weights. One value for every stage, or a list
+    # with one per stage; officially stage 2 starts from SimCLRv2 weights, stage 3 from stage 2.
+    student_init: Union[str, List[str]] = field(default_factory=lambda: ["pretrained", "teacher"])
+    # The students' initialization file (the official code: SimCLRv2 r101_1x_sk0 converted to
+    # torchvision names); null means model.pretrained.
+    pretrained: Optional[str] = None
     # A BatchNorm on the students' backbone output, trained with the head (the official --bn_clr).
-    bn_pretrain: bool = False
+    bn_pretrain: bool = True
 
 
 @dataclass

@@ -714,17 +714,16 @@ class Pipeline:
         teacher.load_state_dict(load_torch_file(self.selected_weights(teacher_stage)))
         teacher.to(self.device).eval()
         pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
-        if cfg.student_init == "teacher":
+        student_init = self.student_init(number)
+        if student_init == "teacher":
             student = self.stage_model(stage).to(self.device)
             # A student with bn_pretrain of a teacher without one starts with a fresh bn_pretrain.
             missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
             if unexpected or any(not name.startswith("bn_pretrain.") for name in missing):
                 raise ValueError(f"the {teacher_stage} weights do not fit the {stage} student: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
-        elif cfg.student_init == "pretrained":
-            student = self.stage_model(stage, self.config.model.pretrained).to(self.device)
         else:
-            raise ValueError(f"distill.student_init must be pretrained or teacher, got {cfg.student_init!r}")
+            student = self.stage_model(stage, cfg.pretrained or self.config.model.pretrained).to(self.device)
         student.train()
         for param in student.parameters():
             param.requires_grad_(True)
@@ -851,6 +850,16 @@ class Pipeline:
             self.state["completed"] = self.state["completed"] + [name]
             self.save_checkpoint(name, 0, {})
         return self.write_metrics() if self.dist.is_main else {}
+
+    def student_init(self, number: int) -> str:
+        """How distillation stage ``number`` (1-based) starts its student: distill.student_init's
+        value, or its entry for the stage (the last entry for stages past the list's end)."""
+        choice = self.config.distill.student_init
+        if isinstance(choice, list):
+            choice = choice[min(number, len(choice)) - 1] if choice else None
+        if choice not in ("pretrained", "teacher"):
+            raise ValueError(f"distill.student_init must be pretrained or teacher (or a list of them), got {choice!r}")
+        return choice
 
     def stage_iterations(self, stage: str) -> int:
         if stage == "warmup":
