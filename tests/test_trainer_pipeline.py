@@ -328,3 +328,12 @@ def test_each_distillation_stage_chooses_how_its_student_starts(tmp_path):
     for bad in ("distill.student_init=scratch", "distill.student_init=[]"):
         with pytest.raises(ValueError, match="distill.student_init"):
             Pipeline(tiny_config(tmp_path, "bad", bad)).student_init(1)
+
+
+def test_crops_scale_the_long_side_to_the_official_length(tmp_path):
+    assert Config().data.scale_long_side == 2200
+    pipeline = Pipeline(tiny_config(tmp_path, "run", "data.scale_long_side=256", "data.crop_size=[16, 32]"))
+    boxes = pipeline.crop_boxes(torch.Generator().manual_seed(0), 64, (32, 64)).boxes
+    long_side = 32 / boxes[:, 3]  # the rescaled image's width, from the crop's width fraction
+    assert (long_side >= 0.75 * 256 - 1e-3).all() and (long_side <= 1.25 * 256 + 1e-3).all()
+    assert long_side.max() - long_side.min() > 0.3 * 256

@@ -44,12 +44,14 @@ class CropBoxes:
         image_size: Sequence[int],
         crop_size: Sequence[int],
         scale_range: Sequence[float],
+        base_scale: float = 1.0,
     ) -> "CropBoxes":
-        """Random-size crops: the image is rescaled by U(scale_range) and a crop of ``crop_size`` cut.
+        """Random-size crops: the image is rescaled by ``base_scale`` x U(scale_range) and a crop of
+        ``crop_size`` cut.
 
         Where the rescaled image is smaller than the crop, the crop covers that whole side.
         """
-        scale = uniform(generator, (batch,), *scale_range)
+        scale = uniform(generator, (batch,), *scale_range) * base_scale
         height = (crop_size[0] / (scale * image_size[0])).clamp(max=1.0)
         width = (crop_size[1] / (scale * image_size[1])).clamp(max=1.0)
         top = torch.rand(batch, generator=generator) * (1 - height)

@@ -24,8 +24,11 @@ class DataConfig:
     source_size: List[int] = field(default_factory=lambda: [1024, 2048])
     target_size: List[int] = field(default_factory=lambda: [1024, 2048])
     crop_size: List[int] = field(default_factory=lambda: [512, 896])
-    # Weak augmentation: the crop is taken from the image rescaled by U(scale_range).
+    # Weak augmentation: the crop is taken from the image rescaled so that its long side is
+    # U(scale_range) x scale_long_side pixels (officially 2,200, whatever the dataset); null
+    # rescales the loaded image by U(scale_range).
     scale_range: List[float] = field(default_factory=lambda: [0.5, 1.5])
+    scale_long_side: Optional[int] = 2200
     batch_size: int = 4
     num_workers: int = 4
     # 19 Cityscapes classes; SYNTHIA trains 16 and also reports the 13-class mIoU.

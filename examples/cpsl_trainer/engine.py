@@ -322,7 +322,9 @@ class Pipeline:
     def crop_boxes(self, generator: torch.Generator, batch: int, image_size: Sequence[int]) -> CropBoxes:
         """Crops drawn for the global batch, this rank's rows: the same crops at any world size."""
         data = self.config.data
-        boxes = CropBoxes.sample(generator, batch * self.dist.world_size, image_size, data.crop_size, data.scale_range)
+        base_scale = 1.0 if data.scale_long_side is None else data.scale_long_side / max(image_size)
+        boxes = CropBoxes.sample(generator, batch * self.dist.world_size, image_size, data.crop_size, data.scale_range,
+                                 base_scale)
         return boxes[self.dist.rank * batch:(self.dist.rank + 1) * batch]
 
     def log(self, text: str) -> None:
