@@ -337,3 +337,12 @@ def test_crops_scale_the_long_side_to_the_official_length(tmp_path):
     long_side = 32 / boxes[:, 3]  # the rescaled image's width, from the crop's width fraction
     assert (long_side >= 0.75 * 256 - 1e-3).all() and (long_side <= 1.25 * 256 + 1e-3).all()
     assert long_side.max() - long_side.min() > 0.3 * 256
+
+
+def test_gta5_batches_are_colour_transferred_reproducibly(tmp_path):
+    pipeline = Pipeline(tiny_config(tmp_path, "run", "data.colour_transfer=true"))
+    plain = Pipeline(tiny_config(tmp_path, "plain"))
+    first, again, untouched = (next(p.source_batches(3)) for p in (pipeline, pipeline, plain))
+    assert first["name"] == untouched["name"] and torch.equal(first["image"], again["image"])
+    assert not torch.equal(first["image"], untouched["image"])
+    assert torch.equal(first["label"], untouched["label"])

@@ -29,6 +29,9 @@ class DataConfig:
     # rescales the loaded image by U(scale_range).
     scale_range: List[float] = field(default_factory=lambda: [0.5, 1.5])
     scale_long_side: Optional[int] = 2200
+    # GTA5 only: match each source image's LAB channel statistics to a random target training
+    # image, in every stage, as the official recipe does (colour.py).
+    colour_transfer: bool = True
     batch_size: int = 4
     num_workers: int = 4
     # 19 Cityscapes classes; SYNTHIA trains 16 and also reports the 13-class mIoU.

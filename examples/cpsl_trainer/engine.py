@@ -38,6 +38,7 @@ import cpsl_ops
 from cpsl_ops import SelfLabelingLoss, class_distribution, prototype_similarity, rectify_pseudo_labels
 
 from .augment import CropBoxes, box_mask, crop, cutmix_box, strong_view
+from .colour import WithColourTransfer
 from .config import Config, config_from_dict
 from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset, write_rgb
 from .distributed import Distributed, synchronize_batch_norm
@@ -86,13 +87,16 @@ class EpochBatches(Sampler):
     """An endless stream of batches: a fresh seeded permutation per epoch, starting at any batch.
 
     Global batches hold ``batch_size * world_size`` indices; rank r gets the r-th slice of each.
+    With ``epoch_tags`` an index comes as ``index + size * epoch``, for datasets that draw
+    something per occurrence of a sample (:class:`colour.WithColourTransfer`).
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1
+        self, size: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+        epoch_tags: bool = False,
     ) -> None:
         self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.epoch_tags = rank, world_size, epoch_tags
 
     def __iter__(self) -> Iterator[List[int]]:
         global_batch = self.batch_size * self.world_size
@@ -102,7 +106,7 @@ class EpochBatches(Sampler):
         while True:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             for index in order[offset:].tolist():
-                batch.append(index)
+                batch.append(index + self.size * epoch if self.epoch_tags else index)
                 if len(batch) == global_batch:
                     yield batch[mine]
                     batch = []
@@ -139,7 +143,8 @@ class WithSoftLabels(Dataset):
 
 
 def batches(dataset: Dataset, config: Config, seed: int, start_batch: int, context: Distributed) -> Iterator[Dict[str, Any]]:
-    sampler = EpochBatches(len(dataset), config.data.batch_size, seed, start_batch, context.rank, context.world_size)
+    sampler = EpochBatches(len(dataset), config.data.batch_size, seed, start_batch, context.rank, context.world_size,
+                           epoch_tags=isinstance(dataset, WithColourTransfer))
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
 
 
@@ -297,7 +302,8 @@ class Pipeline:
         data = self.config.data
         size = tuple(data.source_size)
         if data.source == "gta5":
-            return GTA5Dataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+            source = GTA5Dataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+            return WithColourTransfer(source, self.target_train, self.config.train.seed) if data.colour_transfer else source
         if data.source == "synthia":
             return SynthiaDataset(data.source_root, size=size, classes=self.protocol.classes_argument)
         raise ValueError(f"data.source must be gta5 or synthia, got {data.source!r}")
