@@ -346,3 +346,11 @@ def test_gta5_batches_are_colour_transferred_reproducibly(tmp_path):
     assert first["name"] == untouched["name"] and torch.equal(first["image"], again["image"])
     assert not torch.equal(first["image"], untouched["image"])
     assert torch.equal(first["label"], untouched["label"])
+
+
+def test_the_official_recipe_config_writes_out_the_defaults():
+    official = load_config(DEMO_CONFIG.parent / "gta5_to_cityscapes.yaml")
+    defaults = Config()
+    assert (official.cpsl, official.distill, official.eval, official.warmup) == \
+        (defaults.cpsl, defaults.distill, defaults.eval, defaults.warmup)
+    assert (official.data, official.model.layout, official.train.amp) == (defaults.data, "official", "none")
