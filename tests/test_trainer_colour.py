@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from cpsl_trainer.colour import WithColourTransfer, lab_to_rgb, match_lab_statistics, rgb_to_lab  # noqa: E402
-from cpsl_trainer.engine import EpochBatches  # noqa: E402
+from cpsl_trainer.training import EpochBatches  # noqa: E402
 
 
 def test_lab_conversion_matches_cie_reference_values_and_inverts():

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from cpsl_trainer.cli import main  # noqa: E402
 from cpsl_trainer.config import load_config  # noqa: E402
 from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
-from cpsl_trainer.engine import EpochBatches  # noqa: E402
+from cpsl_trainer.training import EpochBatches  # noqa: E402
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_cpsl.py"
 DEMO_CONFIG = TRAIN_SCRIPT.parent / "configs" / "demo.yaml"

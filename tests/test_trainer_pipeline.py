@@ -14,8 +14,9 @@ from cpsl_trainer.augment import CropBoxes, box_mask, crop, cutmix_box, strong_v
 from cpsl_trainer.cli import main  # noqa: E402
 from cpsl_trainer.config import Config, load_config, parse_override  # noqa: E402
 from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
-from cpsl_trainer.engine import (EpochBatches, Pipeline, StopRequested, distillation_kl,  # noqa: E402
-                                 reverse_cross_entropy)
+from cpsl_trainer.engine import Pipeline  # noqa: E402
+from cpsl_trainer.stage_distill import distillation_kl  # noqa: E402
+from cpsl_trainer.training import EpochBatches, StopRequested, reverse_cross_entropy  # noqa: E402
 from cpsl_trainer.labels import IGNORE_INDEX  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo.yaml"

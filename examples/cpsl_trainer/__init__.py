@@ -1,8 +1,11 @@
 """The example GTAV → Cityscapes (and SYNTHIA → Cityscapes) CPSL trainer built on cpsl_ops.
 
 Modules: ``config`` (dataclasses and YAML with the paper's defaults), ``data`` (the on-disk
-formats and ``prepare``), ``demo_data`` (synthetic scenes in those formats), ``model``
-(DeepLabV2 with CPSL's head), ``augment`` (crops, strong views, CutMix), ``engine`` (the stages,
-checkpoints and evaluation), ``distributed`` (torchrun), ``labels`` and ``metrics``; ``cli`` is
-the command line of ``examples/train_cpsl.py``.
+formats and ``prepare``), ``demo_data`` (synthetic scenes in those formats), ``colour`` (the
+official GTA5 colour transfer), ``model`` (DeepLabV2 with CPSL's head) and ``official`` (the
+official checkpoint format), ``augment`` (crops, strong views, CutMix), ``distributed``
+(torchrun), ``labels`` and ``metrics``. The run: ``engine`` orders the stages, each its own module
+(``stage_warmup``, ``pseudo_labels``, ``stage_cpsl``, ``stage_distill``, ``evaluation``) over
+``context`` (config, data, models, checkpoints, logging, the training loop) and ``training``
+(seeded batches, losses, schedules). ``cli`` is the command line of ``examples/train_cpsl.py``.
 """

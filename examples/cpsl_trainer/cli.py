@@ -13,8 +13,9 @@ from .config import Config, load_config
 from .data import prepare_main
 from .demo_data import write_demo_datasets
 from .distributed import Distributed
-from .engine import Pipeline, StopRequested, choose_device
+from .engine import Pipeline
 from .model import load_weights
+from .training import StopRequested, choose_device
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

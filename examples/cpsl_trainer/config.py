@@ -108,7 +108,7 @@ class DistillConfig:
     confidence: float = 0.95
     kd_weight: float = 1.0
     # "official": the official F.kl_div on probabilities, averaged over classes and pixels;
-    # "proper": KL(teacher || student) on log-probabilities (engine.distillation_kl).
+    # "proper": KL(teacher || student) on log-probabilities (stage_distill.distillation_kl).
     kl: str = "official"
     # How each distillation stage's student starts: "pretrained", a fresh network from
     # distill.pretrained; "teacher", the teacher's weights. One value for every stage, or a list

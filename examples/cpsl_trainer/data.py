@@ -23,7 +23,6 @@ from .files import read_with_path
 from .labels import (
     CITYSCAPES_ID_TO_TRAIN_ID,
     CITYSCAPES_PALETTE,
-    IGNORE_INDEX,
     cityscapes_to_train_ids,
     restrict_classes,
     synthia_to_train_ids,

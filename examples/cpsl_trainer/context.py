@@ -1,0 +1,299 @@
+"""The shared context of the training stages: config, data, models, checkpoints, logging and the
+loop every stage runs (seeded iterations, logs, in-stage evaluations, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import nullcontext
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import cpsl_ops
+
+from .augment import CropBoxes, crop
+from .colour import WithColourTransfer
+from .config import Config, config_from_dict
+from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset
+from .distributed import Distributed, synchronize_batch_norm
+from .files import keep_log_lines, load_torch_file
+from .labels import IGNORE_INDEX
+from .model import DeepLabV2, parameter_groups
+from .training import (
+    as_float_images, batches, choose_device, Draws, iteration_seed, no_sync, parse_stop_after, peak_memory_mb,
+    PER_RANK_MODULES, protocol_of, resize, SELECTION_NOTES, StopRequested, WithSoftLabels)
+
+
+class RunContext:
+    """What the stages share: the config, data, models, checkpoints, logging and the training
+    loop. Evaluation is the Evaluation stage's (evaluation.py)."""
+
+    def __init__(
+        self, config: Config, stop_after: Optional[Tuple[str, int]] = None, context: Optional[Distributed] = None
+    ) -> None:
+        self.config = config
+        self.stop_after = stop_after or parse_stop_after(config.train.stop_after)
+        self.dist = context or Distributed()
+        self.output = Path(config.train.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.device = choose_device(config.train.device, self.dist.local_rank)
+        self.protocol = protocol_of(config.data.protocol)
+        if config.eval.select not in SELECTION_NOTES:
+            raise ValueError(f"eval.select must be one of {sorted(SELECTION_NOTES)}, got {config.eval.select!r}")
+        self.state: Dict[str, Any] = {"completed": [], "metrics": {}, "best": {}}
+        self.writer = None
+        if config.train.tensorboard and self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output / "tensorboard"))
+        self.target_val = CityscapesDataset(config.data.target_root, "val", classes=self.protocol.classes_argument)
+
+    # -- setup
+
+    @cached_property
+    def target_train(self) -> Dataset:
+        data = self.config.data
+        return CityscapesDataset(data.target_root, "train", size=tuple(data.target_size),
+                                 classes=self.protocol.classes_argument, with_labels=False)
+
+    @cached_property
+    def source(self) -> Dataset:
+        data = self.config.data
+        size = tuple(data.source_size)
+        if data.source == "gta5":
+            source = GTA5Dataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+            return WithColourTransfer(source, self.target_train, self.config.train.seed) if data.colour_transfer else source
+        if data.source == "synthia":
+            return SynthiaDataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+        raise ValueError(f"data.source must be gta5 or synthia, got {data.source!r}")
+
+    def new_model(self, pretrained: Optional[str] = None, bn_pretrain: bool = False) -> DeepLabV2:
+        model = self.config.model
+        return DeepLabV2(model.backbone, self.protocol.num_classes, model.feat_dim, tuple(model.dilations), pretrained,
+                         model.dropout, model.layout, bn_pretrain)
+
+    def stage_model(self, stage: str, pretrained: Optional[str] = None) -> DeepLabV2:
+        """A new network of ``stage``: the distillation students carry ``bn_pretrain`` if asked."""
+        return self.new_model(pretrained, stage.startswith("distill") and self.config.distill.bn_pretrain)
+
+    def parallel(self, model: nn.Module) -> nn.Module:
+        """Under torchrun: BatchNorm over the global batch and a DDP wrapper; else ``model`` itself."""
+        if self.dist.group is None:
+            return model
+        model = synchronize_batch_norm(model, self.dist, self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.dist.group)
+
+    def crop_boxes(self, generator: torch.Generator, batch: int, image_size: Sequence[int]) -> CropBoxes:
+        """Crops drawn for the global batch, this rank's rows: the same crops at any world size."""
+        data = self.config.data
+        base_scale = 1.0 if data.scale_long_side is None else data.scale_long_side / max(image_size)
+        boxes = CropBoxes.sample(generator, batch * self.dist.world_size, image_size, data.crop_size, data.scale_range,
+                                 base_scale)
+        return boxes[self.dist.rank * batch:(self.dist.rank + 1) * batch]
+
+    def log(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(text)
+
+    def autocast(self):
+        amp = self.config.train.amp
+        if amp == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+    def describe(self) -> str:
+        environment = {
+            "python": platform.python_version(), "torch": torch.__version__, "cpsl_ops": cpsl_ops.__version__,
+            "cpsl_ops build": cpsl_ops.build_info(), "device": str(self.device), "threads": torch.get_num_threads(),
+            "world size": self.dist.world_size,
+            "source images": len(self.source), "target train images": len(self.target_train),
+            "target val images": len(self.target_val),
+        }
+        return "config:\n" + self.config.to_yaml() + "environment:\n" + "\n".join(f"  {k}: {v}" for k, v in environment.items())
+
+    # -- checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
+        """Rank 0 writes one file; the per-rank states are gathered into it (a collective)."""
+        per_rank = {name: {key: value.cpu() for key, value in module.state_dict().items()}
+                    for name, module in modules.items() if name in PER_RANK_MODULES}
+        rank_modules = self.dist.gather_to_main(per_rank)
+        if not self.dist.is_main:
+            return
+        payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
+                   "completed": self.state["completed"], "metrics": self.state["metrics"], "best": self.state["best"],
+                   "world_size": self.dist.world_size, "rank_modules": rank_modules,
+                   "modules": {name: module.state_dict() for name, module in modules.items()
+                               if name not in PER_RANK_MODULES}}
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(payload, partial)
+        os.replace(partial, self.checkpoint_path)  # a job killed while saving leaves the last good one
+
+    def load_checkpoint(self, path: Path) -> None:
+        payload = load_torch_file(path, weights_only=False)
+        def comparable(config: Config) -> Dict[str, Any]:
+            values = config.to_dict()
+            values["train"].pop("output_dir")  # a run directory may be moved
+            values["train"].pop("stop_after")  # the very option that interrupted the run
+            return values
+
+        if comparable(config_from_dict(payload["config"])) != comparable(self.config):
+            raise ValueError(f"{path} was written with another config; resume with the same config file and overrides")
+        if payload["world_size"] != self.dist.world_size:
+            raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
+                             f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
+        self.state = {"best": {}, **payload}  # checkpoints written before model selection lack "best"
+        if self.dist.is_main:  # the resumed run logs again what came after the checkpoint
+            completed, stage, iteration = set(payload["completed"]), payload["stage"], payload["iteration"]
+            keep_log_lines(self.output / "log.jsonl", lambda entry: entry["stage"] in completed or (
+                entry["stage"] == stage and entry["iteration"] <= iteration))
+
+    def resume_modules(self, stage: str, modules: Dict[str, Any]) -> int:
+        """Restores ``modules`` if the checkpoint stopped inside ``stage``; returns the start iteration."""
+        if self.state.get("stage") != stage or stage in self.state["completed"]:
+            return 0
+        for name, module in modules.items():
+            if name in PER_RANK_MODULES:
+                module.load_state_dict(self.state["rank_modules"][self.dist.rank][name])
+            else:
+                module.load_state_dict(self.state["modules"][name])
+        return int(self.state["iteration"])
+
+    def stage_weights(self, stage: str) -> Path:
+        """The weights at the end of ``stage``."""
+        return self.output / "checkpoints" / f"{stage}.pt"
+
+    def best_weights(self, stage: str) -> Path:
+        """The weights of ``stage``'s best evaluation on the target val set (its end included)."""
+        return self.output / "checkpoints" / f"{stage}_best.pt"
+
+    def selected_weights(self, stage: str) -> Path:
+        """What ``stage`` hands on to the next stage and reports: its best or its last weights."""
+        return self.best_weights(stage) if self.config.eval.select == "best" else self.stage_weights(stage)
+
+    def keep_if_best(self, stage: str, iteration: int, result: Dict[str, Any], weights: Dict[str, Tensor]) -> None:
+        """Main rank: records an evaluation, and saves ``weights`` as the stage's best unless an
+        earlier evaluation of the stage scored higher (a tie goes to the later, as officially)."""
+        best = self.state["best"].get(stage)
+        if best is None or result["mIoU"] >= best["result"]["mIoU"]:
+            self.best_weights(stage).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(weights, self.best_weights(stage))
+            self.state["best"] = {**self.state["best"], stage: {"iteration": iteration, "result": result}}
+
+    # -- the loop shared by the training stages
+
+    def train_loop(
+        self,
+        stage: str,
+        start: int,
+        total: int,
+        modules: Dict[str, Any],
+        step: Callable[[int, Draws], Dict[str, float]],
+        evaluate_model: nn.Module,
+    ) -> None:
+        """Runs ``step`` for iterations start..total-1 with per-iteration seeds, logging (the
+        mean over ranks, also appended to ``log.jsonl``), evaluations and checkpoints; saves the
+        final weights of ``evaluate_model``."""
+        train, rank = self.config.train, self.dist.rank
+        bar = tqdm(range(start, total), desc=stage, initial=start, total=total,
+                   disable=not (train.progress and self.dist.is_main), dynamic_ncols=True)
+        tick, recent = time.perf_counter(), []
+        for iteration in bar:
+            torch.manual_seed(iteration_seed(train.seed, stage, iteration, rank))
+            shared = torch.Generator().manual_seed(iteration_seed(train.seed + 1, stage, iteration))
+            local = shared if self.dist.group is None else \
+                torch.Generator().manual_seed(iteration_seed(train.seed + 2, stage, iteration, rank))
+            recent.append(step(iteration, Draws(shared, local)))
+            done = iteration + 1
+            if done % train.log_every == 0 or done == total:
+                seconds = (time.perf_counter() - tick) / len(recent)
+                means = self.dist.mean({k: sum(r[k] for r in recent) / len(recent) for k in recent[0]})
+                text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+                self.log(f"[{stage} {done}/{total}] {text} {seconds:.2f}s/it peak_mem={peak_memory_mb(self.device):.0f}MB")
+                if self.dist.is_main:
+                    with open(self.output / "log.jsonl", "a") as log:
+                        log.write(json.dumps({"stage": stage, "iteration": done, **means, "s_per_it": seconds}) + "\n")
+                if self.writer is not None:
+                    for key, value in means.items():
+                        self.writer.add_scalar(f"{stage}/{key}", value, done)
+                tick, recent = time.perf_counter(), []
+            if self.config.eval.every and done % self.config.eval.every == 0 and done < total:
+                if self.dist.is_main:
+                    result = self.evaluate(evaluate_model, f"{stage}-{done}", save_images=False, step=(stage, done))
+                    self.keep_if_best(stage, done, result, evaluate_model.state_dict())
+                self.dist.barrier()
+            if done % train.checkpoint_every == 0 or done == total or self.stop_after == (stage, done):
+                self.save_checkpoint(stage, done, modules)
+            if self.stop_after == (stage, done) and done < total:
+                raise StopRequested(f"stopped after {stage} iteration {done}")
+        bar.close()
+        if self.dist.is_main:
+            torch.save(evaluate_model.state_dict(), self.stage_weights(stage))
+        self.dist.barrier()
+
+    def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tensor:
+        """CE of the model on a weakly augmented source crop."""
+        data = self.config.data
+        images = as_float_images(batch["image"], self.device)
+        boxes = self.crop_boxes(generator, images.shape[0], images.shape[-2:])
+        crops = crop(images, boxes, data.crop_size)
+        labels = crop(batch["label"].to(self.device).long()[:, None], boxes, data.crop_size)[:, 0]
+        with self.autocast():
+            logits = resize(model(crops)["out"], tuple(data.crop_size))
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+    def source_backward(self, net: nn.Module, batch: Dict[str, Any], generator: torch.Generator,
+                        scaler: torch.amp.GradScaler) -> Tensor:
+        """The source loss, backpropagated first (as the official code does: that frees its graph)
+        and without DDP's all-reduce, which the target loss's backward then does for both."""
+        with no_sync(net):
+            loss = self.source_loss(net, batch, generator)
+            scaler.scale(loss).backward()
+        return loss
+
+    def new_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler, active only under fp16 autocast (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.config.train.amp == "fp16")
+
+    def source_batches(self, start: int) -> Iterator[Dict[str, Any]]:
+        """Source training batches from batch ``start`` on (the same order after a resume)."""
+        return batches(self.source, self.config, self.config.train.seed, start, self.dist)
+
+    def target_batches(self, pseudo: Path, start: int) -> Iterator[Dict[str, Any]]:
+        """Target training batches with the soft pseudo labels stored under ``pseudo``."""
+        return batches(WithSoftLabels(self.target_train, pseudo), self.config, self.config.train.seed + 1, start, self.dist)
+
+    def adaptation_batches(self, stage: str, modules: Dict[str, Any], pseudo: Path) -> Tuple[int, Iterator, Iterator]:
+        """Resumes ``modules`` for ``stage``: (first iteration, source batches, target batches from there)."""
+        start = self.resume_modules(stage, modules)
+        return start, self.source_batches(start), self.target_batches(pseudo, start)
+
+    @property
+    def quarter_crop(self) -> Tuple[int, int]:
+        """The crop at output stride 4, where the target losses are taken (as officially)."""
+        crop_size = self.config.data.crop_size
+        return crop_size[0] // 4, crop_size[1] // 4
+
+    def optimizer(self, model: nn.Module, optim_config: Any, extra: List[Dict[str, Any]] = ()) -> torch.optim.SGD:
+        groups = parameter_groups(model, optim_config.lr, optim_config.head_lr_mult) + list(extra)
+        return torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
+                               weight_decay=optim_config.weight_decay)
+
+    def evaluate(self, model: nn.Module, name: str, save_images: bool = True,
+                 step: Optional[Tuple[str, int]] = None) -> Dict[str, Any]:
+        raise NotImplementedError  # evaluation.Evaluation

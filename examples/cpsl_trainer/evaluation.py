@@ -1,0 +1,90 @@
+"""Evaluation on the target val set and each stage's model selection."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .context import RunContext
+from .files import load_torch_file
+from .metrics import ConfusionMatrix, iou_table
+from .training import as_float_images, colour_png, resize
+
+
+class Evaluation(RunContext):
+    """mIoU on the target val set, and each stage's selection of its best or last weights."""
+
+    @torch.no_grad()
+    def logits_of(self, model: nn.Module, image: Tensor) -> Tensor:
+        """(1, K, H, W) logits at the image's size: whole image, or averaged sliding windows."""
+        size = tuple(image.shape[-2:])
+        if self.config.eval.mode == "whole":
+            with self.autocast():
+                return resize(model(image)["out"].float(), size)
+        if self.config.eval.mode != "slide":
+            raise ValueError(f"eval.mode must be whole or slide, got {self.config.eval.mode!r}")
+        window = [min(w, s) for w, s in zip(self.config.eval.window, size)]
+        stride = [max(w * 2 // 3, 1) for w in window]
+        total = torch.zeros(1, self.protocol.num_classes, *size, device=image.device)
+        hits = torch.zeros(1, 1, *size, device=image.device)
+        tops = sorted({min(t, size[0] - window[0]) for t in range(0, size[0], stride[0])})
+        lefts = sorted({min(l, size[1] - window[1]) for l in range(0, size[1], stride[1])})
+        for top in tops:
+            for left in lefts:
+                part = image[..., top:top + window[0], left:left + window[1]]
+                with self.autocast():
+                    total[..., top:top + window[0], left:left + window[1]] += resize(model(part)["out"].float(), window).softmax(1)
+                hits[..., top:top + window[0], left:left + window[1]] += 1
+        return total / hits
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, name: str, save_images: bool = True,
+                 step: Optional[Tuple[str, int]] = None) -> Dict[str, Any]:
+        """mIoU of ``model`` on the target val set; prints the per-class table and, at a
+        ``(stage, iteration)`` step, writes the mIoU to TensorBoard."""
+        was_training = model.training
+        model.eval()
+        confusion = ConfusionMatrix(self.protocol.num_classes)
+        input_size = tuple(self.config.data.target_size)
+        for index in tqdm(range(len(self.target_val)), desc=f"evaluate {name}", disable=not self.config.train.progress, leave=False):
+            sample = self.target_val[index]
+            image = as_float_images(sample["image"][None], self.device)
+            label = sample["label"].long()
+            logits = self.logits_of(model, resize(image, input_size) if tuple(image.shape[-2:]) != input_size else image)
+            prediction = resize(logits, tuple(label.shape)).argmax(1)[0].cpu()
+            confusion.update(prediction, label)
+            if save_images and index < self.config.eval.save_images:
+                colour_png(self.output / "predictions" / name / f"{index:06d}.png", prediction, self.protocol)
+        model.train(was_training)
+        iou = confusion.iou()
+        result = {"per_class_iou": dict(zip(self.protocol.class_names, [None if v != v else round(100 * v, 2) for v in iou.tolist()])),
+                  "mIoU": round(100 * confusion.miou(), 2)}
+        for subset, positions in self.protocol.extra_subsets.items():
+            result[subset] = round(100 * confusion.miou(positions), 2)
+        tqdm.write(iou_table(self.protocol.class_names, iou, title=f"== {name}: target val IoU (%)"))
+        if self.writer is not None and step is not None:
+            self.writer.add_scalar(f"{step[0]}/mIoU", result["mIoU"], step[1])
+        return result
+
+    def stage_iterations(self, stage: str) -> int:
+        if stage == "warmup":
+            return 0 if self.config.warmup.weights else self.config.warmup.iterations
+        return self.config.cpsl.iterations if stage == "cpsl" else self.config.distill.iterations
+
+    def select(self, stage: str) -> Dict[str, Any]:
+        """Main rank, at the end of ``stage``: evaluates its last weights, keeps them if they are its
+        best, and returns the metrics of the weights ``eval.select`` picks, with the selection."""
+        model = self.stage_model(stage)
+        weights = load_torch_file(self.stage_weights(stage))
+        model.load_state_dict(weights)
+        end = self.stage_iterations(stage)
+        last = self.evaluate(model.to(self.device), stage, step=(stage, end))
+        self.keep_if_best(stage, end, last, weights)
+        best = self.state["best"][stage]
+        chosen, iteration = (best["result"], best["iteration"]) if self.config.eval.select == "best" else (last, end)
+        return {**chosen, "selection": {"rule": self.config.eval.select, "iteration": iteration,
+                                        "last_mIoU": last["mIoU"], "best_mIoU": best["result"]["mIoU"],
+                                        "best_iteration": best["iteration"]}}
