@@ -355,3 +355,21 @@ def test_the_official_recipe_config_writes_out_the_defaults():
     assert (official.cpsl, official.distill, official.eval, official.warmup) == \
         (defaults.cpsl, defaults.distill, defaults.eval, defaults.warmup)
     assert (official.data, official.model.layout, official.train.amp) == (defaults.data, "official", "none")
+
+
+def test_adversarial_warmup_trains_a_discriminator_and_resumes_exactly(tmp_path):
+    overrides = ("distill.stages=0", "cpsl.iterations=1", "warmup.iterations=3", "warmup.adversarial=true")
+    straight = tiny_config(tmp_path, "straight", *overrides)
+    Pipeline(straight).run()
+    log = [json.loads(line) for line in (Path(straight.train.output_dir) / "log.jsonl").read_text().splitlines()]
+    warmup = [entry for entry in log if entry["stage"] == "warmup"]
+    assert warmup and all(entry["loss_adv"] > 0 and entry["loss_D"] > 0 for entry in warmup)
+    killed = tiny_config(tmp_path, "killed", *overrides)
+    with pytest.raises(StopRequested):
+        Pipeline(killed, stop_after=("warmup", 2)).run()
+    checkpoint = Path(killed.train.output_dir) / "checkpoints" / "last.pt"
+    assert "discriminator" in torch.load(checkpoint, weights_only=False)["modules"]
+    Pipeline(killed).run(resume=checkpoint)
+    expected = torch.load(Path(straight.train.output_dir) / "checkpoints" / "warmup.pt")
+    resumed = torch.load(Path(killed.train.output_dir) / "checkpoints" / "warmup.pt")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)

@@ -62,10 +62,16 @@ class OptimConfig:
 
 @dataclass
 class WarmupConfig:
-    """Stage 0: source-only training (the official warm-up adds AdaptSegNet's adversarial loss)."""
+    """Stage 0: source training, source-only or with the official warm-up's adversarial loss."""
 
     iterations: int = 20000
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # AdaptSegNet's output-space LS-GAN, as the official warm-up was trained: a discriminator
+    # (Adam, discriminator_lr) tells source from target softmax maps; the network's target
+    # predictions learn to pass for source ones with adversarial_weight.
+    adversarial: bool = False
+    adversarial_weight: float = 0.01
+    discriminator_lr: float = 1e-4
     # Skip the training: take these weights (an official warm-up checkpoint, or a weights file of
     # this trainer) as the warm-up model.
     weights: Optional[str] = None

@@ -246,16 +246,23 @@ class RunContext:
             torch.save(evaluate_model.state_dict(), self.stage_weights(stage))
         self.dist.barrier()
 
-    def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tensor:
-        """CE of the model on a weakly augmented source crop."""
+    def crop_logits(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        """The model's logits (fp32, at crop size) on a weakly augmented crop of each image, and the
+        crop's labels (empty for unlabelled images)."""
         data = self.config.data
         images = as_float_images(batch["image"], self.device)
         boxes = self.crop_boxes(generator, images.shape[0], images.shape[-2:])
         crops = crop(images, boxes, data.crop_size)
-        labels = crop(batch["label"].to(self.device).long()[:, None], boxes, data.crop_size)[:, 0]
+        labels = batch["label"].to(self.device).long()
+        labels = crop(labels[:, None], boxes, data.crop_size)[:, 0] if labels.dim() == 3 else labels
         with self.autocast():
             logits = resize(model(crops)["out"], tuple(data.crop_size))
-        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        return logits.float(), labels
+
+    def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tensor:
+        """CE of the model on a weakly augmented source crop."""
+        logits, labels = self.crop_logits(model, batch, generator)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
     def source_backward(self, net: nn.Module, batch: Dict[str, Any], generator: torch.Generator,
                         scaler: torch.amp.GradScaler) -> Tensor:

@@ -1,20 +1,45 @@
-"""Stage 0: the source-only warm-up, or adopting given warm-up weights."""
+"""Stage 0: the warm-up on the source (source-only, or with the official output-space adversarial
+loss), or adopting given warm-up weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from . import official
 from .context import RunContext
+from .labels import IGNORE_INDEX
 from .model import load_weights
-from .training import Draws, poly_lr
+from .training import Draws, batches, no_sync, poly_lr
+
+
+class OutputDiscriminator(nn.Module):
+    """AdaptSegNet's output-space discriminator: five 4x4 stride-2 convolutions over the softmax
+    of the segmentation (64, 128, 256, 512 channels, leaky ReLU 0.2), one score per location."""
+
+    def __init__(self, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        layers: List[nn.Module] = []
+        channels = [num_classes, width, 2 * width, 4 * width, 8 * width]
+        for in_channels, out_channels in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], 1, 4, stride=2, padding=1))
+
+    def forward(self, probabilities: Tensor) -> Tensor:
+        return self.layers(probabilities)
+
+
+# Least-squares GAN targets of the discriminator: source predictions 0, target predictions 1.
+SOURCE, TARGET = 0.0, 1.0
 
 
 class WarmupStage(RunContext):
-    """Stage 0: trains the source-only warm-up, or adopts ``warmup.weights``."""
+    """Stage 0: trains the warm-up on the source (with the official output-space adversarial loss
+    when ``warmup.adversarial``), or adopts ``warmup.weights``."""
 
     def warmup(self) -> None:
         stage, stage_config = "warmup", self.config.warmup
@@ -25,12 +50,22 @@ class WarmupStage(RunContext):
         net = self.parallel(model)
         optimizer = self.optimizer(model, stage_config.optim)
         scaler = self.new_scaler()
-        modules = {"model": model, "optimizer": optimizer, "scaler": scaler}
+        modules: Dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
+        if stage_config.adversarial:
+            discriminator = OutputDiscriminator(self.protocol.num_classes).to(self.device)
+            modules["discriminator"] = discriminator
+            modules["discriminator_optimizer"] = torch.optim.Adam(
+                discriminator.parameters(), lr=stage_config.discriminator_lr, betas=(0.9, 0.99))
         start = self.resume_modules(stage, modules)
         source = self.source_batches(start)
+        if stage_config.adversarial:
+            target = batches(self.target_train, self.config, self.config.train.seed + 1, start, self.dist)
+            adversarial_step = self.adversarial_step(net, modules, source, target, scaler)
 
         def step(iteration: int, draws: Draws) -> Dict[str, float]:
             lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
+            if stage_config.adversarial:
+                return {**adversarial_step(draws), "lr": lr}
             loss = self.source_loss(net, next(source), draws.shared)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -39,6 +74,42 @@ class WarmupStage(RunContext):
             return {"loss_source": loss.item(), "lr": lr}
 
         self.train_loop(stage, start, stage_config.iterations, modules, step, model)
+
+    def adversarial_step(self, net: nn.Module, modules: Dict[str, Any], source: Iterator, target: Iterator,
+                         scaler: torch.amp.GradScaler) -> Callable[[Draws], Dict[str, float]]:
+        """One iteration of AdaptSegNet's warm-up (LS-GAN, output space): the segmentation network
+        learns the source labels and to make its target predictions pass for source ones; the
+        discriminator then learns to tell them apart."""
+        optimizer, discriminator = modules["optimizer"], modules["discriminator"]
+        discriminator_optimizer = modules["discriminator_optimizer"]
+        discriminator_net = self.parallel(discriminator)
+        weight = self.config.warmup.adversarial_weight
+
+        def step(draws: Draws) -> Dict[str, float]:
+            optimizer.zero_grad(set_to_none=True)
+            with no_sync(net):
+                source_logits, labels = self.crop_logits(net, next(source), draws.shared)
+                loss_source = F.cross_entropy(source_logits, labels, ignore_index=IGNORE_INDEX)
+                scaler.scale(loss_source).backward()
+            target_logits, _ = self.crop_logits(net, next(target), draws.shared)
+            discriminator.requires_grad_(False)
+            fooled = discriminator(target_logits.softmax(1))
+            loss_adversarial = F.mse_loss(fooled, torch.full_like(fooled, SOURCE))
+            scaler.scale(weight * loss_adversarial).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            discriminator.requires_grad_(True)
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            scores = discriminator_net(torch.cat([source_logits, target_logits]).detach().softmax(1))
+            truth = torch.cat([torch.full_like(scores[:len(source_logits)], SOURCE),
+                               torch.full_like(scores[len(source_logits):], TARGET)])
+            loss_discriminator = F.mse_loss(scores, truth)
+            loss_discriminator.backward()
+            discriminator_optimizer.step()
+            return {"loss_source": loss_source.item(), "loss_adv": loss_adversarial.item(),
+                    "loss_D": loss_discriminator.item()}
+
+        return step
 
     def adopt_warmup_weights(self, path: Path) -> None:
         """Stage 0 without training: ``warmup.weights`` (e.g. the official warm-up checkpoint, or
