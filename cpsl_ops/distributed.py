@@ -35,38 +35,49 @@ def balanced_sinkhorn(
     """:func:`cpsl_ops.reference.balanced_sinkhorn` of (B, N_r, K) ``scores`` whose problem b is
     the concatenation over ranks of every rank's problem b; returns this rank's rows.
 
-    The log-domain class potentials need, over all ranks, the per-class maximum score, the
-    log-sum-exp of x = (S - maximum)/ε and N first (one all-gather that also carries a bad-input
-    flag), then the per-class column masses
-    in each later iteration (one all-reduce): ``num_iters`` collectives in all, of B·K numbers.
+    The log-domain class potentials need, over all ranks, the per-class maximum and minimum score,
+    the log-sum-exp of x = (S - maximum)/ε and N first (one all-gather that also carries a
+    bad-input flag), then the per-class column masses in each later iteration (one all-reduce):
+    ``num_iters`` collectives in all, of B·K numbers.
     """
     acc = accumulation_dtype(scores.dtype)
     batch, samples, classes = scores.shape
+    values = scores.to(acc)
     # x = (S - M)/ε with M each class's largest score over all ranks, as in the reference: each rank
     # sends its own maxima with its log-sum-exps relative to them, then rescales to M. The flag
     # stays on the device: no host sync before the collective. A bad shard's log-sum-exp (NaN or
     # inf) is never used, as every rank raises below; an empty shard's is -inf, which adds nothing
     # over ranks. fp64 keeps N exact past 2^24 samples.
-    local_max = scores.to(acc).amax(dim=1) if samples else scores.new_full((batch, classes), -math.inf, dtype=acc)
-    local = (scores.to(acc) - local_max[:, None, :]) / epsilon
+    if samples:
+        local_max, local_min = values.amax(dim=1), values.amin(dim=1)
+    else:
+        local_max = values.new_full((batch, classes), -math.inf)
+        local_min = values.new_full((batch, classes), math.inf)
+    local = (values - local_max[:, None, :]) / epsilon
     bad = ~(torch.isfinite(local).all() & valid_prior(class_prior))
     packed = torch.cat([local.logsumexp(dim=1).flatten().double(), local_max.flatten().double(),
-                        scores.new_tensor([samples], dtype=torch.float64), bad.double().reshape(1)])
+                        local_min.flatten().double(), scores.new_tensor([samples], dtype=torch.float64),
+                        bad.double().reshape(1)])
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, packed, group=group)
     everyone = torch.stack(gathered)
-    total_samples, bad_ranks = everyone[:, -2:].sum(dim=0).tolist()  # one host sync for both
-    if bad_ranks:
+    rank_lse, rank_max, rank_min = everyone[:, :-2].view(len(gathered), 3, batch, classes).unbind(1)
+    global_max = rank_max.amax(dim=0)
+    # A class whose scores are finite on every rank may still spread so widely over the ranks that
+    # its smallest x, (min - M)/ε in the accumulation dtype as the reference takes it, overflows:
+    # every rank sees the same extremes, so every rank raises alike.
+    overflow = ~torch.isfinite((rank_min.amin(dim=0).to(acc) - global_max.to(acc)) / epsilon).all()
+    flags = torch.cat([everyone[:, -2:].sum(dim=0), overflow.double().reshape(1)])
+    total_samples, bad_ranks, spread_overflow = flags.tolist()  # one host sync for all three
+    if bad_ranks or (total_samples and spread_overflow):
         raise ValueError(f"{NON_FINITE_SCORES} on some rank, or a class_prior entry that is not positive and finite")
     if total_samples == 0:
         raise ValueError("balanced_sinkhorn: no rank of the process group has any sample (N = 0 on every rank)")
     log_prior = normalized_log_prior(class_prior, acc)
-    rank_lse, rank_max = everyone[:, :-2].view(len(gathered), 2, batch, classes).unbind(1)
-    global_max = rank_max.amax(dim=0)
     # Each rank's log-sum-exp moved from its own maxima to the global ones (-inf for empty shards).
     moved = rank_lse + (rank_max - global_max) / epsilon
     global_lse = moved.logsumexp(dim=0).to(acc)
-    scaled = (scores.to(acc) - global_max.to(acc)[:, None, :]) / epsilon
+    scaled = (values - global_max.to(acc)[:, None, :]) / epsilon
     potential = log_prior - global_lse[:, None, :]
     for _ in range(num_iters - 1):
         column_mass = (scaled + potential).softmax(dim=-1).sum(dim=1)

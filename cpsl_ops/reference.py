@@ -88,7 +88,8 @@ def balanced_sinkhorn(scores: Tensor, class_prior: Tensor, epsilon: float, num_i
     log_prior = normalized_log_prior(class_prior, acc)
     if scores.numel() == 0:
         return scores.clone()
-    scaled = scaled_scores(scores.to(acc), scores.to(acc).amax(dim=1, keepdim=True), epsilon)
+    values = scores.to(acc)
+    scaled = scaled_scores(values, values.amax(dim=1, keepdim=True), epsilon)
     log_num_samples = math.log(scores.shape[1])
     potential = log_prior - scaled.logsumexp(dim=1, keepdim=True)
     for _ in range(num_iters - 1):
