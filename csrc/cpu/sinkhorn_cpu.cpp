@@ -283,6 +283,12 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
     const SampledTiles sample(samples);
     sampled_class_maxima(s, row_stride, sample, classes, reference.data());
     const ScaledScores<acc_t> scale{inv_epsilon, reference.data()};
+    // R = M, each class's largest score, from the lanes form's per-position maxima (score units).
+    auto reference_from_lane_maxima = [&] {
+      std::fill(reference.begin(), reference.end(), -kInfinity);
+      for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
+        reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
+    };
     std::atomic<bool> non_finite{false};
     bool one_exponential = false;
     for (bool rerun = false;; rerun = true) {
@@ -334,21 +340,18 @@ void sinkhorn_kernel(const Tensor& scores, const acc_type<scalar_t>* log_r_all, 
         });
       if (non_finite) break;
       if (!one_exponential) {  // every tile went through the lanes form, whose maxima are M
-        std::fill(reference.begin(), reference.end(), -kInfinity);
-        for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
-          reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
+        reference_from_lane_maxima();
       } else if (!rerun) {
         bool close = *std::max_element(block_top.begin(), block_top.end()) <= kReferenceSlack;
-        for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p) close &= scale(lane_max[p], p % classes) <= kReferenceSlack;
+        for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
+          close &= scale(lane_max[p], p % classes) <= kReferenceSlack;
         if (!close) {
           std::fill(lane_max.begin(), lane_max.end(), -kInfinity);
           for_each_tile([&](acc_t* x, int64_t first, int64_t rows, int64_t blk) {
             accumulate_class_maxima(contiguous_rows(s, row_stride, first, rows, classes, x), rows, classes,
                                     lane_max.data() + blk * classes * kLanes);
           });
-          std::fill(reference.begin(), reference.end(), -kInfinity);
-          for (int64_t p = 0; p < num_blocks * classes * kLanes; ++p)
-            reference[p % classes] = std::max(reference[p % classes], lane_max[p]);
+          reference_from_lane_maxima();
           continue;
         }
       }
