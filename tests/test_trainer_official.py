@@ -95,6 +95,9 @@ def test_bad_official_files_raise_clear_errors(official_files, tmp_path):
         official.read_checkpoint(tmp_path / "code.pth")
     with pytest.raises(FileNotFoundError):
         official.read_checkpoint(tmp_path / "missing.pth")
+    torch.save({"ResNet101": {"model_state": {"conv1.weight": torch.zeros(1)}}}, tmp_path / "headless.pth")
+    with pytest.raises(ValueError, match="no classifier"):
+        from_official_checkpoint(tmp_path / "headless.pth")
 
 
 def test_load_weights_takes_either_format(official_files, tmp_path):

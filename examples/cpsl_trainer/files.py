@@ -30,13 +30,16 @@ def read_with_path(path: Path, read: Callable[[Path], T]) -> T:
 
 def load_torch_file(path: Path, weights_only: bool = True) -> Any:
     """``torch.load`` of a checkpoint or weights file, on the CPU; a missing, truncated, empty or
-    foreign file is an error that names it."""
+    foreign file is an error that names it. With ``weights_only`` nothing but tensors, plain
+    Python values and the types allowed by an enclosing ``torch.serialization.safe_globals`` is
+    unpickled."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError) as error:
-        raise ValueError(f"{path} is not a readable torch file (truncated, empty, or not written by "
+        holding = " holding only tensors, numbers and the types allowed here" if weights_only else ""
+        raise ValueError(f"{path} is not a readable torch file{holding} (truncated, empty, or not written by "
                          f"torch.save?): {type(error).__name__}: {error}") from error
 
 

@@ -10,7 +10,6 @@ DeepLabV2 in the official layout under other names: the backbone's at the top le
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -18,6 +17,8 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from .files import load_torch_file
 
 NETWORK_KEY = "ResNet101"  # the official code keys a network's state by its class name
 
@@ -57,6 +58,8 @@ def to_trainer_names(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def num_classes_of(state: Mapping[str, Tensor]) -> int:
+    if "layer5.head.1.weight" not in state:
+        raise ValueError("the official network's state has no classifier (layer5.head.1.weight)")
     return int(state["layer5.head.1.weight"].shape[0])
 
 
@@ -82,14 +85,8 @@ def _numpy_scalar_globals() -> list:
 
 
 def _load(path: Union[str, Path]) -> object:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError) as error:
-        raise ValueError(f"{path} is not a readable torch file holding only tensors, numbers and "
-                         f"numpy scalars: {type(error).__name__}: {error}") from error
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        return load_torch_file(path)
 
 
 def is_checkpoint(path: Union[str, Path]) -> bool:
