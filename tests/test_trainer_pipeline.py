@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from cpsl_trainer.augment import CropBoxes, box_mask, crop, cutmix_box, strong_view  # noqa: E402
+from cpsl_trainer.augment import CropBoxes, box_mask, crop, cutmix_box  # noqa: E402
 from cpsl_trainer.cli import main  # noqa: E402
 from cpsl_trainer.config import Config, load_config, parse_override  # noqa: E402
 from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
@@ -71,19 +71,6 @@ def test_crop_of_labels_is_nearest_and_matches_the_image_crop():
         window = labels[b, 0, top:top + 8, left:left + 16]
         expected = window.flip(-1) if boxes.flips[b] else window
         assert torch.equal(cropped[b, 0], expected)
-
-
-def test_strong_view_warp_is_shared_by_image_and_maps():
-    generator = torch.Generator().manual_seed(3)
-    coordinates = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(32.0), indexing="ij"))[None].repeat(2, 1, 1, 1)
-    _, augment = strong_view(generator, torch.rand(2, 3, 16, 32))
-    warped, valid = augment.apply_to_maps(coordinates, fill=-1.0)
-    assert valid.any() and not valid.all()  # cutout and borders are masked out
-    assert (warped[:, :1][~valid[:, None]] == -1).all()
-    # A map warped at half resolution samples the same places (coordinates halve).
-    half, half_valid = augment.apply_to_maps(coordinates[..., ::2, ::2] / 2, fill=-1.0)
-    both = valid[..., ::2, ::2] & half_valid
-    assert (both.float().mean() > 0.3) and ((warped[..., ::2, ::2] / 2 - half).abs()[both[:, None].expand_as(half)].max() <= 1.0)
 
 
 def test_official_cutmix_box_covers_half_the_crop_inside_it():

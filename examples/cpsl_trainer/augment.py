@@ -18,8 +18,6 @@ from torch import Tensor
 
 from .labels import IGNORE_INDEX
 
-GREY = 0.5  # fill of cutout and of pixels warped in from outside the image
-
 
 def uniform(generator: torch.Generator, size: Sequence[int], low: float, high: float) -> Tensor:
     return low + (high - low) * torch.rand(tuple(size), generator=generator)
@@ -97,72 +95,26 @@ def crop(maps: Tensor, boxes: CropBoxes, size: Sequence[int], mode: str = "bilin
 
 @dataclass
 class StrongAugment:
-    """CPSL's strong view: photometric jitter and blur, then flip, rotation, shear, translation
-    and a cutout square. The geometric part is kept, so teacher maps can be warped alike."""
+    """The geometry of a batch of strong views (randaugment.py): the warp each image went
+    through and its cutout, so that the teacher's maps can follow."""
 
-    theta: Tensor  # (B, 2, 3), output → input coordinates of the strong view
+    thetas: Tensor  # (B, S, 2, 3): the S warps of each image in order, output → input coordinates
     cutout: Tensor  # (B, 4) fractions (top, left, height, width)
-
-    @classmethod
-    def sample(cls, generator: torch.Generator, batch: int, aspect: float) -> "StrongAugment":
-        flips = 1.0 - 2.0 * bernoulli(generator, batch, 0.5).float()
-        angle = uniform(generator, (batch,), -15.0, 15.0) * math.pi / 180
-        shear = uniform(generator, (batch,), -0.15, 0.15)
-        shift = uniform(generator, (batch, 2), -0.1, 0.1)
-        cos, sin = angle.cos(), angle.sin()
-        theta = torch.zeros(batch, 2, 3)
-        # Rotation in pixel units (aspect-corrected), then shear, in normalized coordinates.
-        theta[:, 0, 0] = cos * flips
-        theta[:, 0, 1] = -sin / aspect + shear
-        theta[:, 1, 0] = sin * aspect * flips
-        theta[:, 1, 1] = cos
-        theta[:, :, 2] = shift
-        side = torch.tensor([1.0 / 3, 1.0 / (3 * aspect)]) if aspect >= 1 else torch.tensor([aspect / 3, 1.0 / 3])
-        corner = torch.rand(batch, 2, generator=generator) * (1 - side)
-        return cls(theta, torch.cat([corner, side.expand(batch, 2)], 1))
 
     def cutout_mask(self, size: Sequence[int], device: torch.device) -> Tensor:
         """(B, 1, H, W) bool, True inside the cutout square."""
         return box_mask(self.cutout, size, device)[:, None]
 
     def apply_to_maps(self, maps: Tensor, fill: float) -> Tuple[Tensor, Tensor]:
-        """Warps teacher maps (B, C, h, w) as the image was warped; returns (maps, valid mask)."""
+        """Warps teacher maps (B, C, h, w) as the image was warped (nearest); returns (maps, valid
+        mask), the mask False where the image shows the cutout or what a warp brought in from outside."""
         size = maps.shape[-2:]
-        warped = warp(maps.float(), self.theta, size, "nearest", fill=float("nan"))
+        warped = maps.float()
+        for step in self.thetas.unbind(1):
+            warped = warp(warped, step, size, "nearest", fill=float("nan"))
         valid = ~(warped[:, :1].isnan() | self.cutout_mask(size, maps.device))
         warped = torch.where(valid, warped, torch.full_like(warped, fill))
         return warped.to(maps.dtype), valid[:, 0]
-
-
-def photometric(generator: torch.Generator, images: Tensor) -> Tensor:
-    """Colour jitter (brightness, contrast, saturation; each with p = 0.5) and a 3×3 blur (p = 0.5)."""
-    batch = images.shape[0]
-
-    def factor(strength: float) -> Tensor:
-        apply = bernoulli(generator, batch, 0.5)
-        value = uniform(generator, (batch,), 1 - strength, 1 + strength)
-        return torch.where(apply, value, torch.ones(batch)).to(images)[:, None, None, None]
-
-    images = images * factor(0.4)
-    mean = images.mean((1, 2, 3), keepdim=True)
-    images = (images - mean) * factor(0.4) + mean
-    grey = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(1, keepdim=True)
-    images = (images - grey) * factor(0.4) + grey
-    blur = bernoulli(generator, batch, 0.5).to(images.device)[:, None, None, None]
-    kernel = torch.tensor([1.0, 2.0, 1.0], device=images.device, dtype=images.dtype)
-    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
-    blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-    return torch.where(blur, blurred, images).clamp(0, 1)
-
-
-def strong_view(generator: torch.Generator, images: Tensor) -> Tuple[Tensor, StrongAugment]:
-    """The strong view of (B, 3, H, W) images in [0, 1], and the draw that made it."""
-    batch, _, height, width = images.shape
-    augment = StrongAugment.sample(generator, batch, width / height)
-    jittered = photometric(generator, images)
-    strong = warp(jittered, augment.theta, (height, width), "bilinear", fill=GREY)
-    strong = torch.where(augment.cutout_mask((height, width), images.device), GREY, strong)
-    return strong, augment
 
 
 CUTMIX_BOXES = ("official", "clipped")

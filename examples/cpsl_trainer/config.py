@@ -32,8 +32,15 @@ class DataConfig:
     # GTA5 only: match each source image's LAB channel statistics to a random target training
     # image, in every stage, as the official recipe does (colour.py).
     colour_transfer: bool = True
+    # Images per step in all (officially 4: one per GPU); under torchrun each process takes an
+    # equal share, so it must divide by the number of processes.
     batch_size: int = 4
     num_workers: int = 4
+    # The strong view (randaugment.py): the official RandAugmentMC, strong_ops operations of
+    # FixMatch's pool at levels 1..strong_magnitude-1, after a colour jitter of strong_jitter.
+    strong_ops: int = 2
+    strong_magnitude: int = 10
+    strong_jitter: float = 0.4
     # 19 Cityscapes classes; SYNTHIA trains 16 and also reports the 13-class mIoU.
     protocol: str = "cityscapes19"  # cityscapes19 | synthia16
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import cpsl_ops
 
-from .augment import CropBoxes, crop
+from .augment import CropBoxes, crop, StrongAugment
 from .colour import WithColourTransfer
 from .config import Config, config_from_dict
 from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset
@@ -28,9 +28,10 @@ from .distributed import Distributed, synchronize_batch_norm
 from .files import keep_log_lines, load_torch_file
 from .labels import IGNORE_INDEX
 from .model import DeepLabV2, parameter_groups
+from .randaugment import strong_view, StrongRecipe
 from .training import (
-    as_float_images, batches, choose_device, Draws, iteration_seed, no_sync, parse_stop_after, peak_memory_mb,
-    PER_RANK_MODULES, protocol_of, resize, SELECTION_NOTES, StopRequested, WithSoftLabels)
+    as_float_images, batches, choose_device, iteration_seed, no_sync, parse_stop_after, peak_memory_mb, protocol_of,
+    resize, SELECTION_NOTES, StopRequested, WithSoftLabels)
 
 
 class RunContext:
@@ -47,6 +48,7 @@ class RunContext:
         self.output.mkdir(parents=True, exist_ok=True)
         self.device = choose_device(config.train.device, self.dist.local_rank)
         self.protocol = protocol_of(config.data.protocol)
+        self.dist.share(config.data.batch_size)  # an uneven share fails here, not at the first batch
         if config.eval.select not in SELECTION_NOTES:
             raise ValueError(f"eval.select must be one of {sorted(SELECTION_NOTES)}, got {config.eval.select!r}")
         self.state: Dict[str, Any] = {"completed": [], "metrics": {}, "best": {}}
@@ -99,7 +101,14 @@ class RunContext:
         base_scale = 1.0 if data.scale_long_side is None else data.scale_long_side / max(image_size)
         boxes = CropBoxes.sample(generator, batch * self.dist.world_size, image_size, data.crop_size, data.scale_range,
                                  base_scale)
-        return boxes[self.dist.rank * batch:(self.dist.rank + 1) * batch]
+        return boxes[self.dist.rows(batch)]
+
+    def strong_view(self, generator: torch.Generator, images: Tensor) -> Tuple[Tensor, StrongAugment]:
+        """RandAugmentMC views of this rank's ``images``, drawn for the global batch like the crops."""
+        data = self.config.data
+        recipes = [StrongRecipe.sample(generator, data.strong_ops, data.strong_magnitude, data.strong_jitter)
+                   for _ in range(images.shape[0] * self.dist.world_size)]
+        return strong_view(images, recipes[self.dist.rows(images.shape[0])])
 
     def log(self, text: str) -> None:
         if self.dist.is_main:
@@ -128,17 +137,13 @@ class RunContext:
         return self.output / "checkpoints" / "last.pt"
 
     def save_checkpoint(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
-        """Rank 0 writes one file; the per-rank states are gathered into it (a collective)."""
-        per_rank = {name: {key: value.cpu() for key, value in module.state_dict().items()}
-                    for name, module in modules.items() if name in PER_RANK_MODULES}
-        rank_modules = self.dist.gather_to_main(per_rank)
+        """Rank 0 writes one file: every module's state is the same on every rank."""
         if not self.dist.is_main:
             return
         payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
                    "completed": self.state["completed"], "metrics": self.state["metrics"], "best": self.state["best"],
-                   "world_size": self.dist.world_size, "rank_modules": rank_modules,
-                   "modules": {name: module.state_dict() for name, module in modules.items()
-                               if name not in PER_RANK_MODULES}}
+                   "world_size": self.dist.world_size,
+                   "modules": {name: module.state_dict() for name, module in modules.items()}}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.checkpoint_path.with_suffix(".tmp")
         torch.save(payload, partial)
@@ -168,10 +173,7 @@ class RunContext:
         if self.state.get("stage") != stage or stage in self.state["completed"]:
             return 0
         for name, module in modules.items():
-            if name in PER_RANK_MODULES:
-                module.load_state_dict(self.state["rank_modules"][self.dist.rank][name])
-            else:
-                module.load_state_dict(self.state["modules"][name])
+            module.load_state_dict(self.state["modules"][name])
         return int(self.state["iteration"])
 
     def stage_weights(self, stage: str) -> Path:
@@ -203,12 +205,16 @@ class RunContext:
         start: int,
         total: int,
         modules: Dict[str, Any],
-        step: Callable[[int, Draws], Dict[str, float]],
+        step: Callable[[int, torch.Generator], Dict[str, float]],
         evaluate_model: nn.Module,
     ) -> None:
         """Runs ``step`` for iterations start..total-1 with per-iteration seeds, logging (the
         mean over ranks, also appended to ``log.jsonl``), evaluations and checkpoints; saves the
-        final weights of ``evaluate_model``."""
+        final weights of ``evaluate_model``.
+
+        ``step`` gets a generator seeded alike on every rank, for what is drawn for the global batch
+        (crops, strong views, CutMix, pixel draws); torch's global generator, for dropout, is
+        seeded per rank."""
         train, rank = self.config.train, self.dist.rank
         bar = tqdm(range(start, total), desc=stage, initial=start, total=total,
                    disable=not (train.progress and self.dist.is_main), dynamic_ncols=True)
@@ -216,9 +222,7 @@ class RunContext:
         for iteration in bar:
             torch.manual_seed(iteration_seed(train.seed, stage, iteration, rank))
             shared = torch.Generator().manual_seed(iteration_seed(train.seed + 1, stage, iteration))
-            local = shared if self.dist.group is None else \
-                torch.Generator().manual_seed(iteration_seed(train.seed + 2, stage, iteration, rank))
-            recent.append(step(iteration, Draws(shared, local)))
+            recent.append(step(iteration, shared))
             done = iteration + 1
             if done % train.log_every == 0 or done == total:
                 seconds = (time.perf_counter() - tick) / len(recent)

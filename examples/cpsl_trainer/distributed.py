@@ -53,6 +53,26 @@ class Distributed:
         if self.group is not None:
             dist.barrier(self.group)
 
+    def share(self, global_batch: int) -> int:
+        """This rank's number of images of a global batch of ``global_batch``."""
+        if global_batch < 1 or global_batch % self.world_size:
+            raise ValueError(f"data.batch_size is the global batch and must be a positive multiple of the "
+                             f"{self.world_size} processes, got {global_batch}")
+        return global_batch // self.world_size
+
+    def rows(self, per_rank: int) -> slice:
+        """This rank's rows of something drawn for a global batch of ``per_rank`` images per rank."""
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def gather_batch(self, tensor: Tensor) -> Tensor:
+        """The concatenation over the ranks, in rank order, of a batch of the same shape on every
+        rank: the global batch (no gradient flows back through it)."""
+        if self.group is None:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts)
+
     def mean(self, values: Dict[str, float]) -> Dict[str, float]:
         """The mean of each scalar over the ranks (what rank 0 logs)."""
         if self.group is None:
@@ -69,14 +89,6 @@ class Distributed:
             if param.grad is not None:
                 dist.all_reduce(param.grad, group=self.group)
                 param.grad.div_(self.world_size)
-
-    def gather_to_main(self, value: Any) -> Optional[List[Any]]:
-        """Every rank's ``value`` in rank order on rank 0 (None elsewhere)."""
-        if self.group is None:
-            return [value]
-        gathered: Optional[List[Any]] = [None] * self.world_size if self.is_main else None
-        dist.gather_object(value, gathered, dst=0, group=self.group)
-        return gathered
 
     def close(self) -> None:
         if self.group is not None and dist.is_initialized():

@@ -4,10 +4,11 @@ Every stage is a loop of iterations whose randomness (data order, augmentation, 
 sampling) is a function of the seed, the stage, the iteration number and the rank, so a run
 resumed from a checkpoint continues exactly as the uninterrupted run would have.
 
-Under torchrun each rank trains a DistributedDataParallel replica on its slice of every global
-batch (``data.batch_size`` images per rank); the data order and the crops are drawn for the
-global batch, so they do not depend on the number of ranks. Rank 0 alone writes pseudo labels,
-evaluates, logs and writes checkpoints.
+Under torchrun each rank trains a DistributedDataParallel replica on its share of every global
+batch of ``data.batch_size`` images; the data order, crops, strong views, CutMix boxes and
+self-labeling pixels are drawn for the global batch, and the self-labeling loss is solved on the
+gathered global batch with one memory bank, so none of them depends on the number of ranks.
+Rank 0 alone writes pseudo labels, evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ from torch import Tensor
 
 from cpsl_ops import SelfLabelingLoss, prototype_similarity, rectify_pseudo_labels
 
-from .augment import box_mask, crop, cutmix_box, strong_view
-from .distributed import synchronize_batch_norm
+from .augment import box_mask, crop, cutmix_box
+from .distributed import Distributed, synchronize_batch_norm
 from .files import load_torch_file
 from .labels import IGNORE_INDEX
 from .pseudo_labels import PseudoLabels
-from .training import Draws, as_float_images, ema_update, poly_lr, resize, reverse_cross_entropy
+from .training import as_float_images, ema_update, poly_lr, resize, reverse_cross_entropy
 
 
 def symmetric_cross_entropy(logits: Tensor, labels: Tensor, alpha: float, beta: float) -> Tensor:
@@ -29,6 +29,22 @@ def prototype_consistency(strong_logits: Tensor, weak_target: Tensor, valid: Ten
     as the official mask does: over (class, pixel) entries, i.e. the mean KL per pixel over K."""
     terms = weak_target * (weak_target.clamp_min(1e-12).log() - strong_logits.log_softmax(1))
     return (terms.sum(1) * valid).sum() / (valid.sum().clamp_min(1) * weak_target.shape[1])
+
+
+def global_self_labeling(loss_sl: SelfLabelingLoss, feats: Tensor, logits: Tensor, generator: torch.Generator,
+                         context: Distributed) -> Tensor:
+    """The self-labeling loss of the global batch, computed alike on every rank from this rank's
+    EMA ``feats`` and ``logits`` (B, D, h, w) and (B, K, h, w), its pixels drawn from ``generator``.
+
+    One memory bank, replicated on every rank, and the Sinkhorn problems of a single process
+    with the same global batch, at any number of ranks (as the official DataParallel run has them):
+    the ranks gather the EMA maps and each solves every image's problem.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    devices = [feats.device] if feats.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # SelfLabelingLoss draws its pixels with torch.rand
+        torch.manual_seed(seed)
+        return loss_sl(context.gather_batch(feats), context.gather_batch(logits))
 
 
 class CPSLStage(PseudoLabels):
@@ -50,7 +66,6 @@ class CPSLStage(PseudoLabels):
         loss_sl = SelfLabelingLoss(
             self.protocol.num_classes, self.config.model.feat_dim, summary["prior"], cfg.temperature, cfg.epsilon,
             cfg.sinkhorn_iters, cfg.queue_size, cfg.samples_per_image, cfg.ema_momentum, IGNORE_INDEX,
-            process_group=self.dist.group,
         ).to(self.device)
         loss_sl.init_prototypes(summary["prototypes"])
         optimizer = self.optimizer(student, cfg.optim, [{"params": [loss_sl.prototypes], "lr_mult": cfg.prototype_lr_mult}])
@@ -59,22 +74,22 @@ class CPSLStage(PseudoLabels):
         start, source, target = self.adaptation_batches(stage, modules, pseudo)
         quarter = self.quarter_crop
 
-        def step(iteration: int, draws: Draws) -> Dict[str, float]:
+        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
             lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
             optimizer.zero_grad(set_to_none=True)
             source_batch = next(source)
-            loss_source = self.source_backward(net, source_batch, draws.shared, scaler)
+            loss_source = self.source_backward(net, source_batch, generator, scaler)
 
             batch = next(target)
             full = as_float_images(batch["image"], self.device)
-            boxes = self.crop_boxes(draws.shared, full.shape[0], full.shape[-2:])
+            boxes = self.crop_boxes(generator, full.shape[0], full.shape[-2:])
             weak = crop(full, boxes, data.crop_size)
-            strong, strong_augment = strong_view(draws.local, weak)
-            mix = bool(torch.rand(1, generator=draws.shared) < cfg.cutmix_prob)
+            strong, strong_augment = self.strong_view(generator, weak)
+            mix = bool(torch.rand(1, generator=generator) < cfg.cutmix_prob)
             if mix:  # CutMix: a box of the source crop pasted into the weak target crop
-                mix_box = cutmix_box(draws.shared, cfg.cutmix_box)
+                mix_box = cutmix_box(generator, cfg.cutmix_box)
                 source_images = as_float_images(source_batch["image"], self.device)
-                source_boxes = self.crop_boxes(draws.shared, full.shape[0], source_images.shape[-2:])
+                source_boxes = self.crop_boxes(generator, full.shape[0], source_images.shape[-2:])
                 weak = torch.where(box_mask(mix_box, data.crop_size, self.device)[:, None],
                                    crop(source_images, source_boxes, data.crop_size), weak)
 
@@ -99,10 +114,12 @@ class CPSLStage(PseudoLabels):
             loss_seg = symmetric_cross_entropy(weak_logits, labels, cfg.rce_alpha, cfg.rce_beta)
             strong_prototype_logits = prototype_similarity(strong_feat, loss_sl.prototypes_ema, cfg.temperature)
             loss_consistency = prototype_consistency(strong_prototype_logits, consistency_target, valid)
-            loss_self_labeling = loss_sl(ema_feat, ema_logits)
+            loss_self_labeling = global_self_labeling(loss_sl, ema_feat, ema_logits, generator, self.dist)
             total_loss = loss_seg + cfg.consistency_weight * loss_consistency + cfg.self_labeling_weight * loss_self_labeling
             scaler.scale(total_loss).backward()
-            self.dist.average_gradients([loss_sl.prototypes])  # DDP averages only the network's
+            # Every rank computed the same self-labeling loss; averaging the prototypes' gradient
+            # (DDP owns only the network's) keeps the replicas equal should kernels round apart.
+            self.dist.average_gradients([loss_sl.prototypes])
             scaler.step(optimizer)
             scaler.update()
             ema_update(teacher, student, cfg.ema_momentum)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .augment import crop, strong_view
+from .augment import crop
 from .files import load_torch_file
 from .labels import IGNORE_INDEX
 from .pseudo_labels import PseudoLabels
-from .training import Draws, as_float_images, poly_lr, resize
+from .training import as_float_images, poly_lr, resize
 
 
 def distillation_kl(student_logits: Tensor, teacher_probabilities: Tensor, form: str) -> Tensor:
@@ -21,7 +21,9 @@ def distillation_kl(student_logits: Tensor, teacher_probabilities: Tensor, form:
     i.e. mean of t (log t - p_s); ``proper`` is KL(p_t || p_s), summed over classes and averaged
     over pixels."""
     if form == "official":
-        return F.kl_div(student_logits.softmax(1), teacher_probabilities, reduction="mean")
+        # reduction="none" then mean: the same value as the official reduction="mean", without
+        # PyTorch's warning that "mean" will change meaning.
+        return F.kl_div(student_logits.softmax(1), teacher_probabilities, reduction="none").mean()
     if form == "proper":
         return F.kl_div(student_logits.log_softmax(1), teacher_probabilities, reduction="none").sum(1).mean()
     raise ValueError(f"distill.kl must be official or proper, got {form!r}")
@@ -56,14 +58,14 @@ class DistillStage(PseudoLabels):
         start, source, target = self.adaptation_batches(stage, modules, pseudo)
         quarter = self.quarter_crop
 
-        def step(iteration: int, draws: Draws) -> Dict[str, float]:
+        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
             lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
             optimizer.zero_grad(set_to_none=True)
-            loss_source = self.source_backward(net, next(source), draws.shared, scaler)
+            loss_source = self.source_backward(net, next(source), generator, scaler)
             batch = next(target)
             full = as_float_images(batch["image"], self.device)
-            boxes = self.crop_boxes(draws.shared, full.shape[0], full.shape[-2:])
-            strong, strong_augment = strong_view(draws.local, crop(full, boxes, data.crop_size))
+            boxes = self.crop_boxes(generator, full.shape[0], full.shape[-2:])
+            strong, strong_augment = self.strong_view(generator, crop(full, boxes, data.crop_size))
             with torch.no_grad():
                 soft = crop(batch["soft"].to(self.device).float(), boxes, quarter)
                 confidence, labels = soft.max(1)

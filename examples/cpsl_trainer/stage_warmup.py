@@ -14,7 +14,7 @@ from . import official
 from .context import RunContext
 from .labels import IGNORE_INDEX
 from .model import load_weights
-from .training import Draws, batches, no_sync, poly_lr
+from .training import batches, no_sync, poly_lr
 
 
 class OutputDiscriminator(nn.Module):
@@ -62,11 +62,11 @@ class WarmupStage(RunContext):
             target = batches(self.target_train, self.config, self.config.train.seed + 1, start, self.dist)
             adversarial_step = self.adversarial_step(net, modules, source, target, scaler)
 
-        def step(iteration: int, draws: Draws) -> Dict[str, float]:
+        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
             lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
             if stage_config.adversarial:
-                return {**adversarial_step(draws), "lr": lr}
-            loss = self.source_loss(net, next(source), draws.shared)
+                return {**adversarial_step(generator), "lr": lr}
+            loss = self.source_loss(net, next(source), generator)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -76,7 +76,7 @@ class WarmupStage(RunContext):
         self.train_loop(stage, start, stage_config.iterations, modules, step, model)
 
     def adversarial_step(self, net: nn.Module, modules: Dict[str, Any], source: Iterator, target: Iterator,
-                         scaler: torch.amp.GradScaler) -> Callable[[Draws], Dict[str, float]]:
+                         scaler: torch.amp.GradScaler) -> Callable[[torch.Generator], Dict[str, float]]:
         """One iteration of AdaptSegNet's warm-up (LS-GAN, output space): the segmentation network
         learns the source labels and to make its target predictions pass for source ones; the
         discriminator then learns to tell them apart."""
@@ -85,13 +85,13 @@ class WarmupStage(RunContext):
         discriminator_net = self.parallel(discriminator)
         weight = self.config.warmup.adversarial_weight
 
-        def step(draws: Draws) -> Dict[str, float]:
+        def step(generator: torch.Generator) -> Dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             with no_sync(net):
-                source_logits, labels = self.crop_logits(net, next(source), draws.shared)
+                source_logits, labels = self.crop_logits(net, next(source), generator)
                 loss_source = F.cross_entropy(source_logits, labels, ignore_index=IGNORE_INDEX)
                 scaler.scale(loss_source).backward()
-            target_logits, _ = self.crop_logits(net, next(target), draws.shared)
+            target_logits, _ = self.crop_logits(net, next(target), generator)
             discriminator.requires_grad_(False)
             fooled = discriminator(target_logits.softmax(1))
             loss_adversarial = F.mse_loss(fooled, torch.full_like(fooled, SOURCE))

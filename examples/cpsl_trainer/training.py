@@ -108,7 +108,9 @@ class WithSoftLabels(Dataset):
 
 
 def batches(dataset: Dataset, config: Config, seed: int, start_batch: int, context: Distributed) -> Iterator[Dict[str, Any]]:
-    sampler = EpochBatches(len(dataset), config.data.batch_size, seed, start_batch, context.rank, context.world_size,
+    """This rank's share of each global batch of ``data.batch_size`` images, from batch ``start_batch`` on."""
+    sampler = EpochBatches(len(dataset), context.share(config.data.batch_size), seed, start_batch, context.rank,
+                           context.world_size,
                            epoch_tags=isinstance(dataset, WithColourTransfer))
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=config.data.num_workers))
 
@@ -173,20 +175,6 @@ def colour_png(path: Path, labels: Tensor, protocol: Protocol) -> None:
 
 class StopRequested(Exception):
     """Raised after the checkpoint at ``stop_after`` is written (simulates a killed job)."""
-
-
-# Modules whose state differs between ranks (the memory-bank queues): checkpointed per rank.
-PER_RANK_MODULES = ("self_labeling",)
-
-
-@dataclass(frozen=True)
-class Draws:
-    """The random generators of one iteration. ``shared`` is seeded alike on every rank (crops of
-    the global batch, CutMix); ``local`` differs per rank (strong views) and is ``shared`` itself
-    in a single-process run."""
-
-    shared: torch.Generator
-    local: torch.Generator
 
 
 def choose_device(wanted: str, local_rank: int = 0) -> torch.device:
