@@ -13,7 +13,7 @@ bias-free 1x1 classifier. The official checkpoint format is read and written by
 """
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
@@ -238,7 +238,10 @@ def from_official_checkpoint(path: Union[str, Path], num_classes: int = 19) -> D
     the official layout, with ``bn_pretrain`` when the checkpoint has one (stages 2 and 3), in eval
     mode. Its ``forward`` gives the official network's ``{"feat", "out"}``.
     """
-    checkpoint = official.read_checkpoint(path)
+    return _official_model(official.read_checkpoint(path), num_classes, path)
+
+
+def _official_model(checkpoint: official.Checkpoint, num_classes: int, path: Union[str, Path]) -> DeepLabV2:
     found = official.num_classes_of(checkpoint.model_state)
     if found != num_classes:
         raise ValueError(f"{path} has a {found}-class head, not {num_classes}")
@@ -260,15 +263,21 @@ def save_official_checkpoint(model: DeepLabV2, path: Union[str, Path], prototype
                               best_iou)
 
 
-def load_weights(path: Union[str, Path], build: Callable[[bool], DeepLabV2], num_classes: int) -> DeepLabV2:
+def load_weights(path: Union[str, Path], build: Callable[[bool], DeepLabV2], num_classes: int,
+                 configured: Optional[Tuple[str, str]] = None) -> DeepLabV2:
     """A model with the weights of ``path``: an official checkpoint (its own network), or else a
     state dict of this trainer loaded into ``build(bn_pretrain)``, with ``bn_pretrain`` when the
-    state dict has one."""
-    if official.is_checkpoint(path):
-        return from_official_checkpoint(path, num_classes)
-    state = load_torch_file(path)
-    model = build(any(name.startswith("bn_pretrain.") for name in state))
-    model.load_state_dict(state)
+    state dict has one. With ``configured`` (the run's backbone and layout), an official
+    checkpoint, a ResNet-101 in the official layout, is refused for another network."""
+    payload = official.load_file(path)  # read once, whatever its format
+    checkpoint = official.as_checkpoint(payload)
+    if checkpoint is not None:
+        if configured is not None and tuple(configured) != ("resnet101", "official"):
+            raise ValueError(f"{path} is an official ResNet-101 checkpoint: set model.backbone=resnet101 and "
+                             f"model.layout=official (got {configured[0]}, {configured[1]})")
+        return _official_model(checkpoint, num_classes, path)
+    model = build(any(name.startswith("bn_pretrain.") for name in payload))
+    model.load_state_dict(payload)
     return model
 
 

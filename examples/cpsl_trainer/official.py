@@ -84,27 +84,31 @@ def _numpy_scalar_globals() -> list:
     return allowed
 
 
-def _load(path: Union[str, Path]) -> object:
+def load_file(path: Union[str, Path]) -> object:
+    """A weights file, official or not, unpickling nothing but tensors, containers, numbers and
+    numpy scalars (an official checkpoint's ``best_iou``)."""
     with torch.serialization.safe_globals(_numpy_scalar_globals()):
         return load_torch_file(path)
 
 
-def is_checkpoint(path: Union[str, Path]) -> bool:
-    """Whether ``path`` holds an official checkpoint (else, e.g., a plain state dict)."""
-    payload = _load(path)
-    return isinstance(payload, Mapping) and isinstance(payload.get(NETWORK_KEY), Mapping)
-
-
-def read_checkpoint(path: Union[str, Path]) -> Checkpoint:
-    """The network state, EMA prototypes, iteration and best mIoU of an official checkpoint."""
-    payload = _load(path)
+def as_checkpoint(payload: object) -> Optional[Checkpoint]:
+    """The official checkpoint that a loaded file holds, or None when it is in another format
+    (e.g. a plain state dict)."""
     network = payload.get(NETWORK_KEY) if isinstance(payload, Mapping) else None
     if not isinstance(network, Mapping) or not isinstance(network.get("model_state"), Mapping):
-        raise ValueError(f"{path} is not an official CPSL checkpoint: it lacks ['{NETWORK_KEY}']['model_state']")
+        return None
     best = payload.get("best_iou")
     iteration = payload.get("iter")
     return Checkpoint(dict(network["model_state"]), network.get("prototypes_ema"),
                       None if iteration is None else int(iteration), None if best is None else float(best))
+
+
+def read_checkpoint(path: Union[str, Path]) -> Checkpoint:
+    """The network state, EMA prototypes, iteration and best mIoU of an official checkpoint."""
+    checkpoint = as_checkpoint(load_file(path))
+    if checkpoint is None:
+        raise ValueError(f"{path} is not an official CPSL checkpoint: it lacks ['{NETWORK_KEY}']['model_state']")
+    return checkpoint
 
 
 def write_checkpoint(path: Union[str, Path], model_state: Mapping[str, Tensor], prototypes_ema: Optional[Tensor],

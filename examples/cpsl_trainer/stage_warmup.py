@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import official
 from .context import RunContext
 from .labels import IGNORE_INDEX
 from .model import load_weights
@@ -115,11 +114,8 @@ class WarmupStage(RunContext):
         """Stage 0 without training: ``warmup.weights`` (e.g. the official warm-up checkpoint, or
         this trainer's weights file) become the warm-up weights."""
         model_config = self.config.model
-        if official.is_checkpoint(path) and (model_config.backbone, model_config.layout) != ("resnet101", "official"):
-            raise ValueError(f"warmup.weights={path} is an official ResNet-101 checkpoint: set "
-                             f"model.backbone=resnet101 and model.layout=official (got {model_config.backbone}, "
-                             f"{model_config.layout})")
-        model = load_weights(path, lambda bn_pretrain: self.new_model(None, bn_pretrain), self.protocol.num_classes)
+        model = load_weights(path, lambda bn_pretrain: self.new_model(None, bn_pretrain), self.protocol.num_classes,
+                             (model_config.backbone, model_config.layout))
         try:
             self.stage_model("warmup").load_state_dict(model.state_dict())
         except RuntimeError as error:
