@@ -1,10 +1,9 @@
-"""The shared context of the training stages: config, data, models, checkpoints, logging and the
-loop every stage runs (seeded iterations, logs, in-stage evaluations, checkpoints)."""
+"""The shared context of the training stages: config, data, models, logging and the loop every
+stage runs (seeded iterations, logs, in-stage evaluations, checkpoints from checkpoints.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from contextlib import nullcontext
@@ -21,11 +20,11 @@ from tqdm import tqdm
 import cpsl_ops
 
 from .augment import CropBoxes, crop, StrongAugment
+from .checkpoints import Checkpoints
 from .colour import WithColourTransfer
-from .config import Config, config_from_dict
+from .config import Config
 from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset
 from .distributed import Distributed, synchronize_batch_norm
-from .files import keep_log_lines, load_torch_file
 from .labels import IGNORE_INDEX
 from .model import DeepLabV2, parameter_groups
 from .randaugment import strong_view, StrongRecipe
@@ -34,7 +33,7 @@ from .training import (
     resize, SELECTION_NOTES, StopRequested, WithSoftLabels)
 
 
-class RunContext:
+class RunContext(Checkpoints):
     """What the stages share: the config, data, models, checkpoints, logging and the training
     loop. Evaluation is the Evaluation stage's (evaluation.py)."""
 
@@ -129,73 +128,6 @@ class RunContext:
             "target val images": len(self.target_val),
         }
         return "config:\n" + self.config.to_yaml() + "environment:\n" + "\n".join(f"  {k}: {v}" for k, v in environment.items())
-
-    # -- checkpoints
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.output / "checkpoints" / "last.pt"
-
-    def save_checkpoint(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
-        """Rank 0 writes one file: every module's state is the same on every rank."""
-        if not self.dist.is_main:
-            return
-        payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
-                   "completed": self.state["completed"], "metrics": self.state["metrics"], "best": self.state["best"],
-                   "world_size": self.dist.world_size,
-                   "modules": {name: module.state_dict() for name, module in modules.items()}}
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(payload, partial)
-        os.replace(partial, self.checkpoint_path)  # a job killed while saving leaves the last good one
-
-    def load_checkpoint(self, path: Path) -> None:
-        payload = load_torch_file(path, weights_only=False)
-        def comparable(config: Config) -> Dict[str, Any]:
-            values = config.to_dict()
-            values["train"].pop("output_dir")  # a run directory may be moved
-            values["train"].pop("stop_after")  # the very option that interrupted the run
-            return values
-
-        if comparable(config_from_dict(payload["config"])) != comparable(self.config):
-            raise ValueError(f"{path} was written with another config; resume with the same config file and overrides")
-        if payload["world_size"] != self.dist.world_size:
-            raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
-                             f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
-        self.state = {"best": {}, **payload}  # checkpoints written before model selection lack "best"
-        if self.dist.is_main:  # the resumed run logs again what came after the checkpoint
-            completed, stage, iteration = set(payload["completed"]), payload["stage"], payload["iteration"]
-            keep_log_lines(self.output / "log.jsonl", lambda entry: entry["stage"] in completed or (
-                entry["stage"] == stage and entry["iteration"] <= iteration))
-
-    def resume_modules(self, stage: str, modules: Dict[str, Any]) -> int:
-        """Restores ``modules`` if the checkpoint stopped inside ``stage``; returns the start iteration."""
-        if self.state.get("stage") != stage or stage in self.state["completed"]:
-            return 0
-        for name, module in modules.items():
-            module.load_state_dict(self.state["modules"][name])
-        return int(self.state["iteration"])
-
-    def stage_weights(self, stage: str) -> Path:
-        """The weights at the end of ``stage``."""
-        return self.output / "checkpoints" / f"{stage}.pt"
-
-    def best_weights(self, stage: str) -> Path:
-        """The weights of ``stage``'s best evaluation on the target val set (its end included)."""
-        return self.output / "checkpoints" / f"{stage}_best.pt"
-
-    def selected_weights(self, stage: str) -> Path:
-        """What ``stage`` hands on to the next stage and reports: its best or its last weights."""
-        return self.best_weights(stage) if self.config.eval.select == "best" else self.stage_weights(stage)
-
-    def keep_if_best(self, stage: str, iteration: int, result: Dict[str, Any], weights: Dict[str, Tensor]) -> None:
-        """Main rank: records an evaluation, and saves ``weights`` as the stage's best unless an
-        earlier evaluation of the stage scored higher (a tie goes to the later, as officially)."""
-        best = self.state["best"].get(stage)
-        if best is None or result["mIoU"] >= best["result"]["mIoU"]:
-            self.best_weights(stage).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(weights, self.best_weights(stage))
-            self.state["best"] = {**self.state["best"], stage: {"iteration": iteration, "result": result}}
 
     # -- the loop shared by the training stages
 
