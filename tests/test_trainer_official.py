@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpsl_trainer import official  # noqa: E402
+from cpsl_trainer.cli import main  # noqa: E402
 from cpsl_trainer.model import (DeepLabV2, from_official_checkpoint, load_weights,  # noqa: E402
                                 parameter_groups, save_official_checkpoint)
 from official_network import OfficialDeepLabV2, randomize  # noqa: E402
@@ -81,6 +82,20 @@ def test_export_reads_back_the_same_network(official_files, tmp_path):
     OfficialDeepLabV2(16, True).load_state_dict(exported.model_state)  # the official network takes it strictly
     with pytest.raises(ValueError, match="official layout"):
         save_official_checkpoint(DeepLabV2(layout="torchvision"), tmp_path / "bad.pth")
+
+
+def test_the_export_command_writes_what_the_official_network_loads(official_files, tmp_path):
+    network, path, _ = official_files[16, True]
+    torch.save(from_official_checkpoint(path, 16).state_dict(), tmp_path / "stage2.pt")  # a trainer weights file
+    (tmp_path / "run.yaml").write_text("data: {protocol: synthia16}\nmodel: {backbone: resnet101, layout: official}\n")
+    assert main(["export", "--config", str(tmp_path / "run.yaml"), "--weights", str(tmp_path / "stage2.pt"),
+                 "--output", str(tmp_path / "official.pkl")]) == 0
+    exported = official.read_checkpoint(tmp_path / "official.pkl").model_state
+    OfficialDeepLabV2(16, True).load_state_dict(exported)
+    assert all(torch.equal(exported[name], value) for name, value in network.state_dict().items())
+    with pytest.raises(ValueError, match="model.layout=official"):  # an official file meets another network
+        main(["export", "--config", str(tmp_path / "run.yaml"), "--weights", str(path), "--output",
+              str(tmp_path / "again.pkl"), "model.layout=torchvision"])
 
 
 def test_bad_official_files_raise_clear_errors(official_files, tmp_path):

@@ -1,4 +1,5 @@
-"""Command line of the example trainer: ``train`` (the default) and ``prepare``."""
+"""Command line of the example trainer: ``train`` (the default), ``evaluate``, ``export`` and
+``prepare``."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from .data import prepare_main
 from .demo_data import write_demo_datasets
 from .distributed import Distributed
 from .engine import Pipeline
-from .model import load_weights
-from .training import StopRequested, choose_device
+from .model import DeepLabV2, load_weights, save_official_checkpoint
+from .training import StopRequested, choose_device, protocol_of
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,8 +24,29 @@ USAGE = """\
 train (default):  train_cpsl.py [--demo | --config FILE] [--resume PATH|auto] [section.field=value ...]
   on N devices:   torchrun --nproc-per-node=N train_cpsl.py [same arguments]
 evaluate weights: train_cpsl.py evaluate (--demo | --config FILE) --weights PATH [section.field=value ...]
+export weights:   train_cpsl.py export --config FILE --weights PATH --output FILE   (the official checkpoint format)
 check datasets:   train_cpsl.py prepare --gta5 DIR --cityscapes DIR [--synthia DIR]
 """
+
+
+def export_main(argv: List[str]) -> int:
+    """Writes a weights file of this trainer in the official checkpoint format, for the official
+    code (its test.py, or a stage started from it)."""
+    parser = argparse.ArgumentParser(prog="train_cpsl.py export", description=export_main.__doc__)
+    parser.add_argument("--config", type=Path, required=True,
+                        help="the run's YAML config: its model must be a ResNet-101 in the official layout")
+    parser.add_argument("--weights", type=Path, required=True, help="e.g. OUTPUT_DIR/checkpoints/cpsl_best.pt")
+    parser.add_argument("--output", type=Path, required=True, help="the official checkpoint to write")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as model.layout=official")
+    args = parser.parse_intermixed_args(argv)
+    config = load_config(args.config, args.overrides)
+    model_config, num_classes = config.model, protocol_of(config.data.protocol).num_classes
+    model = load_weights(args.weights, lambda bn_pretrain: DeepLabV2.from_config(model_config, num_classes,
+                                                                                  bn_pretrain=bn_pretrain),
+                         num_classes, (model_config.backbone, model_config.layout))
+    save_official_checkpoint(model, args.output)
+    print(f"{args.weights} written in the official format to {args.output}")
+    return 0
 
 
 def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) -> int:
@@ -91,4 +113,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return prepare_main(argv[1:])
     if argv and argv[0] == "evaluate":
         return train_main(argv[1:], evaluate_only=True)
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     return train_main(argv[1:] if argv and argv[0] == "train" else argv)

@@ -78,9 +78,7 @@ class RunContext(Checkpoints):
         raise ValueError(f"data.source must be gta5 or synthia, got {data.source!r}")
 
     def new_model(self, pretrained: Optional[str] = None, bn_pretrain: bool = False) -> DeepLabV2:
-        model = self.config.model
-        return DeepLabV2(model.backbone, self.protocol.num_classes, model.feat_dim, tuple(model.dilations), pretrained,
-                         model.dropout, model.layout, bn_pretrain)
+        return DeepLabV2.from_config(self.config.model, self.protocol.num_classes, pretrained, bn_pretrain)
 
     def stage_model(self, stage: str, pretrained: Optional[str] = None) -> DeepLabV2:
         """A new network of ``stage``: the distillation students carry ``bn_pretrain`` if asked."""

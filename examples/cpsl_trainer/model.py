@@ -20,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from . import official
+from .config import ModelConfig
 from .files import load_torch_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -201,6 +202,13 @@ class DeepLabV2(nn.Module):
         self.head = ASPPSEHead(in_channels, num_classes, feat_dim, dilations, dropout)
         if pretrained is not None:
             self.load_pretrained(pretrained)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, num_classes: int, pretrained: Optional[Union[str, Path]] = None,
+                    bn_pretrain: bool = False) -> "DeepLabV2":
+        """The network that a ``config.ModelConfig`` describes."""
+        return cls(config.backbone, num_classes, config.feat_dim, tuple(config.dilations), pretrained, config.dropout,
+                   config.layout, bn_pretrain)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         b = self.backbone
