@@ -39,6 +39,13 @@ def test_ranks_split_each_global_batch_and_together_see_the_single_process_batch
         assert next(single) == next(ranks[0]) + next(ranks[1])
 
 
+def test_the_global_batch_is_shared_evenly_or_refused():
+    ranks = [Distributed(rank, 4, rank, None) for rank in range(4)]
+    assert [r.share(8) for r in ranks] == [2] * 4 and [r.rows(2) for r in ranks][3] == slice(6, 8)
+    with pytest.raises(ValueError, match="multiple of the 4 processes, got 6"):
+        ranks[0].share(6)
+
+
 # ----------------------------------------------------------------------------- one memory bank
 
 GLOBAL_BATCH, FEAT_DIM, CLASSES, STEPS = 4, 8, 5, 4
