@@ -113,6 +113,9 @@ def test_bad_official_files_raise_clear_errors(official_files, tmp_path):
     torch.save({"ResNet101": {"model_state": {"conv1.weight": torch.zeros(1)}}}, tmp_path / "headless.pth")
     with pytest.raises(ValueError, match="no classifier"):
         from_official_checkpoint(tmp_path / "headless.pth")
+    torch.save({"ResNet101": {"prototypes_ema": torch.zeros(19, 256)}, "iter": 3}, tmp_path / "networkless.pth")
+    with pytest.raises(ValueError, match=r"official CPSL checkpoint without a network.*\['model_state'\]"):
+        load_weights(tmp_path / "networkless.pth", lambda bn_pretrain: DeepLabV2("resnet18", 19), 19)
 
 
 def test_load_weights_takes_either_format(official_files, tmp_path):

@@ -168,13 +168,19 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
         assert torch.equal(expected[key], resumed[key]), key
 
 
-def test_resume_refuses_another_config(tmp_path):
+def test_resume_refuses_another_config_and_an_earlier_checkpoint_format(tmp_path):
     config = tiny_config(tmp_path, "run", "distill.stages=0")
     with pytest.raises(StopRequested):
         Pipeline(config, stop_after=("warmup", 1)).run()
+    last = Path(config.train.output_dir) / "checkpoints" / "last.pt"
     changed = tiny_config(tmp_path, "run", "distill.stages=0", "cpsl.epsilon=0.1")
     with pytest.raises(ValueError, match="another config"):
-        Pipeline(changed).run(resume=Path(config.train.output_dir) / "checkpoints" / "last.pt")
+        Pipeline(changed).run(resume=last)
+    payload = torch.load(last, weights_only=False)
+    del payload["format"]  # as the trainer wrote it before the global batch and RandAugmentMC
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="earlier version of the trainer"):
+        Pipeline(config).run(resume=tmp_path / "old.pt")
 
 
 def test_command_line_trains_resumes_evaluates_and_prepares(tmp_path, capsys):
@@ -291,6 +297,15 @@ def test_each_stage_hands_on_and_reports_its_best_evaluation(tmp_path):
     assert all(stage["mIoU"] == stage["selection"]["last_mIoU"] for stage in last["stages"].values())
     with pytest.raises(ValueError, match="eval.select"):
         Pipeline(tiny_config(tmp_path, "bad", "eval.select=median"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.strong_magnitude=1", "strong_magnitude"), ("data.strong_magnitude=11", "strong_magnitude"),
+    ("data.strong_ops=-1", "strong_ops"), ("data.strong_jitter=1.5", "strong_jitter"),
+])
+def test_strong_view_settings_out_of_range_are_refused_at_the_start(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        Pipeline(tiny_config(tmp_path, "bad", override))
 
 
 def test_pseudo_labels_are_reused_only_for_the_weights_that_made_them(tmp_path):

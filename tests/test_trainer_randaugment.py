@@ -10,11 +10,11 @@ import pytest
 import torch
 
 PIL = pytest.importorskip("PIL")
-from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from cpsl_trainer.augment import warp  # noqa: E402
+from cpsl_trainer.augment import box_mask, warp  # noqa: E402
 from cpsl_trainer.randaugment import (  # noqa: E402
     GEOMETRIC_OPS, GREY, PHOTOMETRIC, POOL, StrongRecipe, affine, apply_recipe, cutout_box, strong_view)
 
@@ -113,12 +113,17 @@ def test_recipes_draw_the_official_distribution():
             assert abs(factors["hue"]) <= 0.4 and all(0.6 <= factors[k] <= 1.4 for k in ("brightness", "contrast"))
 
 
-def test_cutout_is_a_third_of_the_short_side_clipped_at_the_borders():
-    for centre in ((0.5, 0.5), (0.0, 0.99), (0.99, 0.01)):
-        top, left, height, width = cutout_box(centre, (64, 128))
+def test_cutout_is_pil_s_square_of_a_third_of_the_short_side_clipped_at_the_borders():
+    for centre in ((0.5, 0.5), (0.0, 0.99), (0.99, 0.01), (0.3, 0.7)):
+        box = cutout_box(centre, (64, 128))
+        top, left, height, width = box
         assert 0 <= top and top + height <= 1 and 0 <= left and left + width <= 1
-        assert height * 64 <= 21 and width * 128 <= 21
-    assert cutout_box((0.5, 0.5), (64, 128)) == pytest.approx([21 / 64, 53 / 128, 21 / 64, 21 / 128])
+        # The official CutoutAbs: PIL draws the rectangle (x0, y0, x0 + 21, y0 + 21) inclusive.
+        image = Image.new("RGB", (128, 64))
+        x0, y0 = int(max(0, centre[1] * 128 - 10.5)), int(max(0, centre[0] * 64 - 10.5))
+        ImageDraw.Draw(image).rectangle((x0, y0, min(128, x0 + 21), min(64, y0 + 21)), FILL)
+        expected = torch.from_numpy(np.array(image)[..., 0] == FILL[0])
+        assert torch.equal(box_mask(torch.tensor([box]), (64, 128), torch.device("cpu"))[0], expected)
 
 
 def test_teacher_maps_follow_the_image_through_every_geometric_operation():
@@ -133,12 +138,14 @@ def test_teacher_maps_follow_the_image_through_every_geometric_operation():
     warped, valid = augment.apply_to_maps(image[None], fill=-1.0)
     assert 0.3 < valid.float().mean() < 0.95
     assert torch.all(strong[0][:, ~valid[0]].eq(GREY).all(0) | (warped[0][:, ~valid[0]] == -1).all(0))
-    # Away from the edges of what is valid, where bilinear sampling blends in the fill, the map
-    # warped step by step with nearest and the image with bilinear sampling agree to the
-    # rounding of six nearest warps (a step of this image is 0.013 per pixel down, 0.008 across).
-    inside = -torch.nn.functional.max_pool2d(-valid.float(), 3, stride=1, padding=1)[0] == 1
+    # Away from the edges of what is valid and of the image, where bilinear sampling blends in
+    # the fill or the edge, the map sampled once (nearest) and the image warped step by step
+    # (bilinear) agree to the rounding of one nearest sample (a step of this image is 0.013 per
+    # pixel down, 0.008 across).
+    padded = torch.nn.functional.pad(valid.float(), (1, 1, 1, 1))
+    inside = -torch.nn.functional.max_pool2d(-padded, 3, stride=1)[0] == 1
     error = (strong[0] - warped[0]).abs()[:, inside]
-    assert inside.float().mean() > 0.25 and error.max() < 0.05 and error.mean() < 0.005
+    assert inside.float().mean() > 0.25 and error.max() < 0.015 and error.mean() < 0.003
     # The cutout is grey in the image and invalid in the maps, at any resolution.
     _, quarter_valid = augment.apply_to_maps(image[None, :, ::4, ::4], fill=-1.0)
     box = augment.cutout[0]
@@ -152,4 +159,4 @@ def test_a_recipe_without_operations_changes_only_the_cutout():
     assert steps == []
     changed = (strong != image).any(0)
     top, left = round(box[0] * 32), round(box[1] * 48)
-    assert changed.sum() <= 10 * 10 and changed[top:top + 10, left:left + 10].all()
+    assert changed.sum() <= 11 * 11 and changed[top:top + 11, left:left + 11].all()

@@ -75,14 +75,15 @@ def warp(maps: Tensor, theta: Tensor, size: Sequence[int], mode: str = "bilinear
     """Samples (B, C, H, W) float ``maps`` through the (B, 2, 3) ``theta`` onto a ``size`` grid.
 
     Integer maps (labels) are sampled with nearest and keep their dtype; points that fall
-    outside the input get ``fill`` (IGNORE_INDEX for integer maps).
+    outside the input get ``fill`` (IGNORE_INDEX for integer maps). With a non-zero fill, bilinear
+    samples at the input's edge blend with the edge pixels, not with zeros, as PIL's do.
     """
     grid = F.affine_grid(theta.to(maps.device, torch.float32), [maps.shape[0], 1, *size], align_corners=False)
     if not maps.is_floating_point():
         sampled = warp(maps.float(), theta, size, "nearest", float(IGNORE_INDEX))
         return sampled.round().to(maps.dtype)
     grid = grid.to(maps.dtype)
-    out = F.grid_sample(maps, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(maps, grid, mode=mode, padding_mode="zeros" if fill == 0.0 else "border", align_corners=False)
     if fill != 0.0:
         inside = F.grid_sample(torch.ones_like(maps[:, :1]), grid, mode="nearest", align_corners=False)
         out = torch.where(inside > 0.5, out, torch.full_like(out, fill))
@@ -106,13 +107,19 @@ class StrongAugment:
         return box_mask(self.cutout, size, device)[:, None]
 
     def apply_to_maps(self, maps: Tensor, fill: float) -> Tuple[Tensor, Tensor]:
-        """Warps teacher maps (B, C, h, w) as the image was warped (nearest); returns (maps, valid
-        mask), the mask False where the image shows the cutout or what a warp brought in from outside."""
-        size = maps.shape[-2:]
-        warped = maps.float()
-        for step in self.thetas.unbind(1):
-            warped = warp(warped, step, size, "nearest", fill=float("nan"))
-        valid = ~(warped[:, :1].isnan() | self.cutout_mask(size, maps.device))
+        """Warps teacher maps (B, C, h, w) as the image was warped; returns (maps, valid mask), the
+        mask False where the image shows the cutout or what one of its warps brought in from
+        outside. The warps are composed and the maps sampled once (nearest), so that rounding
+        does not add up over the warps."""
+        batch, size = maps.shape[0], maps.shape[-2:]
+        identity = torch.eye(2, 3, device=maps.device).expand(batch, 2, 3)
+        grid = F.affine_grid(identity, [batch, 1, *size], align_corners=False)  # (B, h, w, 2) as (x, y)
+        inside = torch.ones(grid.shape[:3], dtype=torch.bool, device=maps.device)
+        for step in reversed(self.thetas.to(maps.device).unbind(1)):  # the last warp maps the output first
+            grid = grid @ step[:, None, :, :2].transpose(-1, -2) + step[:, None, None, :, 2]
+            inside &= (grid.abs() <= 1).all(-1)
+        warped = F.grid_sample(maps.float(), grid, mode="nearest", padding_mode="border", align_corners=False)
+        valid = inside[:, None] & ~self.cutout_mask(size, maps.device)
         warped = torch.where(valid, warped, torch.full_like(warped, fill))
         return warped.to(maps.dtype), valid[:, 0]
 

@@ -14,6 +14,11 @@ from .distributed import Distributed
 from .files import keep_log_lines, load_torch_file
 
 
+# Raised whenever a change of the trainer makes an older last.pt resume differently from the run
+# that wrote it (2: the global batch under torchrun, RandAugmentMC, one memory bank).
+CHECKPOINT_FORMAT = 2
+
+
 class Checkpoints:
     """What a run writes to resume and to hand weights from stage to stage (part of RunContext).
 
@@ -35,7 +40,7 @@ class Checkpoints:
         """Rank 0 writes one file: every module's state is the same on every rank."""
         if not self.dist.is_main:
             return
-        payload = {"config": self.config.to_dict(), "stage": stage, "iteration": iteration,
+        payload = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "stage": stage, "iteration": iteration,
                    "completed": self.state["completed"], "metrics": self.state["metrics"], "best": self.state["best"],
                    "world_size": self.dist.world_size,
                    "modules": {name: module.state_dict() for name, module in modules.items()}}
@@ -46,6 +51,11 @@ class Checkpoints:
 
     def load_checkpoint(self, path: Path) -> None:
         payload = load_torch_file(path, weights_only=False)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} was written by an earlier version of the trainer, whose batches and augmentation "
+                             f"differ, so it cannot be resumed exactly: start the run again (its stage weights, "
+                             f"checkpoints/<stage>.pt, still serve as warmup.weights or evaluate --weights)")
+
         def comparable(config: Config) -> Dict[str, Any]:
             values = config.to_dict()
             values["train"].pop("output_dir")  # a run directory may be moved
@@ -57,7 +67,7 @@ class Checkpoints:
         if payload["world_size"] != self.dist.world_size:
             raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
                              f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
-        self.state = {"best": {}, **payload}  # checkpoints written before model selection lack "best"
+        self.state = dict(payload)
         if self.dist.is_main:  # the resumed run logs again what came after the checkpoint
             completed, stage, iteration = set(payload["completed"]), payload["stage"], payload["iteration"]
             keep_log_lines(self.output / "log.jsonl", lambda entry: entry["stage"] in completed or (

@@ -27,7 +27,7 @@ from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset
 from .distributed import Distributed, synchronize_batch_norm
 from .labels import IGNORE_INDEX
 from .model import DeepLabV2, parameter_groups
-from .randaugment import strong_view, StrongRecipe
+from .randaugment import check_settings, strong_view, StrongRecipe
 from .training import (
     as_float_images, batches, choose_device, iteration_seed, no_sync, parse_stop_after, peak_memory_mb, protocol_of,
     resize, SELECTION_NOTES, StopRequested, WithSoftLabels)
@@ -48,6 +48,7 @@ class RunContext(Checkpoints):
         self.device = choose_device(config.train.device, self.dist.local_rank)
         self.protocol = protocol_of(config.data.protocol)
         self.dist.share(config.data.batch_size)  # an uneven share fails here, not at the first batch
+        check_settings(config.data.strong_ops, config.data.strong_magnitude, config.data.strong_jitter)
         if config.eval.select not in SELECTION_NOTES:
             raise ValueError(f"eval.select must be one of {sorted(SELECTION_NOTES)}, got {config.eval.select!r}")
         self.state: Dict[str, Any] = {"completed": [], "metrics": {}, "best": {}}

@@ -278,7 +278,7 @@ def load_weights(path: Union[str, Path], build: Callable[[bool], DeepLabV2], num
     state dict has one. With ``configured`` (the run's backbone and layout), an official
     checkpoint, a ResNet-101 in the official layout, is refused for another network."""
     payload = official.load_file(path)  # read once, whatever its format
-    checkpoint = official.as_checkpoint(payload)
+    checkpoint = official.as_checkpoint(payload, path)
     if checkpoint is not None:
         if configured is not None and tuple(configured) != ("resnet101", "official"):
             raise ValueError(f"{path} is an official ResNet-101 checkpoint: set model.backbone=resnet101 and "

@@ -91,12 +91,15 @@ def load_file(path: Union[str, Path]) -> object:
         return load_torch_file(path)
 
 
-def as_checkpoint(payload: object) -> Optional[Checkpoint]:
-    """The official checkpoint that a loaded file holds, or None when it is in another format
-    (e.g. a plain state dict)."""
-    network = payload.get(NETWORK_KEY) if isinstance(payload, Mapping) else None
-    if not isinstance(network, Mapping) or not isinstance(network.get("model_state"), Mapping):
+def as_checkpoint(payload: object, path: Union[str, Path]) -> Optional[Checkpoint]:
+    """The official checkpoint that the loaded file ``path`` holds, or None when it is in another
+    format (e.g. a plain state dict); a ValueError when it is an official one without a network."""
+    if not isinstance(payload, Mapping) or NETWORK_KEY not in payload:
         return None
+    network = payload[NETWORK_KEY]
+    if not isinstance(network, Mapping) or not isinstance(network.get("model_state"), Mapping):
+        raise ValueError(f"{path} is an official CPSL checkpoint without a network: it lacks "
+                         f"['{NETWORK_KEY}']['model_state']")
     best = payload.get("best_iou")
     iteration = payload.get("iter")
     return Checkpoint(dict(network["model_state"]), network.get("prototypes_ema"),
@@ -105,7 +108,7 @@ def as_checkpoint(payload: object) -> Optional[Checkpoint]:
 
 def read_checkpoint(path: Union[str, Path]) -> Checkpoint:
     """The network state, EMA prototypes, iteration and best mIoU of an official checkpoint."""
-    checkpoint = as_checkpoint(load_file(path))
+    checkpoint = as_checkpoint(load_file(path), path)
     if checkpoint is None:
         raise ValueError(f"{path} is not an official CPSL checkpoint: it lacks ['{NETWORK_KEY}']['model_state']")
     return checkpoint

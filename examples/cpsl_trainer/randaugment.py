@@ -7,9 +7,10 @@ from the pool, each at a level drawn from 1..magnitude-1 and applied with p = 0.
 cutout square of a third of the short side.
 
 The geometric operations are kept as the sequence of affine warps they are, so that the
-teacher's maps go through the same warps in the same order (what one warp moves out of the image
-stays lost). The official code warps the maps one kind at a time in a fixed order (so two draws of
-one kind keep only the last) and scales their translations by the height.
+teacher's maps follow the image exactly: composed in the same order and sampled once, with what
+one warp moved out of the image kept out (``augment.StrongAugment``). The official code warps the
+maps one kind at a time in a fixed order (so two draws of one kind keep only the last) and scales
+their translations by the height.
 """
 
 from __future__ import annotations
@@ -78,6 +79,17 @@ def affine(name: str, value: float, size: Sequence[int]) -> Tensor:
 HORIZONTAL_FLIP = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
 
 
+def check_settings(num_ops: int, magnitude: int, jitter: float) -> None:
+    """Refuses strong-view settings that the draws cannot take (the official code asserts the
+    magnitude's range, and a jitter above 1 would allow negative factors)."""
+    if not (isinstance(num_ops, int) and num_ops >= 0):
+        raise ValueError(f"data.strong_ops must be a whole number ≥ 0, got {num_ops!r}")
+    if not (isinstance(magnitude, int) and 2 <= magnitude <= PARAMETER_MAX):
+        raise ValueError(f"data.strong_magnitude must be a whole number in [2, {PARAMETER_MAX}], got {magnitude!r}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"data.strong_jitter must lie in [0, 1], got {jitter!r}")
+
+
 @dataclass(frozen=True)
 class StrongRecipe:
     """One image's draw of RandAugmentMC: what is applied, in order, with its values."""
@@ -125,13 +137,14 @@ def _value(name: str, level: int, coin: Callable[[], bool]) -> float:
 
 
 def cutout_box(centre: Tuple[float, float], size: Sequence[int]) -> List[float]:
-    """(top, left, height, width) fractions of the official cutout: a square of a third of the
-    short side from half a side before the centre, clipped at the borders, in whole pixels."""
+    """(top, left, height, width) fractions of the official cutout: from half a third of the
+    short side before the centre, a third of the short side plus one pixel (PIL's rectangle
+    includes both corners), clipped at the borders, in whole pixels."""
     side = min(size) // 3
     box = []
     for fraction, extent in zip(centre, size):
         start = int(max(0.0, fraction * extent - side / 2))
-        box.append((start, min(extent, start + side) - start))
+        box.append((start, min(extent, start + side + 1) - start))
     (top, height), (left, width) = box
     return [top / size[0], left / size[1], height / size[0], width / size[1]]
 
