@@ -32,6 +32,16 @@ DEMO_CONFIG = TRAIN_SCRIPT.parent / "configs" / "demo.yaml"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
+@pytest.fixture
+def one_thread():
+    """Runs in this process on one thread, as the spawned ranks do (so that they round alike),
+    and gives the later tests their threads back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_ranks_split_each_global_batch_and_together_see_the_single_process_batches():
     single = iter(EpochBatches(10, 4, seed=3, start_batch=1))
     ranks = [iter(EpochBatches(10, 2, seed=3, start_batch=1, rank=r, world_size=2)) for r in range(2)]
@@ -95,7 +105,7 @@ def self_labeling_worker(rank: int, world_size: int, directory: str) -> None:
         dist.destroy_process_group()
 
 
-def test_four_ranks_solve_the_sinkhorn_problems_of_one_process_with_one_memory_bank(tmp_path):
+def test_four_ranks_solve_the_sinkhorn_problems_of_one_process_with_one_memory_bank(tmp_path, one_thread):
     world_size = 4
     spawn = multiprocessing.get_context("spawn")
     processes = [spawn.Process(target=self_labeling_worker, args=(rank, world_size, str(tmp_path)))
@@ -162,8 +172,7 @@ def torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
 
-def test_torchrun_with_two_ranks_trains_like_one_process_on_the_global_batch(tmp_path):
-    torch.set_num_threads(1)
+def test_torchrun_with_two_ranks_trains_like_one_process_on_the_global_batch(tmp_path, one_thread):
     # The official warm-up (adversarial): the discriminator is a DDP replica too.
     single = run_config(tmp_path, "single", "warmup.adversarial=true")
     assert main(["--config", str(single)]) == 0
