@@ -10,7 +10,8 @@
 // Functional: the Python wrapper copies new_prototypes into the caller's tensor. A label outside
 // [0, K) that is not ignore_index raises a ValueError naming it; nothing is written for it.
 // Sums are accumulated in fixed blocks merged in order, so results are deterministic.
-// Kernels: cpu/prototype_update_cpu.cpp, cuda/prototype_update_cuda.cu.
+// Kernels: cpu/prototype_update_cpu.cpp, cuda/prototype_update_cuda.cu (+
+// prototype_update_kernels.cuh).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {

@@ -9,7 +9,7 @@
 //     confidence          (B, H, W), dtype of the inputs: max_k(p_k·softmax(l)_k) / sum_k(...)
 //
 // Math shared by CPU and CUDA: include/cpsl_ops/rectify_math.h. Kernels: cpu/rectify_cpu.cpp,
-// cuda/rectify_cuda.cu.
+// cuda/rectify_cuda.cu (+ rectify_kernels.cuh).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {

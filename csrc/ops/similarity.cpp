@@ -8,7 +8,8 @@
 //   similarity_backward(grad_logits, features, prototypes, temperature) -> (grad_features, grad_prototypes)
 //
 // Neither kernel materializes normalized features: each tile of pixels is normalized in registers
-// or cache while it is multiplied. Kernels: cpu/similarity_cpu.cpp, cuda/similarity_cuda.cu.
+// or cache while it is multiplied. Kernels: cpu/similarity_cpu.cpp, cuda/similarity_cuda.cu (+
+// similarity_kernels.cuh).
 // Math shared by both: include/cpsl_ops/similarity_math.h. Python: cpsl_ops/ops/similarity.py.
 #include <torch/csrc/stable/library.h>
 

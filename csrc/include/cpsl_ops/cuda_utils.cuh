@@ -1,32 +1,18 @@
-// Helpers of the CUDA kernels, on PyTorch's stable ABI: the current stream and device, error
-// checks, error flags that work under CUDA graph capture, launch geometry, block and warp
-// reductions and strided 3-d access.
+// The torch half of the CUDA helpers, on PyTorch's stable ABI: the current device and stream of an
+// op call, error flags that work under CUDA graph capture, working memory from torch's caching
+// allocator and the strides of a tensor. The kernels and launch code use cuda_launch.cuh only.
 #pragma once
-#include <cuda_runtime.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
-#include <algorithm>
 #include <cstdint>
+#include <vector>
 
+#include "cpsl_ops/cuda_launch.cuh"
 #include "cpsl_ops/stable.h"
-
-// A failed CUDA runtime call or kernel launch is a RuntimeError naming the call.
-#define CPSL_CUDA_CHECK(expression)                                                                     \
-  do {                                                                                                  \
-    const cudaError_t cpsl_status = (expression);                                                       \
-    CPSL_CHECK(cpsl_status == cudaSuccess, #expression, " failed: ", cudaGetErrorString(cpsl_status)); \
-  } while (false)
-#define CPSL_KERNEL_LAUNCH_CHECK() CPSL_CUDA_CHECK(cudaGetLastError())
 
 namespace cpsl_ops {
 namespace cuda {
-
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int64_t kMaxGridY = 65535;
-
-inline int64_t blocks_for(int64_t work, int64_t per_block = kThreads) { return (work + per_block - 1) / per_block; }
 
 // Makes the tensor's GPU current for the kernels of one op call, and gives its current stream.
 class DeviceContext {
@@ -38,36 +24,12 @@ class DeviceContext {
   }
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
-  int attribute(cudaDeviceAttr attribute) const {
-    int value = 0;
-    CPSL_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device_));
-    return value;
-  }
 
  private:
   torch::stable::accelerator::DeviceGuard guard_;
   int device_;
   cudaStream_t stream_;
 };
-
-// Whether work queued on the stream is being recorded into a CUDA graph instead of running.
-inline bool is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  CPSL_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
-// Fills out[0, n) with value when any of the first num_flags flags is set.
-template <typename T>
-__global__ void fill_if_raised_kernel(const int32_t* __restrict__ flags, int num_flags, T* __restrict__ out, int64_t n,
-                                      T value) {
-  bool raised = false;
-  for (int f = 0; f < num_flags; ++f) raised |= flags[f] != 0;
-  if (!raised) return;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = value;
-}
 
 // The error flags of one op call, set on the device by its kernels. Outside graph capture the host
 // reads them once, after every kernel: the op's one synchronization, which lets it raise a
@@ -85,10 +47,7 @@ class DeviceFlags {
 
   template <typename T>
   void fill_if_raised(const Tensor& out, T value) const {
-    if (!capturing_ || out.numel() == 0) return;
-    const int64_t blocks = std::min<int64_t>(blocks_for(out.numel()), 1024);
-    fill_if_raised_kernel<T><<<blocks, kThreads, 0, stream_>>>(data(), kFlags, data_of<T>(out), out.numel(), value);
-    CPSL_KERNEL_LAUNCH_CHECK();
+    if (capturing_) launch_fill_if_raised<T>(data(), kFlags, data_of<T>(out), out.numel(), value, stream_);
   }
 
   struct Raised {
@@ -109,38 +68,23 @@ class DeviceFlags {
   bool capturing_;
 };
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
+// Working memory of one op call from torch's caching allocator, on `like`'s device.
+class TensorWorkspace final : public Workspace {
+ public:
+  explicit TensorWorkspace(const Tensor& like) : like_(like) {}
 
-template <typename T>
-__device__ __forceinline__ T warp_max(T value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value = max(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
+ protected:
+  void* allocate(size_t bytes) override {
+    buffers_.push_back(empty_on(like_, {static_cast<int64_t>(bytes)}, ScalarType::Byte));
+    return buffers_.back().data_ptr();
+  }
 
-// Sum over a block of kThreads threads, in a fixed order (deterministic); every thread gets it.
-// `scratch` holds kThreads / kWarp values; the block must not reuse it before a __syncthreads().
-template <typename T>
-__device__ __forceinline__ T block_sum(T value, T* scratch) {
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  value = warp_sum(value);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  T total = 0;
-  for (int w = 0; w < kThreads / kWarp; ++w) total += scratch[w];
-  return total;
-}
-
-// Strides of a (B, C, P) view, passed to kernels by value.
-struct Strides3d {
-  int64_t s0, s1, s2;
-  explicit Strides3d(const Tensor& t) : s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
-  __host__ __device__ int64_t operator()(int64_t i, int64_t j, int64_t l) const { return i * s0 + j * s1 + l * s2; }
+ private:
+  Tensor like_;
+  std::vector<Tensor> buffers_;
 };
+
+inline Strides3d strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 }  // namespace cuda
 }  // namespace cpsl_ops

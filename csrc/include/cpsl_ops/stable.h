@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpsl_ops/check.h"
+
 namespace cpsl_ops {
 
 using Tensor = torch::stable::Tensor;
@@ -20,29 +22,9 @@ using torch::headeronly::ScalarType;
 using Half = torch::headeronly::Half;
 using BFloat16 = torch::headeronly::BFloat16;
 
-// The accumulation type of a storage type, as ATen's opmath_type: float for the 16-bit types and
-// float, double for double.
-template <typename T>
-struct AccumulateType {
-  using type = float;
-};
-template <>
-struct AccumulateType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_type = typename AccumulateType<T>::type;
-
 template <typename T>
 constexpr ScalarType scalar_type_of() {
   return torch::headeronly::CppTypeToScalarType<T>::value;
-}
-
-template <typename... Args>
-std::string concat(const Args&... args) {
-  std::ostringstream stream;
-  (stream << ... << args);
-  return std::move(stream).str();
 }
 
 // "(2, 3, 4)": shapes in error messages.
@@ -57,22 +39,6 @@ inline std::string shape_string(const Tensor& t) {
 inline std::string device_string(const Tensor& t) {
   return t.is_cpu() ? std::string("cpu") : concat(t.is_cuda() ? "cuda:" : "device:", t.get_device_index());
 }
-
-}  // namespace cpsl_ops
-
-// A failed argument check is a RuntimeError in Python; a failed value check (NaN scores, labels out
-// of range: the data, not the call, is wrong) throws std::invalid_argument, which PyTorch's op
-// bindings turn into a ValueError, as the reference backend raises.
-#define CPSL_CHECK(condition, ...) \
-  do {                             \
-    if (!(condition)) throw std::runtime_error(::cpsl_ops::concat(__VA_ARGS__)); \
-  } while (false)
-#define CPSL_CHECK_VALUE(condition, ...) \
-  do {                                   \
-    if (!(condition)) throw std::invalid_argument(::cpsl_ops::concat(__VA_ARGS__)); \
-  } while (false)
-
-namespace cpsl_ops {
 
 // Runs body(scalar_t{}) for the four floating dtypes every kernel accepts (AT_DISPATCH's role):
 //   dispatch_floating(t.scalar_type(), "op", [&](auto tag) { using scalar_t = decltype(tag); ... });

@@ -1,8 +1,6 @@
 // The passes of the CUDA Sinkhorn kernel over one chunk of rows, and the merges of their per-chunk
-// partials into the class potentials (math: sinkhorn_math.h). The cooperative kernel and the
-// per-pass kernels of sinkhorn_cuda.cu call these same functions over the same chunks, and a
-// chunk's partials do not depend on which block computed them: the two paths, and any grid size,
-// give bit-identical results.
+// partials into the class potentials (math: sinkhorn_math.h; the phases that call them and their
+// launch: sinkhorn_kernels.cuh). A chunk's partials do not depend on which block computed them.
 //
 // Two layouts of a row's classes. Narrow (K <= 256, kClassesPerLane = 1, 2, 4 or 8): one warp takes
 // a row at a time with lane l holding classes l, l + 32, ... in registers, so a row's softmax is
@@ -15,11 +13,11 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpsl_ops/cuda_utils.cuh"
+#include "cpsl_ops/cuda_launch.cuh"
 #include "cpsl_ops/sinkhorn_math.h"
 
 namespace cpsl_ops {
-namespace sinkhorn_cuda {
+namespace sinkhorn_kernels {
 
 constexpr int kRowsPerChunk = 1024;
 constexpr int kWarps = cuda::kThreads / cuda::kWarp;
@@ -285,5 +283,5 @@ __device__ void merge_column_mass(const SinkhornArgs<scalar_t, acc_t>& a, int64_
   a.potential[pair] += class_potential_step(a.log_prior[pair], a.log_num_samples, mass);
 }
 
-}  // namespace sinkhorn_cuda
+}  // namespace sinkhorn_kernels
 }  // namespace cpsl_ops
