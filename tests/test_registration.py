@@ -41,6 +41,7 @@ def test_every_public_op_has_a_reference_schema_file_and_tests(op):
     assert (ROOT / "csrc" / "ops" / f"{schema_stem}.cpp").is_file()
     assert (ROOT / "csrc" / "cpu" / f"{schema_stem}_cpu.cpp").is_file()
     assert (ROOT / "csrc" / "cuda" / f"{schema_stem}_cuda.cu").is_file()
+    assert (ROOT / "csrc" / "cuda" / f"{schema_stem}_kernels.cuh").is_file()  # also run by tests/gpusim
     assert (ROOT / "tests" / f"test_{schema_stem}.py").is_file()
 
 

@@ -1,0 +1,456 @@
+"""Every CUDA kernel of every op, run under the GPU simulator and compared with the fp64 reference.
+
+``bash tests/gpusim/run.sh`` builds the simulator and ``sim_ops`` (the ops' own launch code over
+the kernels) and then runs this script, which writes one request folder per problem, runs them
+under the simulator (a few runner processes in parallel), and checks each result against
+``cpsl_ops.reference`` evaluated in fp64 at the CPU tests' tolerances (tests/conftest.py), or, for
+bad inputs, that the kernels raise the flag behind the op's error exactly where the reference
+raises. It prints one line per check and last ``gpusim: N/M kernel checks pass``; it exits 1 when
+a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TOLERANCES  # noqa: E402  (the CPU tests' tolerances)
+
+from cpsl_ops import reference  # noqa: E402
+
+DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
+               torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8"}
+# Device flags of each op (csrc/cuda/*_kernels.cuh): what the op turns into its ValueError.
+SINKHORN_BAD_PRIOR, SINKHORN_NON_FINITE, SINKHORN_SPREAD = 0, 1, 2
+PROTOTYPE_BAD_LABEL, PROTOTYPE_NON_FINITE = 0, 1
+
+
+@dataclass
+class Output:
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the kernel's (B, C, P) view of it
+
+
+@dataclass
+class Request:
+    """One op launch: its inputs (views whose whole storage is sent), numbers and outputs."""
+
+    op: str
+    dtype: torch.dtype
+    inputs: Dict[str, torch.Tensor]
+    numbers: Dict[str, object]
+    outputs: Dict[str, Output]
+    folder: Path = Path()
+    results: Dict[str, torch.Tensor] = field(default_factory=dict)
+    flags: List[int] = field(default_factory=list)
+    error: str = ""
+
+    def write(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True)
+        lines = [f"op {self.op}", f"dtype {DTYPE_NAMES[self.dtype]}"]
+        lines += [f"{key} {value}" for key, value in self.numbers.items()]
+        for name, view in self.inputs.items():
+            storage = torch.as_strided(view, (view.untyped_storage().nbytes() // view.element_size(),), (1,), 0)
+            (folder / f"{name}.bin").write_bytes(storage.contiguous().numpy().tobytes())
+            lines.append(f"{name} {view.storage_offset()} {' '.join(map(str, view.stride()))}")
+        for name, out in self.outputs.items():
+            lines.append(f"{name}_numel {math.prod(out.shape)}")
+            if out.view is not None:
+                lines.append(f"{name} 0 {' '.join(map(str, out.view(torch.empty(out.shape)).stride()))}")
+        (folder / "request.txt").write_text("\n".join(lines) + "\n")
+
+    def elements(self) -> int:
+        return sum(view.numel() for view in self.inputs.values())
+
+    def read(self) -> None:
+        if (self.folder / "error.txt").exists():
+            self.error = (self.folder / "error.txt").read_text()
+            return
+        if not (self.folder / "flags.txt").exists():
+            self.error = "no result (the simulator stopped before this request)"
+            return
+        self.flags = [int(v) for v in (self.folder / "flags.txt").read_text().split()]
+        for name, out in self.outputs.items():
+            data = bytearray((self.folder / f"{name}.bin").read_bytes())
+            self.results[name] = torch.frombuffer(data, dtype=out.dtype).reshape(out.shape)
+
+
+@dataclass
+class Check:
+    name: str
+    requests: List[Request]
+    verify: Callable[[List[Request]], None]  # raises AssertionError on a mismatch
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """The CPU tests' tolerance for ``dtype``, its absolute part scaled to the values' size."""
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale, equal_nan=False)
+
+
+def raises_value_error(function: Callable, *args) -> bool:
+    try:
+        function(*args)
+    except ValueError:
+        return True
+    return False
+
+
+def random(shape: Sequence[int], seed: int, scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64) * scale
+
+
+# ---- balanced_sinkhorn ----
+
+def sinkhorn_request(scores: torch.Tensor, prior: torch.Tensor, max_blocks: Optional[int] = None,
+                     epsilon: float = 0.05, num_iters: int = 3) -> Request:
+    """One Sinkhorn call on the per-pass path (the simulator cannot run the cooperative launch)."""
+    batch, samples, classes = scores.shape
+    numbers = {"prior_dtype": DTYPE_NAMES[prior.dtype], "batch": batch, "samples": samples, "classes": classes,
+               "epsilon": repr(epsilon), "num_iters": num_iters}
+    if max_blocks is not None:
+        numbers["max_blocks"] = max_blocks
+    return Request("sinkhorn", scores.dtype, {"scores": scores, "prior": prior}, numbers,
+                   {"assignment": Output(scores.dtype, (batch, samples, classes))})
+
+
+def sinkhorn_problem(dtype: torch.dtype, batch: int, samples: int, classes: int, seed: int,
+                     padded_rows: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores of CPSL's size of logits (cos/τ), optionally with rows padded apart (a row stride > K)."""
+    width = classes + 3 if padded_rows else classes
+    scores = random((batch, samples, width), seed, scale=2.0).to(dtype)[:, :, :classes]
+    prior = random((batch, classes), seed + 1).exp().to(torch.float32)
+    return scores, prior
+
+
+def expect_sinkhorn(scores: torch.Tensor, prior: torch.Tensor, epsilon: float = 0.05, num_iters: int = 3):
+    """The fp64 reference's answer or, where the reference raises in the scores' own dtype, the flags
+    behind that ValueError."""
+    def verify(requests: List[Request]) -> None:
+        try:
+            reference.balanced_sinkhorn(scores, prior, epsilon, num_iters)
+        except ValueError as error:
+            wanted = {SINKHORN_BAD_PRIOR} if "class_prior" in str(error) else {SINKHORN_NON_FINITE, SINKHORN_SPREAD}
+            for request in requests:
+                raised = {i for i, flag in enumerate(request.flags) if flag}
+                assert raised and raised <= wanted, f"flags {request.flags}, reference: {error}"
+            return
+        expected = reference.balanced_sinkhorn(scores.double(), prior.double(), epsilon, num_iters)
+        for request in requests:
+            assert not any(request.flags), f"flags {request.flags} on valid input"
+            close(request.results["assignment"], expected, scores.dtype)
+        bits_equal(requests, "assignment")
+    return verify
+
+
+def bits_equal(requests: List[Request], output: str) -> None:
+    """The output is the same, bit for bit, from every launch of the check."""
+    first = requests[0].results[output].contiguous().view(torch.uint8)
+    for other in requests[1:]:
+        assert torch.equal(first, other.results[output].contiguous().view(torch.uint8)), (
+            f"{output} differs between launches ({requests[0].numbers} vs {other.numbers})")
+
+
+def sinkhorn_checks() -> List[Check]:
+    """Every register layout (K = 1, 19 | 64 | 100 | 256) and the wide one (300), with one chunk of
+    rows and two (N > 1,024), capped grids and the error flags. The wide layout is the simulator's
+    slowest (one thread per class walks every row): its problems are kept small."""
+    checks = []
+    for seed, classes in enumerate([1, 19, 64, 100, 256, 300]):
+        cases = [(torch.float32, 300), (torch.float32, 1030), (torch.float64, 300)]
+        if classes == 19:
+            cases.append((torch.float64, 1030))
+        for dtype, samples in cases:
+            scores, prior = sinkhorn_problem(dtype, 1, samples, classes, seed)
+            chunks = "one chunk" if samples <= 1024 else "two chunks"
+            checks.append(Check(f"sinkhorn K={classes} {DTYPE_NAMES[dtype]} N={samples} ({chunks})",
+                                [sinkhorn_request(scores, prior)], expect_sinkhorn(scores, prior)))
+    # Blocks that walk several chunks and problems (a capped grid), with rows padded apart: the
+    # same bits as the full grid.
+    for classes, batch, grids in ((19, 2, (None, 1, 3)), (300, 1, (None, 1))):
+        scores, prior = sinkhorn_problem(torch.float32, batch, 1030, classes, 11, padded_rows=True)
+        requests = [sinkhorn_request(scores, prior, max_blocks=grid) for grid in grids]
+        grid_names = ", ".join("full" if grid is None else str(grid) for grid in grids)
+        checks.append(Check(f"sinkhorn K={classes} B={batch} N=1030 padded rows: grids of {grid_names} blocks bit for bit",
+                            requests, expect_sinkhorn(scores, prior)))
+    scores, prior = sinkhorn_problem(torch.float16, 2, 600, 19, 13)
+    checks.append(Check("sinkhorn K=19 float16", [sinkhorn_request(scores, prior)], expect_sinkhorn(scores, prior)))
+    scores, prior = sinkhorn_problem(torch.float32, 1, 300, 19, 14)
+    checks.append(Check("sinkhorn eps=0.01 T=5 float32", [sinkhorn_request(scores, prior, epsilon=0.01, num_iters=5)],
+                        expect_sinkhorn(scores, prior, 0.01, 5)))
+    # Error flags, each where the reference raises, in both layouts; the bad value in the second
+    # problem, in a chunk of its own.
+    for classes in (19, 300):
+        scores, prior = sinkhorn_problem(torch.float32, 2, 1030 if classes < 32 else 200, classes, 15)
+        nan_scores = scores.clone()
+        nan_scores[1, -1, classes - 1] = math.nan
+        checks.append(Check(f"sinkhorn K={classes} NaN score raises", [sinkhorn_request(nan_scores, prior)],
+                            expect_sinkhorn(nan_scores, prior)))
+        bad_prior = prior.clone()
+        bad_prior[1, 0] = 0.0
+        checks.append(Check(f"sinkhorn K={classes} zero prior raises", [sinkhorn_request(scores, bad_prior)],
+                            expect_sinkhorn(scores, bad_prior)))
+        spread = scores.clone()
+        spread[1, 3, 0], spread[1, 4, 0] = 3e38, -3e38
+        checks.append(Check(f"sinkhorn K={classes} finite scores that overflow (S - max)/eps raise",
+                            [sinkhorn_request(spread, prior)], expect_sinkhorn(spread, prior)))
+    return checks
+
+
+# ---- similarity and its backward ----
+
+def as_batch_channel_pixel(t: torch.Tensor) -> torch.Tensor:
+    """The kernels' (B, C, P) view of (N, C) or (B, C, H, W) (csrc/include/cpsl_ops/layout.h)."""
+    return t.t().unsqueeze(0) if t.dim() == 2 else t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def similarity_features(layout: str, dtype: torch.dtype, batch: int, channels: int, height: int, width: int,
+                        seed: int) -> torch.Tensor:
+    if layout == "flat":
+        return random((batch * height * width, channels), seed).to(dtype)
+    features = random((batch, channels, height, width), seed).to(dtype)
+    return features.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else features
+
+
+def logits_shape(features: torch.Tensor, classes: int) -> Tuple[int, ...]:
+    return (features.shape[0], classes) if features.dim() == 2 else (features.shape[0], classes, *features.shape[2:])
+
+
+def similarity_requests(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
+                        temperature: float) -> List[Request]:
+    view = as_batch_channel_pixel(features)
+    numbers = {"batch": view.shape[0], "channels": view.shape[1], "pixels": view.shape[2],
+               "classes": prototypes.shape[0], "temperature": repr(temperature)}
+    inputs = {"features": view, "prototypes": prototypes}
+    forward = Request("similarity_forward", features.dtype, inputs, numbers,
+                      {"logits": Output(features.dtype, tuple(grad_logits.shape), as_batch_channel_pixel)})
+    backward = Request("similarity_backward", features.dtype, {**inputs, "grad_logits": as_batch_channel_pixel(grad_logits)},
+                       numbers, {"grad_features": Output(features.dtype, tuple(features.shape), as_batch_channel_pixel),
+                                 "grad_prototypes": Output(features.dtype, tuple(prototypes.shape))})
+    return [forward, backward]
+
+
+def expect_similarity(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
+                      temperature: float):
+    def verify(requests: List[Request]) -> None:
+        forward, backward = requests
+        f = features.double().requires_grad_()
+        c = prototypes.double().requires_grad_()
+        logits = reference.similarity(f, c, temperature)
+        logits.backward(grad_logits.double())
+        close(forward.results["logits"], logits.detach(), features.dtype)
+        close(backward.results["grad_features"], f.grad, features.dtype)
+        close(backward.results["grad_prototypes"], c.grad, features.dtype)
+    return verify
+
+
+def similarity_checks() -> List[Check]:
+    checks = []
+    cases = [("channels_first", torch.float32, 2, 24, 5, 7, 19), ("channels_last", torch.float32, 2, 24, 5, 7, 19),
+             ("flat", torch.float32, 1, 24, 6, 5, 19), ("channels_first", torch.float64, 1, 16, 4, 9, 40),
+             ("flat", torch.float64, 1, 20, 3, 7, 70), ("channels_last", torch.float16, 2, 16, 4, 5, 19)]
+    for seed, (layout, dtype, batch, channels, height, width, classes) in enumerate(cases):
+        features = similarity_features(layout, dtype, batch, channels, height, width, seed)
+        prototypes = random((classes, channels), seed + 100).to(dtype)
+        if seed % 2 == 0:  # zero-norm features and prototypes take the clamped-norm branch
+            prototypes[1] = 0
+            (features[1] if layout == "flat" else features[0, :, 1, 2]).zero_()
+        grad_logits = random(logits_shape(features, classes), seed + 200).to(dtype)
+        checks.append(Check(f"similarity fwd+bwd {layout} {DTYPE_NAMES[dtype]} D={channels} K={classes}",
+                            similarity_requests(features, prototypes, grad_logits, 0.08),
+                            expect_similarity(features, prototypes, grad_logits, 0.08)))
+    return checks
+
+
+# ---- update_prototypes ----
+
+def prototype_request(prototypes: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, momentum: float,
+                      ignore_index: int) -> Request:
+    view, label_view = as_batch_channel_pixel(features), labels.reshape(1, -1) if labels.dim() == 1 else labels.flatten(1)
+    numbers = {"label_dtype": DTYPE_NAMES[labels.dtype], "classes": prototypes.shape[0],
+               "channels": prototypes.shape[1], "batch": label_view.shape[0], "pixels": label_view.shape[1],
+               "momentum": repr(momentum), "ignore_index": ignore_index}
+    return Request("update_prototypes", features.dtype,
+                   {"prototypes": prototypes, "features": view, "labels": label_view}, numbers,
+                   {"new_prototypes": Output(prototypes.dtype, tuple(prototypes.shape)),
+                    "counts": Output(torch.int64, (prototypes.shape[0],))})
+
+
+def expect_prototypes(prototypes, features, labels, momentum, ignore_index):
+    def verify(requests: List[Request]) -> None:
+        (request,) = requests
+        try:
+            expected, counts = reference.update_prototypes(prototypes.double(), features.double(), labels, momentum,
+                                                           ignore_index)
+        except ValueError as error:
+            wanted = PROTOTYPE_BAD_LABEL if "labels" in str(error) else PROTOTYPE_NON_FINITE
+            assert request.flags[wanted] and not request.flags[1 - wanted], f"flags {request.flags}, reference: {error}"
+            return
+        assert not any(request.flags), f"flags {request.flags} on valid input"
+        assert torch.equal(request.results["counts"], counts), f"counts {request.results['counts']} != {counts}"
+        close(request.results["new_prototypes"], expected, features.dtype)
+    return verify
+
+
+def prototype_checks() -> List[Check]:
+    checks = []
+    cases = [("channels_first", torch.float32, torch.int64, 40), ("channels_last", torch.float32, torch.uint8, 19),
+             ("flat", torch.float64, torch.int32, 70), ("channels_first", torch.float16, torch.int64, 19)]
+    for seed, (layout, dtype, label_dtype, classes) in enumerate(cases):
+        features = similarity_features(layout, dtype, 2, 12, 6, 7, seed + 300)
+        pixels = features.shape[0] if layout == "flat" else (2, 6, 7)
+        # Labels from the lower half of the classes only (the rest are absent), and ignored pixels.
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, classes // 2, pixels if isinstance(pixels, tuple) else (pixels,), generator=generator)
+        labels[labels % 5 == 0] = 255
+        labels = labels.to(label_dtype)
+        prototypes = random((classes, 12), seed + 400).to(dtype)
+        checks.append(Check(f"update_prototypes {layout} {DTYPE_NAMES[dtype]} labels {DTYPE_NAMES[label_dtype]} "
+                            f"K={classes} (absent classes, ignored pixels)",
+                            [prototype_request(prototypes, features, labels, 0.9, 255)],
+                            expect_prototypes(prototypes, features, labels, 0.9, 255)))
+    features = similarity_features("channels_first", torch.float32, 2, 12, 6, 7, 350)
+    prototypes = random((40, 12), 351).to(torch.float32)
+    labels = torch.randint(0, 40, (2, 6, 7), generator=torch.Generator().manual_seed(352))
+    bad_label = labels.clone()
+    bad_label[1, 5, 6] = 40
+    checks.append(Check("update_prototypes label K raises", [prototype_request(prototypes, features, bad_label, 0.9, 255)],
+                        expect_prototypes(prototypes, features, bad_label, 0.9, 255)))
+    nan_features = features.clone()
+    nan_features[0, 3, 2, 2] = math.nan
+    checks.append(Check("update_prototypes NaN feature raises",
+                        [prototype_request(prototypes, nan_features, labels, 0.9, 255)],
+                        expect_prototypes(prototypes, nan_features, labels, 0.9, 255)))
+    ignored = labels.clone()
+    ignored[0, 2, 2] = 255
+    checks.append(Check("update_prototypes NaN feature of an ignored pixel is fine",
+                        [prototype_request(prototypes, nan_features, ignored, 0.9, 255)],
+                        expect_prototypes(prototypes, nan_features, ignored, 0.9, 255)))
+    return checks
+
+
+# ---- rectify_pseudo_labels ----
+
+def rectify_request(soft: torch.Tensor, logits: torch.Tensor, threshold: float, ignore_index: int) -> Request:
+    batch, classes, height, width = soft.shape
+    numbers = {"batch": batch, "classes": classes, "pixels": height * width, "threshold": repr(threshold),
+               "ignore_index": ignore_index}
+    return Request("rectify", soft.dtype,
+                   {"soft": as_batch_channel_pixel(soft), "logits": as_batch_channel_pixel(logits)}, numbers,
+                   {"labels": Output(torch.int64, (batch, height, width)),
+                    "confidence": Output(soft.dtype, (batch, height, width))})
+
+
+def expect_rectify(soft, logits, threshold, ignore_index):
+    def verify(requests: List[Request]) -> None:
+        (request,) = requests
+        if raises_value_error(reference.rectify_pseudo_labels, soft.double(), logits.double(), threshold, ignore_index):
+            assert request.flags == [1], f"flags {request.flags}: the reference raises"
+            return
+        labels, confidence = reference.rectify_pseudo_labels(soft.double(), logits.double(), threshold, ignore_index)
+        assert request.flags == [0], f"flags {request.flags} on valid input"
+        assert torch.equal(request.results["labels"], labels), "labels differ"
+        close(request.results["confidence"], confidence, soft.dtype)
+    return verify
+
+
+def rectify_checks() -> List[Check]:
+    checks = []
+    for seed, (dtype, layout) in enumerate([(torch.float32, "channels_first"), (torch.float64, "channels_last"),
+                                            (torch.float16, "channels_first")]):
+        soft = random((2, 19, 5, 6), seed + 500).softmax(1).to(dtype)
+        soft[0, :, 1, 1] = 0  # a pixel without mass: ignore_index, confidence 0
+        soft[1, 3:, 2, 4] = 0
+        logits = random((2, 19, 5, 6), seed + 600, scale=5.0).to(dtype)
+        if layout == "channels_last":
+            soft, logits = (t.contiguous(memory_format=torch.channels_last) for t in (soft, logits))
+        checks.append(Check(f"rectify {layout} {DTYPE_NAMES[dtype]} (zero-mass pixels, threshold 0.3)",
+                            [rectify_request(soft, logits, 0.3, 255)], expect_rectify(soft, logits, 0.3, 255)))
+    soft = random((1, 19, 4, 4), 700).softmax(1).to(torch.float32)
+    logits = random((1, 19, 4, 4), 701).to(torch.float32)
+    negative = soft.clone()
+    negative[0, 2, 3, 3] = -0.1
+    checks.append(Check("rectify negative soft label raises", [rectify_request(negative, logits, 0.0, 255)],
+                        expect_rectify(negative, logits, 0.0, 255)))
+    nan_logits = logits.clone()
+    nan_logits[0, 0, 0, 1] = math.nan
+    checks.append(Check("rectify NaN logit raises", [rectify_request(soft, nan_logits, 0.0, 255)],
+                        expect_rectify(soft, nan_logits, 0.0, 255)))
+    return checks
+
+
+def all_checks() -> List[Check]:
+    return similarity_checks() + prototype_checks() + rectify_checks() + sinkhorn_checks()
+
+
+def run_group(kit: Path, ptx: Path, runner: Path, folders: List[Path], log: Path) -> str:
+    """One simulator process over several requests; returns what it said when it failed."""
+    result = subprocess.run([str(kit / "run.sh"), str(ptx), str(runner), *map(str, folders)],
+                            capture_output=True, text=True, env={**os.environ, "GPUSIM_LOG": str(log)})
+    return "" if result.returncode == 0 else result.stderr.strip()[-500:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kit", type=Path, required=True, help="the gpusim kit (../shared/gpusim)")
+    parser.add_argument("--ptx", type=Path, required=True, help="PTX of sim_ops.cu, as the simulator reads it")
+    parser.add_argument("--runner", type=Path, required=True, help="sim_ops, linked against the simulator")
+    parser.add_argument("--jobs", type=int, default=2, help="simulator processes at once")
+    parser.add_argument("--filter", default="", help="only the checks whose name matches this regex")
+    args = parser.parse_args()
+
+    checks = [check for check in all_checks() if re.search(args.filter, check.name)]
+    work = Path(tempfile.mkdtemp(prefix="gpusim-checks-"))
+    requests = [request for check in checks for request in check.requests]
+    for index, request in enumerate(requests):
+        request.write(work / f"request{index:04d}")
+    # The largest requests first, each to the process with the least work so far: simulated time
+    # grows with the elements an op reads.
+    groups: List[List[Path]] = [[] for _ in range(args.jobs)]
+    loads = [0] * args.jobs
+    for request in sorted(requests, key=lambda r: -r.elements()):
+        j = loads.index(min(loads))
+        groups[j].append(request.folder)
+        loads[j] += request.elements()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failures = list(pool.map(lambda j: run_group(args.kit, args.ptx, args.runner, groups[j],
+                                                     work / f"sim{j}.log"), range(args.jobs)))
+    for failure in filter(None, failures):
+        print(f"simulator process failed: {failure}")
+
+    passed = 0
+    for check in checks:
+        for request in check.requests:
+            request.read()
+        errors = [r.error for r in check.requests if r.error]
+        try:
+            assert not errors, errors[0]
+            check.verify(check.requests)
+        except AssertionError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            print(f"FAIL {check.name}: {'; '.join(lines[:4]) or 'mismatch'}")
+            continue
+        passed += 1
+        print(f"ok   {check.name}")
+    print(f"gpusim: {passed}/{len(checks)} kernel checks pass")
+    return 0 if passed == len(checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
