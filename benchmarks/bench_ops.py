@@ -7,7 +7,8 @@ reference function), plus the common hand-written alternatives where the issue n
 of 256×65×113 (129×257 with --full) with the 65,536-row queue. Each row's floor is the bytes its
 op must move (the GB/s column's) at the bandwidth of a copy of the features measured in the run.
 
-    python benchmarks/bench_ops.py [--quick] [--device cuda] [--warmup-s S] [--json out.json]
+    python benchmarks/bench_ops.py [--quick] [--device cuda] [--warmup-s S] [--json out.json] [--no-compile]
+                                   [--check-args]
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import cpsl_ops
 from cpsl_ops import reference
 
 try:
-    from harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, print_table, save,
-                         warmup_seconds)
+    from harness import (REFERENCE, Row, add_speedups, common_arguments, compile_reference, make_row, measure,
+                         parse_arguments, print_table, save, warmup_seconds)
 except ImportError:
-    from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, print_table,
-                                    save, warmup_seconds)
+    from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, compile_reference, make_row,
+                                    measure, parse_arguments, print_table, save, warmup_seconds)
 
 
 def index_add_update(prototypes, features, labels, momentum, ignore_index):
@@ -52,19 +53,24 @@ def bench_case(rows: List[Row], op: str, size: str, gbytes: float, device: torch
 
 
 def main() -> None:
-    args = common_arguments(__doc__)
-    args.add_argument("--full", action="store_true", help="the loss step at the full 129×257 EMA resolution")
-    args = args.parse_args()
+    parser = common_arguments(__doc__)
+    parser.add_argument("--full", action="store_true", help="the loss step at the full 129×257 EMA resolution")
+    args = parse_arguments(parser)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 10)
     warmup_s = warmup_seconds(args)
     native = f"native-{device.type}"
-    compile_enabled = not args.no_compile
-    rows: List[Row] = []
-    generator = torch.Generator().manual_seed(0)
-
+    compile_enabled = compile_reference(args, device)
     batch, dim, height, width, classes = (2, 256, 64, 112, 19) if args.quick else (4, 256, 128, 224, 19)
     size = f"{batch}x{dim}x{height}x{width} K={classes}"
+    ema_height, ema_width = (129, 257) if args.full else (65, 113)
+    queue = 8192 if args.quick else 65536
+    if args.check_args:
+        print(f"would time on {device}, reference-compiled {'on' if compile_enabled else 'off'}: the ops at {size}, "
+              f"the loss step at {batch}x{dim}x{ema_height}x{ema_width} with a queue of {queue}")
+        return
+    rows: List[Row] = []
+    generator = torch.Generator().manual_seed(0)
     features = torch.randn(batch, dim, height, width, generator=generator).to(device)
     prototypes = torch.randn(classes, dim, generator=generator).to(device)
     element = features.element_size()
@@ -119,8 +125,6 @@ def main() -> None:
         "reference-compiled": (lambda: compiled_rectify(soft, grad_logits, 0.0, 255)) if compiled_rectify else None,
     })
 
-    ema_height, ema_width = (129, 257) if args.full else (65, 113)
-    queue = 8192 if args.quick else 65536
     ema_features = torch.randn(batch, dim, ema_height, ema_width, generator=generator).to(device)
     ema_logits = torch.randn(batch, classes, ema_height, ema_width, generator=generator).to(device)
     step_rows = {}

@@ -12,7 +12,7 @@ the iteration count — the memory bound of an unfused iteration — and each ro
 the scores T + 1 times and writing the assignment once at the copy's bandwidth, (T + 2) / 2 copies.
 
     python benchmarks/bench_sinkhorn.py [--quick] [--device cuda] [--cases cpsl,cpsl-16x] [--warmup-s S]
-                                        [--json out.json] [--plot out.png]
+                                        [--json out.json] [--plot out.png] [--no-compile] [--check-args]
 
 Cases: cpsl (8 x 65,792 x 19, T = 3), cpsl-16x (16 times as many problems; default on CUDA only),
 sweep-N, sweep-K, sweep-T, sweep-dtype, epsilon (ε = 0.01); all but cpsl-16x by default.
@@ -21,7 +21,7 @@ sweep-N, sweep-K, sweep-T, sweep-dtype, epsilon (ε = 0.01); all but cpsl-16x by
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -29,11 +29,11 @@ import cpsl_ops
 from cpsl_ops import reference
 
 try:  # run as a script (python benchmarks/bench_sinkhorn.py) or as a module
-    from harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot, print_table, save,
-                         set_floor, warmup_seconds)
+    from harness import (REFERENCE, Row, add_speedups, common_arguments, compile_reference, make_row, measure,
+                         parse_arguments, plot, print_table, save, set_floor, warmup_seconds)
 except ImportError:
-    from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, make_row, measure, plot,
-                                    print_table, save, set_floor, warmup_seconds)
+    from benchmarks.harness import (REFERENCE, Row, add_speedups, common_arguments, compile_reference, make_row,
+                                    measure, parse_arguments, plot, print_table, save, set_floor, warmup_seconds)
 
 CPSL_PRIOR = [0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338, 0.02424, 0.04341,
               0.01315, 0.00161, 0.06605, 0.00408, 0.00279, 0.00185, 0.00123, 0.00191]
@@ -118,44 +118,50 @@ def run_case(rows: List[Row], label: str, batch: int, samples: int, classes: int
     set_floor(rows, "balanced_sinkhorn", size, statistics.median(copy_times) * (num_iters + 2) / 2)
 
 
+def planned_cases(cases: set, quick: bool) -> List[Tuple[str, int, int, int, int, str, float]]:
+    """(case, B, N, K, T, dtype, ε) of every row group the selected cases time, in order."""
+    plan = []
+    if "cpsl" in cases:
+        plan.append(("cpsl", 8, 65_792, 19, 3, "fp32", 0.05))
+    if "cpsl-16x" in cases:
+        plan.append(("cpsl-16x", 128, 65_792, 19, 3, "fp32", 0.05))
+    if "sweep-N" in cases:
+        for samples in [1_000, 10_000, 65_792] if quick else [1_000, 10_000, 65_792, 262_144, 1_048_576, 4_194_304]:
+            plan.append(("sweep-N", 1, samples, 19, 3, "fp32", 0.05))
+    if not quick:
+        plan += [("sweep-K", 1, 65_792, classes, 3, "fp32", 0.05) for classes in (64, 256) if "sweep-K" in cases]
+        plan += [("sweep-T", 1, 65_792, 19, num_iters, "fp32", 0.05) for num_iters in (10, 50) if "sweep-T" in cases]
+        plan += [("sweep-dtype", 8, 65_792, 19, 3, name, 0.05) for name in ("fp16", "bf16") if "sweep-dtype" in cases]
+        if "epsilon" in cases:
+            plan.append(("epsilon", 8, 65_792, 19, 3, "fp32", 0.01))
+    return plan
+
+
 def main() -> None:
     parser = common_arguments(__doc__)
     parser.add_argument("--plot", default=None, help="write a PNG of time against N (needs matplotlib)")
     parser.add_argument("--cases", default=None, help=f"comma-separated subset of: {', '.join(CASES)}")
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    compiled = None if args.no_compile else torch.compile(reference.balanced_sinkhorn, dynamic=True)
-    pot = pot_sinkhorn()
-    if pot is None:
-        print("note: POT (pip install pot) is not installed: no 'pot' rows")
-    rows: List[Row] = []
-
     cases = set(args.cases.split(",")) if args.cases else set(CASES) - ({"cpsl-16x"} if device.type != "cuda" else set())
     unknown = cases - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
-
-    def run(label: str, batch: int, samples: int, classes: int, num_iters: int, dtype_name: str,
-            epsilon: float = 0.05) -> None:
+    plan = planned_cases(cases, args.quick)
+    compile_enabled = compile_reference(args, device)
+    if args.check_args:
+        print(f"would time on {device}, reference-compiled {'on' if compile_enabled else 'off'}:")
+        for label, batch, samples, classes, num_iters, dtype_name, epsilon in plan:
+            print(f"  {label}: {batch}x{samples}x{classes} T={num_iters} {dtype_name} epsilon={epsilon}")
+        return
+    torch.manual_seed(0)
+    compiled = torch.compile(reference.balanced_sinkhorn, dynamic=True) if compile_enabled else None
+    pot = pot_sinkhorn()
+    if pot is None:
+        print("note: POT (pip install pot) is not installed: no 'pot' rows")
+    rows: List[Row] = []
+    for label, batch, samples, classes, num_iters, dtype_name, epsilon in plan:
         run_case(rows, label, batch, samples, classes, num_iters, dtype_name, device, args, compiled, pot, epsilon)
-
-    if "cpsl" in cases:
-        run("cpsl", 8, 65_792, 19, 3, "fp32")
-    if "cpsl-16x" in cases:
-        run("cpsl-16x", 128, 65_792, 19, 3, "fp32")
-    if "sweep-N" in cases:
-        for samples in [1_000, 10_000, 65_792] if args.quick else [1_000, 10_000, 65_792, 262_144, 1_048_576, 4_194_304]:
-            run("sweep-N", 1, samples, 19, 3, "fp32")
-    if not args.quick:
-        for classes in (64, 256) if "sweep-K" in cases else ():
-            run("sweep-K", 1, 65_792, classes, 3, "fp32")
-        for num_iters in (10, 50) if "sweep-T" in cases else ():
-            run("sweep-T", 1, 65_792, 19, num_iters, "fp32")
-        for dtype_name in ("fp16", "bf16") if "sweep-dtype" in cases else ():
-            run("sweep-dtype", 8, 65_792, 19, 3, dtype_name)
-        if "epsilon" in cases:
-            run("epsilon", 8, 65_792, 19, 3, "fp32", epsilon=0.01)
 
     add_speedups(rows)
     print_table(rows, f"balanced_sinkhorn on {device} (median of repeats; GB/s for one read of the scores and "

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -144,7 +146,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "machine": platform.machine(),
         "processor": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "device": str(device),
         "cpsl_ops": cpsl_ops.build_info(),
     }
@@ -198,13 +200,53 @@ def warmup_seconds(args: argparse.Namespace) -> float:
     return 0.2 if args.quick else 1.0
 
 
+def compiler_for(device: torch.device) -> Optional[str]:
+    """The compiler that torch.compile's generated code needs on ``device``, if this machine has it:
+    Triton's launchers are C (CC, else gcc, else clang), Inductor's CPU kernels C++ (CXX, else g++)."""
+    variable, *programs = ("CC", "gcc", "clang") if device.type == "cuda" else ("CXX", "g++")
+    return os.environ.get(variable) or next(filter(None, map(shutil.which, programs)), None)
+
+
+def compile_reference(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether to time the torch.compile'd reference: not with --no-compile, and not where its
+    generated code cannot be built (a GPU machine may have no compiler), which is said once."""
+    if args.no_compile:
+        return False
+    if compiler_for(device) is None:
+        print(f"note: no compiler for torch.compile's {device.type} code (see harness.compiler_for): "
+              "no 'reference-compiled' rows")
+        return False
+    return True
+
+
+def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with a device this suite can time on (cpu or cuda; not checked for presence,
+    so that --check-args can run on a machine without the device)."""
+    args = parser.parse_args()
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError as error:
+        parser.error(str(error))
+    if device_type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.warmup_s is not None and args.warmup_s < 0:
+        parser.error("--warmup-s must not be negative")
+    return args
+
+
 def common_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--check-args", action="store_true",
+                        help="check the arguments and print what would be timed, then stop without timing "
+                             "(benchmarks/gpu_suite.sh rehearse runs the GPU suite's arguments so)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row")
     parser.add_argument("--warmup-s", type=float, default=None,
                         help="least seconds of untimed calls before each row (default 1, 0.2 with --quick)")
     parser.add_argument("--json", default=None, help="write the rows and environment to this JSON file")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile'd reference (skipped anyway where its compiler is missing)")
     return parser

@@ -1,7 +1,8 @@
 """The CUDA kernels where PyTorch users run them: both Sinkhorn launch paths and any K, small grids,
-CUDA-graph capture and replay, TF32 and deterministic modes, side streams, batches over 65,535,
-channels-last and flat inputs, a second GPU. Every test here needs a GPU and skips without one;
-the op tests of the other files also run on CUDA where it is present."""
+CUDA-graph capture and replay (narrow and wide Sinkhorn layouts, fp16 and bf16 too), TF32 and
+deterministic modes, side streams, batches over 65,535 for every op, channels-last and flat inputs,
+a second GPU. Every test here needs a GPU and skips without one; the op tests of the other files
+also run on CUDA where it is present."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cpsl_ops
 from cpsl_ops import SelfLabelingLoss
@@ -135,6 +137,26 @@ def test_ops_replay_from_a_cuda_graph_like_eager_and_mark_bad_values_instead_of_
     assert outputs[0].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("classes", [19, 256, 300])
+def test_sinkhorn_replays_from_a_cuda_graph_in_the_narrow_and_wide_layouts_and_16_bit_types(classes, dtype):
+    # A capture takes the per-pass path, whose kernel for this layout and dtype the eager call
+    # before it (cooperative) must have loaded; the replay must give the eager call's bits.
+    def new_scores(seed):
+        return random_tensor((2, 1_100, classes), torch.float32, "cuda", seed).clamp(-3, 3).div(3).to(dtype)
+
+    scores = new_scores(classes)
+    prior = torch.rand(classes, generator=torch.Generator().manual_seed(classes)).add(0.1).cuda()
+    with cpsl_ops.use_backend("native"):
+        warm_up(lambda: cpsl_ops.balanced_sinkhorn(scores, prior))
+        graph, assignment = record(lambda: cpsl_ops.balanced_sinkhorn(scores, prior))
+        scores.copy_(new_scores(classes + 1))  # the replay must not give the captured call's result
+        graph.replay()
+        expected = cpsl_ops.balanced_sinkhorn(scores, prior)
+    torch.cuda.synchronize()
+    assert assignment.dtype == dtype and torch.equal(assignment, expected)
+
+
 def test_a_whole_self_labeling_step_replays_from_a_cuda_graph_like_eager():
     torch.manual_seed(0)
     module = SelfLabelingLoss(num_classes=19, feat_dim=32, queue_size=512, samples_per_image=64).cuda()
@@ -200,36 +222,49 @@ def every_op_inputs(seed=0):
                                torch.rand(2, 19, 17, 19, generator=generator).softmax(1))]
 
 
-def test_results_do_not_depend_on_tf32_and_stay_close_to_fp64():
+def tf32_rounded(tensor):
+    """fp32 ``tensor`` rounded to TF32's 10-bit mantissa, as a TF32 matmul reads its inputs."""
+    return ((tensor.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def test_tf32_changes_no_result_and_would_be_caught():
     inputs = every_op_inputs()
-    default = run_every_op(*inputs)
-    matmul_tf32, precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-        with_tf32 = run_every_op(*inputs)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        torch.set_float32_matmul_precision(precision)
-    for got, want in zip(with_tf32, default):
-        assert torch.equal(got, want)
     features, prototypes = inputs[0].double().requires_grad_(), inputs[1].double().requires_grad_()
     with cpsl_ops.use_backend("reference"):
         exact = cpsl_ops.prototype_similarity(features, prototypes)
         exact.square().sum().backward()
+    # A similarity kernel that took a TF32 matmul (or cuBLAS under TF32) would be off by this much,
+    # which the accuracy check below does not let through.
+    rounded = [tf32_rounded(F.normalize(t, dim=1)).double() for t in inputs[:2]]
+    with pytest.raises(AssertionError):
+        assert_close(torch.einsum("bdhw,kd->bkhw", *rounded) / 0.08, exact, torch.float32, scale=1 / 0.08)
+    default = run_every_op(*inputs)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
+    try:
+        with_tf32 = run_every_op(*inputs)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    for got, want in zip(with_tf32, default):
+        assert torch.equal(got, want)
     assert_close(with_tf32[0], exact, torch.float32, scale=1 / 0.08)
     assert_close(with_tf32[2], prototypes.grad, torch.float32, scale=float(prototypes.grad.abs().max()))
 
 
-def test_deterministic_mode_without_a_cublas_workspace_config(monkeypatch):
+def test_deterministic_mode_gives_the_same_bits_though_fresh_memory_is_nan(monkeypatch):
+    # Deterministic mode fills fresh tensors with NaN (the kernels' outputs and workspaces too) and
+    # raises for a nondeterministic torch op or cuBLAS without CUBLAS_WORKSPACE_CONFIG: the same
+    # bits as without it mean no kernel reads memory it did not write and no op takes such a path.
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     inputs = every_op_inputs(1)
+    expected = run_every_op(*inputs)
     torch.use_deterministic_algorithms(True)
     try:
-        first, second = run_every_op(*inputs), run_every_op(*inputs)
+        assert torch.empty(8, device="cuda").isnan().all()
+        got = run_every_op(*inputs)
     finally:
         torch.use_deterministic_algorithms(False)
-    for a, b in zip(first, second):
+    for a, b in zip(got, expected):
         assert torch.equal(a, b)
 
 
@@ -246,7 +281,7 @@ def test_ops_on_a_side_stream_match_the_default_stream():
         assert torch.equal(a, b)
 
 
-def test_batches_of_more_than_65535_images():
+def test_similarity_and_rectification_on_more_than_65535_images():
     features = random_tensor((70_000, 8, 1, 2), torch.float32, "cuda", 3).requires_grad_()
     prototypes = random_tensor((5, 8), torch.float32, "cuda", 4)
     native, expected = native_and_reference(cpsl_ops.prototype_similarity, features, prototypes)
@@ -259,6 +294,30 @@ def test_batches_of_more_than_65535_images():
         cpsl_ops.rectify_pseudo_labels, soft, native.detach())
     assert torch.equal(labels, want_labels)
     assert_close(confidence, want_confidence, torch.float32)
+
+
+@pytest.mark.parametrize("launch", ["cooperative", "per_pass"])
+def test_sinkhorn_on_more_than_65535_problems(launch, monkeypatch):
+    scores = random_tensor((70_000, 3, 5), torch.float32, "cuda", 5).clamp(-3, 3) / 3
+    prior = torch.rand(70_000, 5, generator=torch.Generator().manual_seed(5)).add(0.1).cuda()
+    native = native_sinkhorn(monkeypatch, scores, prior, launch)
+    with cpsl_ops.use_backend("reference"):
+        expected = cpsl_ops.balanced_sinkhorn(scores, prior)
+    assert_close(native, expected, torch.float32)
+
+
+def test_prototype_update_on_more_than_65535_images():
+    features = random_tensor((70_000, 8, 1, 2), torch.float32, "cuda", 6)
+    labels = torch.randint(0, 4, (70_000, 1, 2), generator=torch.Generator().manual_seed(6)).cuda()
+    labels[::7, 0, 1] = 255
+    labels[65_536:] = 4  # class 4 only in the images past 65,535
+    native, expected = random_tensor((5, 8), torch.float32, "cuda", 7), random_tensor((5, 8), torch.float32, "cuda", 7)
+    with cpsl_ops.use_backend("native"):
+        counts = cpsl_ops.update_prototypes_(native, features, labels, 0.5)
+    with cpsl_ops.use_backend("reference"):
+        expected_counts = cpsl_ops.update_prototypes_(expected, features, labels, 0.5)
+    assert counts[4] == 2 * (70_000 - 65_536) and torch.equal(counts, expected_counts)
+    assert_close(native, expected, torch.float32)
 
 
 def test_channels_last_and_flat_features_match_channel_first():
