@@ -193,7 +193,7 @@ def test_torchrun_with_two_ranks_trains_like_one_process_on_the_global_batch(tmp
         "distill1": ("loss_source", "loss_pseudo", "loss_kd")})
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert list(metrics["stages"]) == ["warmup", "cpsl", "distill1"]
-    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert checkpoint["world_size"] == 2
 
 

@@ -160,7 +160,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
     with pytest.raises(StopRequested):
         Pipeline(interrupted, stop_after=("cpsl", 2)).run()
     checkpoint = Path(interrupted.train.output_dir) / "checkpoints" / "last.pt"
-    assert torch.load(checkpoint, weights_only=False)["iteration"] == 2
+    assert torch.load(checkpoint)["iteration"] == 2
     Pipeline(interrupted).run(resume=checkpoint)
     expected, resumed = final_weights(uninterrupted), final_weights(interrupted)
     assert expected.keys() == resumed.keys()
@@ -176,11 +176,34 @@ def test_resume_refuses_another_config_and_an_earlier_checkpoint_format(tmp_path
     changed = tiny_config(tmp_path, "run", "distill.stages=0", "cpsl.epsilon=0.1")
     with pytest.raises(ValueError, match="another config"):
         Pipeline(changed).run(resume=last)
-    payload = torch.load(last, weights_only=False)
+    payload = torch.load(last)
     del payload["format"]  # as the trainer wrote it before the global batch and RandAugmentMC
     torch.save(payload, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="earlier version of the trainer"):
         Pipeline(config).run(resume=tmp_path / "old.pt")
+
+
+class CodeInPickle:
+    """Unpickled, it runs ``source``: what a crafted checkpoint could do to a trusting loader."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __reduce__(self):
+        return exec, (self.source,)
+
+
+def test_resume_runs_no_code_from_a_crafted_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, "run", "distill.stages=0")
+    marker = tmp_path / "code_ran"
+    crafted = tmp_path / "last.pt"
+    torch.save({"format": 2, "config": CodeInPickle(f"open({str(marker)!r}, 'w').write('ran')")}, crafted)
+    with pytest.raises(ValueError, match=f"{crafted}.*only tensors, numbers"):
+        Pipeline(config).run(resume=crafted)
+    assert not marker.exists()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")  # readable, but no checkpoint
+    with pytest.raises(ValueError, match="tensor.pt is not a checkpoint written by this trainer"):
+        Pipeline(config).run(resume=tmp_path / "tensor.pt")
 
 
 def test_command_line_trains_resumes_evaluates_and_prepares(tmp_path, capsys):
@@ -370,7 +393,7 @@ def test_adversarial_warmup_trains_a_discriminator_and_resumes_exactly(tmp_path)
     with pytest.raises(StopRequested):
         Pipeline(killed, stop_after=("warmup", 2)).run()
     checkpoint = Path(killed.train.output_dir) / "checkpoints" / "last.pt"
-    assert "discriminator" in torch.load(checkpoint, weights_only=False)["modules"]
+    assert "discriminator" in torch.load(checkpoint)["modules"]
     Pipeline(killed).run(resume=checkpoint)
     expected = torch.load(Path(straight.train.output_dir) / "checkpoints" / "warmup.pt")
     resumed = torch.load(Path(killed.train.output_dir) / "checkpoints" / "warmup.pt")

@@ -50,7 +50,11 @@ class Checkpoints:
         os.replace(partial, self.checkpoint_path)  # a job killed while saving leaves the last good one
 
     def load_checkpoint(self, path: Path) -> None:
-        payload = load_torch_file(path, weights_only=False)
+        """Reads ``path`` with nothing but tensors and plain values unpickled (a crafted file runs no
+        code: it is refused, named), then checks that it resumes this run exactly."""
+        payload = load_torch_file(path)
+        if not isinstance(payload, dict) or not {"config", "stage", "iteration", "modules"} <= payload.keys():
+            raise ValueError(f"{path} is not a checkpoint written by this trainer (checkpoints/last.pt)")
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} was written by an earlier version of the trainer, whose batches and augmentation "
                              f"differ, so it cannot be resumed exactly: start the run again (its stage weights, "
