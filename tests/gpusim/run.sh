@@ -5,8 +5,9 @@
 #
 #     bash tests/gpusim/run.sh [--filter REGEX]
 #
-# The kit is ../shared/gpusim (or $CPSL_GPUSIM_KIT); without it this prints one line and exits 0,
-# unless CPSL_GPUSIM_REQUIRED=1 (CI), where that is a failure. What it builds, in
+# The kit is $CPSL_GPUSIM_KIT, else ../shared/gpusim beside this repository or beside the one it
+# was cloned from (CI runs in a clone); without it this prints one line and exits 0, unless
+# CPSL_GPUSIM_REQUIRED=1 (CI), where that is a failure. What it builds, in
 # ${CPSL_GPUSIM_BUILD:-build/gpusim}:
 #   the simulator       the kit's build.sh (once per machine, 3-4 minutes, cached outside the tree)
 #   sim_ops.ptx         sim_ops.cu to PTX by the project's nvcc, with the ops' device flags, less the
@@ -17,7 +18,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+origin=$(git -C "$root" remote get-url origin 2>/dev/null || true)
 kit=${CPSL_GPUSIM_KIT:-$root/../shared/gpusim}
+if [[ -z "${CPSL_GPUSIM_KIT:-}" && ! -x "$kit/build.sh" && -d "$origin" ]]; then
+  kit=$origin/../shared/gpusim
+fi
 if [[ ! -x "$kit/build.sh" ]]; then
   if [[ "${CPSL_GPUSIM_REQUIRED:-0}" == 1 ]]; then
     echo "gpusim: no simulator kit at $kit (set CPSL_GPUSIM_KIT), and CPSL_GPUSIM_REQUIRED=1" >&2
