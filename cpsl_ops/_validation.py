@@ -45,7 +45,9 @@ def _is_real(value: object) -> bool:
 
 
 def check_positive(value: float, name: str) -> float:
-    if not (_is_real(value) and math.isfinite(value) and value > 0):
+    # Comparisons, not math.isfinite: torch.compile traces a float that changes between calls as a
+    # symbolic float, which comparisons accept (as guards) and math.isfinite does not.
+    if not (_is_real(value) and 0 < value < math.inf):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -60,7 +62,7 @@ def check_number(value: float, name: str) -> float:
     """A real number (infinities allowed), not NaN and not a bool."""
     if not _is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if math.isnan(value):
+    if value != value:  # NaN (as a comparison, for symbolic floats: check_positive says why)
         raise ValueError(f"{name} must not be NaN")
     return float(value)
 

@@ -114,6 +114,31 @@ def test_compiled_functions_match_eager():
 
 
 @requires_native
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_ops_take_float_arguments_that_change_between_calls(dynamic):
+    # A temperature schedule or an epsilon sweep: torch.compile then traces the float as a symbolic
+    # one, which the argument checks must accept (math.isfinite did not) and still check.
+    features, prototypes = torch.randn(2, 8, 4, 5), torch.randn(3, 8)
+    labels = torch.randint(0, 3, (2, 4, 5))
+
+    def step(temperature, epsilon, momentum, threshold):
+        logits = cpsl_ops.prototype_similarity(features, prototypes, temperature)
+        targets = cpsl_ops.balanced_sinkhorn(logits.permute(0, 2, 3, 1).reshape(2, -1, 3) * temperature, epsilon=epsilon)
+        updated = prototypes.clone()
+        cpsl_ops.update_prototypes_(updated, features, labels, momentum)
+        soft = targets.reshape(2, 4, 5, 3).permute(0, 3, 1, 2)
+        return logits, targets, updated, *cpsl_ops.rectify_pseudo_labels(soft, logits, threshold)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    with cpsl_ops.use_backend("native"):
+        for values in [(0.08, 0.05, 0.9, 0.1), (0.1, 0.07, 0.99, 0.2), (0.2, 0.1, 0.5, 0.3)]:
+            for got, want in zip(compiled(*values), step(*values)):
+                torch.testing.assert_close(got, want)
+        with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="temperature"):
+            compiled(-1.0, 0.05, 0.9, 0.1)
+
+
+@requires_native
 def test_backend_switches():
     assert cpsl_ops.native_available() and cpsl_ops.build_info()["load_error"] is None
     assert cpsl_ops.get_backend() == "auto"
