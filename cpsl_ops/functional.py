@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.distributed import ProcessGroup
 
 from cpsl_ops import distributed, reference
@@ -56,7 +57,9 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
 
     Returns:
         (N, K) or (B, K, H, W) logits ``cos(f, c_k) / τ`` in the dtype of ``features``,
-        differentiable with respect to both inputs. Norms are clamped at 1e-12 as in
+        differentiable with respect to both inputs, in every mode: reverse mode and double
+        backward natively, forward mode and ``torch.func`` transforms (grad, jacrev, jvp, vmap)
+        through the reference's formulas (PyTorch ops). Norms are clamped at 1e-12 as in
         ``F.normalize``. The native kernels normalize each tile of pixels on the fly: no
         normalized copy of the features is written to memory. No value is checked: a pixel with
         a NaN or infinite feature gets NaN logits (every class), the other pixels are unaffected;
@@ -73,9 +76,20 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
     check_nonzero(prototypes.shape[1], "the feature dimension D")
     temperature = check_positive(temperature, "temperature")
     prototypes = prototypes.to(features.dtype)
-    if use_native("similarity", features.device):
+    if use_native("similarity", features.device) and not _under_function_transform(features, prototypes):
         return torch.ops.cpsl_ops.similarity(features, prototypes, temperature)
     return reference.similarity(features, prototypes, temperature)
+
+
+def _under_function_transform(*tensors: Tensor) -> bool:
+    """Whether forward-mode AD or a ``torch.func`` transform (grad, jacrev, jvp, vmap, ...) sees these
+    tensors. The native op's autograd serves reverse mode only (the formula PyTorch's
+    ``register_autograd`` takes), so there the reference's PyTorch formulas, which serve every
+    transform, compute the result instead of the kernel."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
 
 
 def balanced_sinkhorn(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from hypothesis import given
+from torch.autograd import forward_ad
 from hypothesis import strategies as st
 
 import cpsl_ops
@@ -75,14 +76,55 @@ def test_gradcheck_non_contiguous_features(device):
 
 
 @requires_native
-def test_double_backward_raises():
-    features = random_tensor((4, 3), torch.float64, "cpu", 0).requires_grad_()
-    prototypes = random_tensor((2, 3), torch.float64, "cpu", 1).requires_grad_()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (17, 6)])
+def test_double_backward_on_both_backends(device, shape):
+    features = random_tensor(shape, torch.float64, device, 0).requires_grad_()
+    prototypes = random_tensor((5, 6), torch.float64, device, 1).requires_grad_()
     with cpsl_ops.use_backend("native"):
-        logits = cpsl_ops.prototype_similarity(features, prototypes)
-    (grad,) = torch.autograd.grad(logits.sum(), features, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad.sum().backward()
+        assert torch.autograd.gradgradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.5), (features, prototypes))
+    prototypes.data[2] = 0  # a zero-norm prototype (not differentiable for gradgradcheck's finite differences)
+    second = {}
+    for backend in ("native", "reference"):
+        with cpsl_ops.use_backend(backend):
+            logits = cpsl_ops.prototype_similarity(features, prototypes, 0.3)
+            grads = torch.autograd.grad(logits.square().sum(), (features, prototypes), create_graph=True)
+            second[backend] = torch.autograd.grad(grads[0].sin().sum() + grads[1].sum(), (features, prototypes))
+    for native, expected in zip(second["native"], second["reference"]):  # NaN at the zero prototype, alike
+        torch.testing.assert_close(native, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def every_transform(function, features, prototypes, tangents):
+    """The results of forward-mode AD and of torch.func's transforms of ``function``."""
+    with forward_ad.dual_level():
+        dual = function(forward_ad.make_dual(features, tangents[0]), forward_ad.make_dual(prototypes, tangents[1]))
+        dual_tangent = forward_ad.unpack_dual(dual).tangent
+    return {
+        "forward_ad": dual_tangent,
+        "jvp": torch.func.jvp(function, (features, prototypes), tangents)[1],
+        "jacfwd": torch.func.jacfwd(function, argnums=(0, 1))(features, prototypes),
+        "grad": torch.func.grad(lambda f, c: function(f, c).square().sum(), argnums=(0, 1))(features, prototypes),
+        "jacrev": torch.func.jacrev(function, argnums=(0, 1))(features, prototypes),
+        "vmap": torch.func.vmap(function, in_dims=(0, None))(features.expand(3, *features.shape), prototypes),
+    }
+
+
+@requires_native
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (9, 6)])
+def test_forward_mode_and_function_transforms_give_the_reference_result_natively(shape):
+    # Forward-mode AD through the kernel's autograd gave a silent zero tangent, and torch.func's
+    # grad and jacrev raised: the native backend must answer as the reference does.
+    features, prototypes = random_tensor(shape, torch.float64, "cpu", 5), random_tensor((4, 6), torch.float64, "cpu", 6)
+    prototypes[1] = 0
+    tangents = (random_tensor(shape, torch.float64, "cpu", 7), random_tensor((4, 6), torch.float64, "cpu", 8))
+    results = {}
+    for backend in ("native", "reference"):
+        with cpsl_ops.use_backend(backend):
+            results[backend] = every_transform(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.2), features,
+                                               prototypes, tangents)
+    assert results["native"]["jvp"].abs().sum() > 0
+    for name, expected in results["reference"].items():
+        torch.testing.assert_close(results["native"][name], expected, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

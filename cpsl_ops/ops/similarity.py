@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from cpsl_ops import reference
 
 
 def logits_shape(features: Tensor, num_classes: int) -> Tuple[int, ...]:
@@ -45,16 +47,29 @@ def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Tensor, Tensor, None]:
 torch.library.register_autograd("cpsl_ops::similarity", _backward, setup_context=_setup_context)
 
 
-def _double_backward(ctx: Any, grad_features: Tensor, grad_prototypes: Tensor) -> None:
-    raise RuntimeError(
-        "cpsl_ops: double backward through prototype_similarity is not implemented; use the reference "
-        "backend (cpsl_ops.use_backend('reference')) for higher-order gradients"
-    )
+def _similarity_backward_setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, Tensor, float], output: Tuple) -> None:
+    grad_logits, features, prototypes, temperature = inputs
+    ctx.save_for_backward(grad_logits, features, prototypes)
+    ctx.temperature = temperature
 
 
-def _no_context(ctx: Any, inputs: Tuple, output: Tuple[Tensor, Tensor]) -> None:
-    pass
+def _double_backward(
+    ctx: Any, grad_grad_features: Optional[Tensor], grad_grad_prototypes: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor, None]:
+    """Second derivatives, from the reference's formulas (a vector-Jacobian product of its first
+    backward): rare enough that a kernel of their own would not pay for itself."""
+    grad_logits, features, prototypes = ctx.saved_tensors
+
+    def first_backward(grad: Tensor, f: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
+        _, pullback = torch.func.vjp(lambda f, c: reference.similarity(f, c, ctx.temperature), f, c)
+        return pullback(grad)
+
+    _, pullback = torch.func.vjp(first_backward, grad_logits, features, prototypes)
+    cotangents = (torch.zeros_like(features) if grad_grad_features is None else grad_grad_features,
+                  torch.zeros_like(prototypes) if grad_grad_prototypes is None else grad_grad_prototypes)
+    return (*pullback(cotangents), None)
 
 
-# Without this, autograd would treat the backward kernel as constant and return wrong second derivatives.
-torch.library.register_autograd("cpsl_ops::similarity_backward", _double_backward, setup_context=_no_context)
+torch.library.register_autograd(
+    "cpsl_ops::similarity_backward", _double_backward, setup_context=_similarity_backward_setup_context
+)
