@@ -27,11 +27,15 @@ def has_values(tensor: Tensor) -> bool:
 
 
 def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
-    """cos(f, c_k) / τ for (N, D) features -> (N, K), or (B, D, H, W) -> (B, K, H, W)."""
+    """cos(f, c_k) / τ for (N, D) features -> (N, K), or (B, D, H, W) -> (B, K, H, W).
+
+    Computed in the accumulation dtype also under ``torch.autocast``, which would otherwise run
+    the matrix product in 16 bits (as the kernels never do)."""
     acc = accumulation_dtype(features.dtype)
-    f = F.normalize(features.to(acc), dim=1)
-    c = F.normalize(prototypes.to(acc), dim=1)
-    logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
+    with torch.autocast(features.device.type, enabled=False):
+        f = F.normalize(features.to(acc), dim=1)
+        c = F.normalize(prototypes.to(acc), dim=1)
+        logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
     return (logits / temperature).to(features.dtype)
 
 

@@ -94,6 +94,20 @@ def test_double_backward_on_both_backends(device, shape):
         torch.testing.assert_close(native, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
+@requires_native
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_both_backends_compute_in_fp32_under_autocast(autocast_dtype):
+    # The reference's matrix product ran in 16 bits under autocast (logit error 2.5e-2 in bf16).
+    features = random_tensor((2, 16, 5, 6), torch.float32, "cpu", 9)
+    prototypes = random_tensor((19, 16), torch.float32, "cpu", 10)
+    expected = cpsl_ops.reference.similarity(features.double(), prototypes.double(), TEMPERATURE)
+    for backend in ("native", "reference"):
+        with cpsl_ops.use_backend(backend), torch.autocast("cpu", dtype=autocast_dtype):
+            logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE)
+        assert logits.dtype == torch.float32
+        assert_close(logits, expected, torch.float32, scale=1 / TEMPERATURE)
+
+
 def every_transform(function, features, prototypes, tangents):
     """The results of forward-mode AD and of torch.func's transforms of ``function``."""
     with forward_ad.dual_level():
