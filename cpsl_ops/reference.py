@@ -150,7 +150,10 @@ def rectify_pseudo_labels(
         raise ValueError(
             "rectify_pseudo_labels: soft_pseudo_labels must be finite and non-negative and prototype_logits finite"
         )
-    w = p.log() + logits
+    # w = log p + l relative to the largest logit of a class with mass, a shift that changes no
+    # softmax: next to a large logit (1e8 in fp32) log p would otherwise be rounded away.
+    shift = logits.masked_fill(p <= 0, -math.inf).amax(dim=1, keepdim=True)
+    w = p.log() + (logits - shift.masked_fill(shift == -math.inf, 0))
     best, labels = w.max(dim=1)
     has_mass = best > -math.inf
     confidence = torch.where(has_mass, (best - w.logsumexp(dim=1)).exp(), torch.zeros_like(best))

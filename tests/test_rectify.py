@@ -138,3 +138,21 @@ def test_class_distribution_compiles_at_fullgraph_and_still_raises_value_errors(
 
 def test_class_counts_op_registration():
     torch.library.opcheck(torch.ops.cpsl_ops.class_counts.default, (torch.tensor([0, 3, 1, IGNORE, 3]), 4, IGNORE))
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("scale", [1e8, -1e8, 3e37])
+def test_soft_labels_still_count_next_to_large_logits(device, backend, scale):
+    # log p + l rounded log p away: with equal logits of 1e8 every pixel got label 0, confidence 1.
+    soft = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.0, 0.45, 0.55], [0.5, 0.5, 0.0], [0.3, 0.3, 0.4]])
+    logits = torch.full_like(soft, scale)
+    logits[4] = torch.tensor([scale, scale, scale]) + torch.tensor([0.0, 1.0, -1.0]) * abs(scale) * 2**-21
+    soft, logits = (t.T.reshape(1, 3, 5, 1).to(device) for t in (soft, logits))
+    with cpsl_ops.use_backend(backend):
+        labels, confidence = cpsl_ops.rectify_pseudo_labels(soft, logits)
+    product = soft.double() * logits.double().softmax(dim=1)
+    assert torch.equal(labels, product.argmax(dim=1))
+    assert_close(confidence, product.amax(dim=1) / product.sum(dim=1), torch.float32)
+

@@ -385,6 +385,11 @@ def rectify_checks() -> List[Check]:
             soft, logits = (t.contiguous(memory_format=torch.channels_last) for t in (soft, logits))
         checks.append(Check(f"rectify {layout} {DTYPE_NAMES[dtype]} (zero-mass pixels, threshold 0.3)",
                             [rectify_request(soft, logits, 0.3, 255)], expect_rectify(soft, logits, 0.3, 255)))
+    soft = random((2, 19, 4, 5), 702).softmax(1).to(torch.float32)
+    soft[0, :, 1, 1] = 0
+    large = (1e8 + random((2, 19, 4, 5), 703).round() * 8).to(torch.float32)  # log p next to large logits
+    checks.append(Check("rectify logits near 1e8 (zero-mass pixels)", [rectify_request(soft, large, 0.0, 255)],
+                        expect_rectify(soft, large, 0.0, 255)))
     soft = random((1, 19, 4, 4), 700).softmax(1).to(torch.float32)
     logits = random((1, 19, 4, 4), 701).to(torch.float32)
     negative = soft.clone()

@@ -3,7 +3,10 @@
 // label = argmax_k p_k · softmax(l)_k and confidence = max_k(p_k softmax(l)_k) / sum_k(...). The
 // softmax normalizer cancels in both, so each pixel needs only w_k = log p_k + l_k: the label is the
 // first argmax of w and the confidence is exp(max w - logsumexp w), which never divides 0 by 0
-// when products underflow.
+// when products underflow. w is never formed, though: next to a large logit (1e8 in fp32) log p_k
+// would be rounded away, and the label would follow the logits alone. Each class is compared with
+// the best one so far through the difference of their logits, exact for close logits, and log p
+// keeps its precision.
 #pragma once
 #include <cmath>
 #include <limits>
@@ -14,18 +17,24 @@ namespace cpsl_ops {
 
 template <typename acc_t>
 struct RectifyAccumulator {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum = acc_t(0);  // sum_k exp(w_k - max)
-  long argmax = -1;
+  long argmax = -1;      // the best class so far, -1 while no class has mass
+  acc_t best_logit = 0;  // its logit and log p: w_best - best_logit = best_log_p
+  acc_t best_log_p = 0;
+  acc_t sum = acc_t(0);  // sum_k exp(w_k - w_best)
 
   CPSL_HOST_DEVICE void add(acc_t probability, acc_t logit, long k) {
-    const acc_t w = std::log(probability) + logit;
-    if (w > max) {  // strict: ties keep the first class, as torch.argmax does
-      sum = sum * std::exp(max - w) + acc_t(1);
-      max = w;
-      argmax = k;
-    } else if (w > -std::numeric_limits<acc_t>::infinity()) {
-      sum += std::exp(w - max);
+    const acc_t log_p = std::log(probability);
+    if (!(log_p > -std::numeric_limits<acc_t>::infinity())) return;  // no mass
+    if (argmax < 0) {
+      argmax = k, best_logit = logit, best_log_p = log_p, sum = acc_t(1);
+      return;
+    }
+    const acc_t relative = (logit - best_logit) + log_p;  // w_k - best_logit
+    if (relative > best_log_p) {  // strict: ties keep the first class, as torch.argmax does
+      sum = sum * std::exp(best_log_p - relative) + acc_t(1);
+      argmax = k, best_logit = logit, best_log_p = log_p;
+    } else {
+      sum += std::exp(relative - best_log_p);
     }
   }
 
