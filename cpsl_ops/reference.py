@@ -9,6 +9,7 @@ it raises the same ValueErrors on bad values.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Tuple
 
 import torch
@@ -32,7 +33,8 @@ def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tens
     Computed in the accumulation dtype also under ``torch.autocast``, which would otherwise run
     the matrix product in 16 bits (as the kernels never do)."""
     acc = accumulation_dtype(features.dtype)
-    with torch.autocast(features.device.type, enabled=False):
+    device = features.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
         f = F.normalize(features.to(acc), dim=1)
         c = F.normalize(prototypes.to(acc), dim=1)
         logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
