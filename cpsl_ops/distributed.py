@@ -99,26 +99,31 @@ def update_prototypes(
     """The EMA step with class means over all ranks' pixels; returns (new prototypes, counts).
 
     ``local_update`` is the single-process op (native kernel or reference): with momentum 0 on a
-    zero buffer it gives this rank's class means and counts at the kernel's speed, and its bad-label
-    ValueError. Class sums, counts and the number of ranks with a bad label travel in one
-    all-reduce of a (K, D + 2) fp64 buffer (exact counts, and sums as precise as the means).
+    zero buffer it gives this rank's class means and counts at the kernel's speed, and its
+    ValueError for a bad label or a non-finite feature. Class sums, counts and the number of ranks
+    with each error travel in one all-reduce of a (K, D + 3) fp64 buffer (exact counts, and sums as
+    precise as the means).
     """
     num_classes, dim = prototypes.shape
     acc = accumulation_dtype(prototypes.dtype)
-    buffer = prototypes.new_zeros((num_classes, dim + 2), dtype=torch.float64)
+    buffer = prototypes.new_zeros((num_classes, dim + 3), dtype=torch.float64)
+    bad_label, bad_feature = dim + 1, dim + 2
     try:
         means, counts = local_update(prototypes.new_zeros((num_classes, dim), dtype=acc), features.to(acc), labels,
                                      0.0, ignore_index)
         buffer[:, :dim] = means.double() * counts[:, None]
         buffer[:, dim] = counts
-    except ValueError:  # a label out of range: every rank must learn it, after the collective
-        buffer[0, dim + 1] = 1
+    except ValueError as error:  # every rank must learn it, after the collective
+        buffer[0, bad_feature if "features must be finite" in str(error) else bad_label] = 1
     dist.all_reduce(buffer, group=group)
-    if buffer[:, dim + 1].any():
+    if buffer[0, bad_label] > 0:
         raise ValueError(
             f"update_prototypes: some rank has a label outside [0, {num_classes}) that is not "
             f"ignore_index={ignore_index}; no prototype was changed"
         )
+    if buffer[0, bad_feature] > 0:
+        raise ValueError("update_prototypes: some rank has a NaN or infinite feature at a pixel that is not ignored; "
+                         "no prototype was changed")
     counts = buffer[:, dim]
     present = counts > 0
     means = buffer[:, :dim] / counts.clamp_min(1)[:, None]

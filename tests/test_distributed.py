@@ -100,6 +100,7 @@ def worker(rank: int, world_size: int, directory: str) -> None:
         # raise, and none may hang or leave the group out of step.
         scores = split(inputs["scores"].float(), world_size)[rank]
         nan_scores, zero_prior, bad_features, bad_labels = scores, inputs["prior"].clone(), features, labels
+        nan_features, nan_feature_labels = features, labels
         # Finite and narrow on every rank, but one class spread over the ranks so widely that
         # (S - max)/ε overflows fp32, which the single-process op raises on.
         spread_scores = scores.clone()
@@ -109,6 +110,8 @@ def worker(rank: int, world_size: int, directory: str) -> None:
             nan_scores = torch.cat([scores, torch.full((1, K), float("nan"))])
             zero_prior[1] = 0.0
             bad_features, bad_labels = torch.cat([features, torch.randn(1, D)]), torch.cat([labels, torch.tensor([K])])
+            nan_features = torch.cat([features, torch.full((1, D), float("nan"))])
+            nan_feature_labels = torch.cat([labels, torch.tensor([0])])
         out["raised"] = [
             raised_by(lambda: cpsl_ops.balanced_sinkhorn(nan_scores, inputs["prior"], process_group=group)),
             raised_by(lambda: cpsl_ops.balanced_sinkhorn(scores, zero_prior, process_group=group)),
@@ -116,6 +119,8 @@ def worker(rank: int, world_size: int, directory: str) -> None:
             raised_by(lambda: cpsl_ops.balanced_sinkhorn(spread_scores, inputs["prior"], process_group=group)),
             raised_by(lambda: cpsl_ops.update_prototypes_(prototypes, bad_features, bad_labels, process_group=group)),
             raised_by(lambda: cpsl_ops.class_distribution(bad_labels, K, process_group=group)),
+            raised_by(lambda: cpsl_ops.update_prototypes_(prototypes, nan_features, nan_feature_labels,
+                                                          process_group=group)),
         ]
         out["prototypes_after_bad_labels"] = prototypes
         out["distribution_after_errors"] = cpsl_ops.class_distribution(labels, K, process_group=group)
@@ -189,8 +194,9 @@ def test_ops_with_a_process_group_equal_the_single_process_ops_on_the_gathered_i
         assert result["raised"] == results[0]["raised"]
         assert torch.equal(result["prototypes_after_bad_labels"], result["prototypes"])
         torch.testing.assert_close(result["distribution_after_errors"], distribution)
-    nan_scores, zero_prior, no_sample, spread, bad_update, bad_histogram = results[0]["raised"]
+    nan_scores, zero_prior, no_sample, spread, bad_update, bad_histogram, nan_update = results[0]["raised"]
     assert "some rank" in nan_scores and "some rank" in zero_prior and "some rank" in bad_update
+    assert "outside" in bad_update and "NaN or infinite feature" in nan_update
     assert "spread so widely" in spread
     with pytest.raises(ValueError, match="spread so widely"):  # what the single-process op says
         cpsl_ops.balanced_sinkhorn(torch.tensor([[0.5, 0.5, 1e37, 0.5, 0.5], [-1e37] * K]), inputs["prior"])
