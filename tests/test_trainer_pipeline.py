@@ -211,7 +211,8 @@ def test_command_line_trains_resumes_evaluates_and_prepares(tmp_path, capsys):
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     output = Path(config.train.output_dir)
-    assert main(["--config", str(path)]) == 0
+    assert main(["--config", str(path), "--resume", "auto"]) == 0  # no last.pt yet: a fresh start
+    assert "--resume auto: no " in capsys.readouterr().out
     metrics = json.loads((output / "metrics.json").read_text())
     assert main(["--config", str(path), "--resume", "auto"]) == 0  # every stage done: nothing retrained
     assert json.loads((output / "metrics.json").read_text()) == metrics

@@ -61,7 +61,8 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
         parser.add_argument("--weights", type=Path, required=True,
                             help="model weights, e.g. OUTPUT_DIR/checkpoints/cpsl.pt, or an official CPSL checkpoint")
     else:
-        parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt")
+        parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for OUTPUT_DIR/checkpoints/last.pt "
+                                             "where it exists (a fresh start where it does not)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as cpsl.iterations=2000")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
@@ -80,8 +81,13 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
         pipeline.evaluate(model.to(pipeline.device), args.weights.stem)
         return 0
     resume = None
-    if args.resume:
-        resume = Path(config.train.output_dir) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto":  # a preemptible job passes it every time, its first start included
+        resume = Path(config.train.output_dir) / "checkpoints" / "last.pt"
+        if not resume.exists():
+            print(f"--resume auto: no {resume} yet, starting from the beginning")
+            resume = None
+    elif args.resume:
+        resume = Path(args.resume)
         if not resume.exists():
             parser.error(f"--resume: {resume} does not exist")
     context = Distributed.from_environment(choose_device(config.train.device).type)
