@@ -23,15 +23,30 @@ __all__ = ["PrototypeSimilarity", "BalancedSinkhorn", "PrototypeEMA", "SelfLabel
 
 
 def _prior_tensor(class_prior: PriorLike, num_classes: int) -> Tensor:
-    """A positive (K,) float32 prior summing to 1; None is uniform."""
+    """A positive (K,) float32 prior summing to 1 on the default device (a ``torch.device`` block's
+    too), checked on the CPU; None is uniform. Normalized in fp64, each entry divided by the
+    largest first, so that no sum overflows (priors near the float32 limit). A meta tensor has no
+    values to check: its shape is."""
+    if isinstance(class_prior, Tensor) and class_prior.is_meta:
+        if class_prior.numel() != num_classes:
+            raise ValueError(f"class_prior must have {num_classes} entries, got {class_prior.numel()}")
+        return torch.empty(num_classes, device="meta")
     if class_prior is None:
-        return torch.full((num_classes,), 1.0 / num_classes)
-    prior = torch.as_tensor(class_prior, dtype=torch.float32).detach().cpu().reshape(-1)
+        prior = torch.ones(num_classes, dtype=torch.float64, device="cpu")
+    else:
+        if isinstance(class_prior, Tensor):
+            class_prior = class_prior.detach().cpu()
+        prior = torch.as_tensor(class_prior, dtype=torch.float64, device="cpu").reshape(-1)
     if prior.numel() != num_classes:
         raise ValueError(f"class_prior must have {num_classes} entries, got {prior.numel()}")
     if not (torch.isfinite(prior).all() and (prior > 0).all()):
         raise ValueError("class_prior must be positive and finite (clamp classes never seen, e.g. to 1e-6)")
-    return prior / prior.sum()
+    scaled = prior / prior.max()
+    normalized = (scaled / scaled.sum()).float()
+    if not (normalized > 0).all():
+        raise ValueError(f"class_prior spans too wide a range: its smallest entry is {prior.min().item():.3g} of a total "
+                         f"of {prior.sum().item():.3g}, which float32 stores as 0 (clamp it, e.g. to 1e-6 of the total)")
+    return normalized.to(torch.get_default_device())
 
 
 def _check_sizes(num_classes: int, feat_dim: int) -> Tuple[int, int]:
@@ -268,6 +283,8 @@ class SelfLabelingLoss(nn.Module):
         """
         if self.queue_size == 0:
             return False
+        if self.queue_len.is_meta:  # shapes only: no fill level to read, and the loss is a scalar either way
+            return True
         if not self._queue_full:
             if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(

@@ -38,6 +38,31 @@ def test_balanced_sinkhorn_module_and_prior_checks():
         BalancedSinkhorn(num_classes=3, class_prior=[0.5, 0.5])
 
 
+def test_priors_near_the_float32_limit_are_normalized_not_zeroed():
+    # An fp32 sum of 3e38 + 3e38 overflowed: the prior was stored as zeros, then refused later.
+    module = BalancedSinkhorn(num_classes=3, class_prior=torch.tensor([3e38, 3e38, 3e37]))
+    torch.testing.assert_close(module.class_prior, torch.tensor([10 / 21, 10 / 21, 1 / 21]))
+    with pytest.raises(ValueError, match="spans too wide a range"):
+        BalancedSinkhorn(num_classes=2, class_prior=[3e38, 1e-10])
+
+
+@pytest.mark.parametrize("prior", [None, [0.2, 0.3, 0.5], "meta tensor"])
+def test_modules_build_and_run_on_meta(prior):
+    # A prior under torch.device("meta") was copied to the CPU and failed; with a memory bank the
+    # loss read its fill level with .item().
+    with torch.device("meta"):
+        prior = torch.tensor([0.2, 0.3, 0.5]) if prior == "meta tensor" else prior
+        modules = [BalancedSinkhorn(num_classes=3, class_prior=prior),
+                   SelfLabelingLoss(num_classes=3, feat_dim=4, queue_size=16, samples_per_image=4, class_prior=prior)]
+    for module in modules:
+        assert all(buffer.is_meta for buffer in module.buffers())
+    features, logits = torch.empty(2, 4, 3, 3, device="meta"), torch.empty(2, 3, 3, 3, device="meta")
+    for _ in range(3):  # the queue fills (as far as shapes go) on the second step
+        loss = modules[1](features, logits)
+    assert loss.is_meta and loss.shape == ()
+    assert modules[0](torch.empty(10, 3, device="meta")).shape == (10, 3)
+
+
 def test_prototype_ema_module():
     module = PrototypeEMA(num_classes=3, feat_dim=4, momentum=0.0)
     features = torch.randn(2, 4, 2, 2)
