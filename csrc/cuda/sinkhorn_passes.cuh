@@ -23,9 +23,9 @@ constexpr int kRowsPerChunk = 1024;
 constexpr int kWarps = cuda::kThreads / cuda::kWarp;
 constexpr int kMaxClassesPerLane = 8;
 constexpr int kWide = 0;  // kClassesPerLane of the wide layout, for K > kMaxClassesPerLane * 32
-// Device-side flags of one call (cuda::DeviceFlags). Kernels stop early on the first two, which
-// only kernels launched before them write, so every thread of a launch reads the same values;
-// kSpreadOverflow is raised by the later passes and only the host reads it.
+// Device-side flags of one call (cuda::DeviceFlags). The phases stop early on the first two, which
+// only earlier kernels or phases (behind a grid barrier) write, so every thread of a launch reads
+// the same values; kSpreadOverflow is raised by the later passes and only the host reads it.
 constexpr int kBadPrior = 0, kNonFiniteScores = 1, kSpreadOverflow = 2, kNumFlags = 3;
 
 // Everything the kernels read or write. Buffers written while a cooperative launch runs are plain
