@@ -57,6 +57,16 @@ def test_official_checkpoints_give_the_official_networks_outputs(official_files,
     assert torch.equal(checkpoint.prototypes_ema, prototypes)
 
 
+@pytest.mark.parametrize("scalar_type", official.NUMPY_SCALAR_TYPES)
+def test_official_checkpoints_with_any_numpy_scalar_are_read(tmp_path, scalar_type):
+    # Only float64 was allowed: an int64 iter or a float32 best_iou was refused as "truncated".
+    path = tmp_path / "official.pth"
+    torch.save({"ResNet101": {"model_state": {"layer5.weight": torch.zeros(2)}},
+                "iter": scalar_type(1), "best_iou": scalar_type(1)}, path)
+    checkpoint = official.read_checkpoint(path)
+    assert checkpoint.iteration == 1 and checkpoint.best_iou == 1
+
+
 def test_the_torchvision_layout_is_a_different_network(official_files):
     network, path, _ = official_files[19, False]
     model = from_official_checkpoint(path)

@@ -75,10 +75,16 @@ class Checkpoint:
     best_iou: Optional[float]
 
 
+# Every numeric numpy scalar type: official checkpoints hold best_iou as a float64, and a
+# re-saved one may hold iter or best_iou as any of these.
+NUMPY_SCALAR_TYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                      np.float16, np.float32, np.float64)
+
+
 def _numpy_scalar_globals() -> list:
-    """What unpickling a numpy float64 needs (``best_iou``), under both numpy module names."""
+    """What unpickling numpy scalars needs, under both numpy module names."""
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed = [np.dtype, type(np.dtype(np.float64))]
+    allowed = [np.dtype, *(type(np.dtype(scalar_type)) for scalar_type in NUMPY_SCALAR_TYPES)]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed.append((multiarray.scalar, f"{module}.scalar"))
     return allowed
