@@ -97,6 +97,21 @@ def test_gta5_palette_labels_are_ids_mapped_to_train_ids(tmp_path):
     np.testing.assert_array_equal(dataset[1]["image"].permute(1, 2, 0).numpy(), image)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_label_pngs_of_another_mode_are_refused_naming_the_file(tmp_path, mode):
+    # An RGB labelTrainIds file came back as an (H, W, 3) label; a 16-bit one was misread.
+    make_cityscapes(tmp_path / "cityscapes", train_ids_files=True)
+    make_gta5(tmp_path / "gta5")
+    for label in (tmp_path / "cityscapes" / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png",
+                  tmp_path / "gta5" / "labels" / "00001.png"):
+        with Image.open(label) as image:
+            ids = np.asarray(image)
+        (Image.fromarray(ids).convert("RGB") if mode == "RGB" else Image.fromarray(ids.astype(np.uint16))).save(label)
+    for dataset in (CityscapesDataset(tmp_path / "cityscapes", "val"), GTA5Dataset(tmp_path / "gta5")):
+        with pytest.raises((OSError, ValueError), match=f"(labelTrainIds|00001).png.*got PIL mode {mode}"):
+            dataset[0]
+
+
 def test_gta5_unpaired_files_are_skipped_counted_and_warned_once(tmp_path):
     make_gta5(tmp_path, n=4)
     (tmp_path / "labels" / "00002.png").unlink()

@@ -253,6 +253,17 @@ class SegmentationDataset(Dataset):
         }
 
 
+def read_label_ids(path: Path) -> np.ndarray:
+    """(H, W) uint8 label ids of an 8-bit single-channel PNG, greyscale or palette (GTA5's: the
+    palette indices are the ids, converting to RGB would give colours). Any other mode (RGB, 16
+    bits) would be misread as ids: a ValueError naming the file."""
+    with Image.open(path) as image:
+        if image.mode not in ("L", "P"):
+            raise ValueError(f"{path}: expected an 8-bit single-channel label PNG (greyscale or palette), got "
+                             f"PIL mode {image.mode}")
+        return np.asarray(image)
+
+
 class GTA5Dataset(SegmentationDataset):
     """GTA5: ``root/images/NNNNN.png`` with palette PNGs ``root/labels/NNNNN.png`` of Cityscapes ids."""
 
@@ -260,11 +271,7 @@ class GTA5Dataset(SegmentationDataset):
         super().__init__(root, GTA5_LAYOUT, size, classes)
 
     def read_train_ids(self, path: Path) -> np.ndarray:
-        # The palette indices are the label ids; converting to RGB would give colours instead.
-        label_ids = np.asarray(Image.open(path))
-        if label_ids.ndim != 2:
-            raise ValueError(f"{path}: expected a palette PNG of label ids, got {label_ids.ndim} channels")
-        return cityscapes_to_train_ids(label_ids)
+        return cityscapes_to_train_ids(read_label_ids(path))
 
 
 class CityscapesDataset(SegmentationDataset):
@@ -278,7 +285,7 @@ class CityscapesDataset(SegmentationDataset):
         super().__init__(root, cityscapes_layout(split, with_labels), size, classes)
 
     def read_train_ids(self, path: Path) -> np.ndarray:
-        label = np.asarray(Image.open(path))
+        label = read_label_ids(path)
         return label if path.name.endswith("_labelTrainIds.png") else cityscapes_to_train_ids(label)
 
 
