@@ -27,7 +27,7 @@ struct RectifyArgs {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void rectify_kernel(RectifyArgs<scalar_t> a, acc_t threshold) {
+__global__ void rectify_kernel(RectifyArgs<scalar_t> a) {
   const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (index >= a.batch * a.pixels) return;
   const int64_t b = index / a.pixels, p = index % a.pixels;
@@ -41,15 +41,14 @@ __global__ void rectify_kernel(RectifyArgs<scalar_t> a, acc_t threshold) {
   }
   if (!valid) *a.invalid = 1;
   a.confidence[index] = static_cast<scalar_t>(acc.confidence());
-  a.labels[index] = acc.label(threshold, a.ignore_index);
+  a.labels[index] = acc.label(static_cast<acc_t>(a.threshold), a.ignore_index);
 }
 
 template <typename scalar_t>
 void launch_rectify(const RectifyArgs<scalar_t>& args, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   if (args.batch * args.pixels == 0) return;
-  rectify_kernel<scalar_t, acc_t><<<cuda::blocks_for(args.batch * args.pixels), cuda::kThreads, 0, stream>>>(
-      args, static_cast<acc_t>(args.threshold));
+  rectify_kernel<scalar_t, acc_t><<<cuda::blocks_for(args.batch * args.pixels), cuda::kThreads, 0, stream>>>(args);
   CPSL_KERNEL_LAUNCH_CHECK();
 }
 
