@@ -238,3 +238,16 @@ def test_a_truncated_png_is_an_error_naming_it_and_prepare_can_decode_every_file
     report = check_dataset("gta5", tmp_path / "gta5", check_decode=True)
     assert len(report.problems) == 1 and "undecodable file" in report.message() and "00002.png" in report.message()
     assert prepare_main(["--gta5", str(tmp_path / "gta5"), "--check-decode"]) == 1
+
+
+@pytest.mark.parametrize("keep", [0, 60])
+def test_a_truncated_soft_pseudo_label_is_an_error_naming_it(tmp_path, keep):
+    from cpsl_trainer.training import WithSoftLabels, soft_label_file
+
+    path = soft_label_file(tmp_path, "train/city/a.png")
+    np.save(path, np.zeros((19, 8, 16), dtype=np.float16))
+    images = [{"name": "train/city/a.png", "image": torch.zeros(3, 8, 16, dtype=torch.uint8)}]
+    assert WithSoftLabels(images, tmp_path)[0]["soft"].shape == (19, 8, 16)
+    path.write_bytes(path.read_bytes()[:keep])  # a job killed while writing, a full disk
+    with pytest.raises(OSError, match=str(path)):
+        WithSoftLabels(images, tmp_path)[0]

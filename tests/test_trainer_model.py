@@ -9,7 +9,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from cpsl_trainer.model import DeepLabV2, parameter_groups  # noqa: E402
+from cpsl_trainer.model import DeepLabV2, load_weights  # noqa: E402
+from cpsl_trainer.optim import parameter_groups  # noqa: E402
 
 
 def _os8(n: int) -> int:
@@ -136,12 +137,36 @@ def test_bad_keys_raise(tmp_path):
         DeepLabV2("resnet18", num_classes=5, feat_dim=64, pretrained=tmp_path / "full.pth")
 
 
+def _malformed_weights(model: DeepLabV2):
+    state = model.state_dict()
+    return {
+        "a list": ([torch.zeros(1)], "holds a list, not a state dict"),
+        "a tensor": (torch.zeros(3), "holds a Tensor, not a state dict"),
+        "a number": ({**state, "backbone.conv1.weight": 3}, r"not a state dict: 1 entries .*backbone.conv1.weight"),
+        "another shape": ({**state, "head.classifier.weight": state["head.classifier.weight"][:1]},
+                          r"1 of another shape \['head.classifier.weight: \(1, 64, 1, 1\) in the file"),
+        "missing keys": ({k: v for k, v in list(state.items())[:5]}, "missing keys"),
+    }
+
+
+@pytest.mark.parametrize("case", ["a list", "a tensor", "a number", "another shape", "missing keys"])
+def test_malformed_weights_files_are_errors_naming_the_file(tmp_path, resnet18_model, case):
+    payload, message = _malformed_weights(resnet18_model)[case]
+    path = tmp_path / "weights.pt"
+    torch.save(payload, path)
+    build = lambda bn_pretrain: DeepLabV2("resnet18", num_classes=5, feat_dim=64)  # noqa: E731
+    for read in (lambda: load_weights(path, build, 5), lambda: build(False).load_pretrained(path)):
+        with pytest.raises(ValueError, match=message) as raised:
+            read()
+        assert str(path) in str(raised.value)
+
+
 def test_parameter_groups(resnet18_model):
-    backbone, head = parameter_groups(resnet18_model, lr=1e-4, head_lr_mult=5.0)
-    assert (backbone["lr"], backbone["lr_mult"]) == (1e-4, 1.0)
+    *backbone, head = parameter_groups(resnet18_model, lr=1e-4, head_lr_mult=5.0)
+    assert all((group["lr"], group["lr_mult"]) == (1e-4, 1.0) for group in backbone)
     assert (head["lr"], head["lr_mult"]) == (5e-4, 5.0)
-    ids = [id(p) for group in (backbone, head) for p in group["params"]]
+    ids = [id(p) for group in (*backbone, head) for p in group["params"]]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in resnet18_model.parameters() if p.requires_grad}
     assert {id(p) for p in head["params"]} == {id(p) for p in resnet18_model.head.parameters()}
-    assert parameter_groups(resnet18_model, lr=1.0)[1]["lr_mult"] == 10.0
+    assert parameter_groups(resnet18_model, lr=1.0)[-1]["lr_mult"] == 10.0

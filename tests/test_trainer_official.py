@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpsl_trainer import official  # noqa: E402
 from cpsl_trainer.cli import main  # noqa: E402
-from cpsl_trainer.model import (DeepLabV2, from_official_checkpoint, load_weights,  # noqa: E402
-                                parameter_groups, save_official_checkpoint)
+from cpsl_trainer.model import DeepLabV2, from_official_checkpoint, load_weights, save_official_checkpoint  # noqa: E402
+from cpsl_trainer.optim import make_optimizer, parameter_groups  # noqa: E402
 from official_network import OfficialDeepLabV2, randomize  # noqa: E402
 
 
@@ -150,7 +150,69 @@ def test_simclr_weights_in_a_state_dict_wrapper_load_into_the_backbone(tmp_path)
 
 def test_bn_pretrain_trains_with_the_head():
     model = DeepLabV2("resnet18", 5, feat_dim=64, bn_pretrain=True)
-    backbone, head = parameter_groups(model, lr=1.0, head_lr_mult=10.0)
+    *backbone, head = parameter_groups(model, lr=1.0, head_lr_mult=10.0)
     head_ids = {id(p) for p in head["params"]}
     assert head["lr"] == 10.0 and all(id(p) in head_ids for p in model.bn_pretrain.parameters())
-    assert not head_ids & {id(p) for p in backbone["params"]}
+    assert not head_ids & {id(p) for group in backbone for p in group["params"]}
+
+
+def official_optimizer(network, lr, prototypes, head_lr_mult, momentum=0.9, weight_decay=2e-4):
+    """The official construction (models/deeplabv2.py optim_parameters, adaptation_modelv2): every
+    backbone tensor listed once per module under conv1, bn1, layer1-4 that holds it, on the torch
+    SGD loop. Momentum buffers start at zero: torch 1.x, which the official code ran on, created
+    one buffer per tensor at its first listing and shared it with the later ones (today's SGD gives
+    each listing of the first step a fresh buffer; from a zero buffer both agree)."""
+    roots = [network.conv1, network.bn1, network.layer1, network.layer2, network.layer3, network.layer4]
+    listed = [p for root in roots for module in root.modules() for p in module.parameters()]
+    heads = ([network.bn_pretrain] if hasattr(network, "bn_pretrain") else []) + [network.layer5]
+    groups = [{"params": listed, "lr": lr}, {"params": [p for m in heads for p in m.parameters()], "lr": lr * head_lr_mult}]
+    groups += [{"params": [prototypes], "lr": lr * 5.0}] if prototypes is not None else []
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
+
+
+@pytest.mark.parametrize("bn_pretrain, head_lr_mult", [(False, 5.0), (True, 10.0)])
+def test_the_optimizer_takes_the_official_effective_step(bn_pretrain, head_lr_mult):
+    # Stage 1 (5x head, prototypes at 5x) and distillation (10x head, bn_pretrain): three steps of
+    # a poly schedule with a fresh gradient each give the same weights to the last bit.
+    network = randomize(OfficialDeepLabV2(19, bn_pretrain), seed=1)
+    model = DeepLabV2("resnet101", 19, layout="official", bn_pretrain=bn_pretrain)
+    model.load_state_dict(official.to_trainer_names(network.state_dict()))
+    ours = dict(model.named_parameters())
+    pairs = [(param, ours[name]) for name, param in official.to_trainer_names(dict(network.named_parameters())).items()]
+    assert len(pairs) == len(ours)
+    prototypes = None
+    if not bn_pretrain:
+        prototypes = torch.nn.Parameter(torch.randn(19, 256))
+        pairs.append((prototypes, torch.nn.Parameter(prototypes.detach().clone())))
+    expected = official_optimizer(network, 1e-3, prototypes, head_lr_mult)
+    for group, mult in zip(expected.param_groups, [1.0, head_lr_mult, 5.0]):
+        group["lr_mult"] = mult
+    extra = [] if prototypes is None else [{"params": [pairs[-1][1]], "lr_mult": 5.0}]
+    optimizer = make_optimizer(model, 1e-3, head_lr_mult, extra)
+    generator = torch.Generator().manual_seed(0)
+    for factor in (1.0, 0.9, 0.7):
+        for group in expected.param_groups + optimizer.param_groups:
+            group["lr"] = 1e-3 * group["lr_mult"] * factor
+        for theirs, mine in pairs:
+            theirs.grad = torch.randn(theirs.shape, generator=generator)
+            mine.grad = theirs.grad.clone()
+        expected.step()
+        optimizer.step()
+    for theirs, mine in pairs:
+        assert torch.equal(theirs, mine)
+
+
+def test_each_backbone_tensor_is_updated_as_often_as_the_official_code_lists_it():
+    model = DeepLabV2("resnet101", 19, layout="official", bn_pretrain=True)
+    updates = {id(p): group["updates"] for group in parameter_groups(model, 1.0) for p in group["params"]}
+    for name, count in [("conv1.weight", 1), ("bn1.bias", 1), ("layer1.0.conv1.weight", 3), ("layer3.22.bn3.weight", 3),
+                        ("layer1.0.downsample.0.weight", 4), ("layer4.0.downsample.1.bias", 4)]:
+        assert updates[id(model.backbone.get_parameter(name))] == count, name
+    assert all(updates[id(p)] == 1 for p in [*model.head.parameters(), *model.bn_pretrain.parameters()])
+    assert {group["updates"] for group in parameter_groups(model, 1.0, official_step=False)} == {1}
+

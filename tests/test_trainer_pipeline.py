@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from cpsl_trainer.augment import CropBoxes, box_mask, crop, cutmix_box  # noqa: E402
 from cpsl_trainer.cli import main  # noqa: E402
-from cpsl_trainer.config import Config, load_config, parse_override  # noqa: E402
+from cpsl_trainer.config import Config, load_config, parse_override, student_init  # noqa: E402
 from cpsl_trainer.demo_data import write_demo_datasets  # noqa: E402
 from cpsl_trainer.engine import Pipeline  # noqa: E402
 from cpsl_trainer.stage_distill import distillation_kl  # noqa: E402
@@ -161,6 +161,9 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
         Pipeline(interrupted, stop_after=("cpsl", 2)).run()
     checkpoint = Path(interrupted.train.output_dir) / "checkpoints" / "last.pt"
     assert torch.load(checkpoint)["iteration"] == 2
+    with pytest.raises(StopRequested, match="after stage cpsl"):  # a stage's last iteration: stops at its end
+        Pipeline(load_config(None, ["train.stop_after=cpsl:3"], base=interrupted)).run(resume=checkpoint)
+    assert torch.load(checkpoint)["completed"] == ["warmup", "cpsl"]
     Pipeline(interrupted).run(resume=checkpoint)
     expected, resumed = final_weights(uninterrupted), final_weights(interrupted)
     assert expected.keys() == resumed.keys()
@@ -173,9 +176,16 @@ def test_resume_refuses_another_config_and_an_earlier_checkpoint_format(tmp_path
     with pytest.raises(StopRequested):
         Pipeline(config, stop_after=("warmup", 1)).run()
     last = Path(config.train.output_dir) / "checkpoints" / "last.pt"
-    changed = tiny_config(tmp_path, "run", "distill.stages=0", "cpsl.epsilon=0.1")
-    with pytest.raises(ValueError, match="another config"):
+    changed = tiny_config(tmp_path, "run", "distill.stages=0", "cpsl.epsilon=0.1", "data.crop_size=[16, 32]")
+    with pytest.raises(ValueError, match=r"another config.*data.crop_size: \[32, 64\] there, \[16, 32\] here; "
+                                         r"cpsl.epsilon: 0.05 there, 0.1 here"):
         Pipeline(changed).run(resume=last)
+    # What only decides what is shown and written may change; the payload is released once restored.
+    shown = tiny_config(tmp_path, "run", "distill.stages=0", "data.num_workers=1", "train.progress=true",
+                        "train.log_every=7", "train.checkpoint_every=3", "eval.save_images=1")
+    pipeline = Pipeline(shown)
+    pipeline.load_checkpoint(last)
+    assert pipeline.resumed_modules and pipeline.resume_modules("warmup", {}) == 1 and pipeline.resumed_modules == {}
     payload = torch.load(last)
     del payload["format"]  # as the trainer wrote it before the global batch and RandAugmentMC
     torch.save(payload, tmp_path / "old.pt")
@@ -302,7 +312,7 @@ def test_warmup_weights_of_another_network_are_refused(tmp_path):
         Pipeline(config).run()
     torch.save({"head.classifier.weight": torch.zeros(1)}, tmp_path / "other.pt")
     config = tiny_config(tmp_path, "again", "distill.stages=0", f"warmup.weights={tmp_path / 'other.pt'}")
-    with pytest.raises(RuntimeError, match="state_dict"):
+    with pytest.raises(ValueError, match=r"other.pt does not match the model: .*1 of another shape"):
         Pipeline(config).run()
 
 
@@ -349,12 +359,12 @@ def test_pseudo_labels_are_reused_only_for_the_weights_that_made_them(tmp_path):
 
 
 def test_each_distillation_stage_chooses_how_its_student_starts(tmp_path):
-    pipeline = Pipeline(tiny_config(tmp_path, "run", "distill.student_init=[pretrained, teacher]"))
-    assert [pipeline.student_init(n) for n in (1, 2, 3)] == ["pretrained", "teacher", "teacher"]
+    config = tiny_config(tmp_path, "run", "distill.student_init=[pretrained, teacher]")
+    assert [student_init(config, n) for n in (1, 2, 3)] == ["pretrained", "teacher", "teacher"]
     assert Config().distill.student_init == ["pretrained", "teacher"] and Config().distill.bn_pretrain
     for bad in ("distill.student_init=scratch", "distill.student_init=[]"):
         with pytest.raises(ValueError, match="distill.student_init"):
-            Pipeline(tiny_config(tmp_path, "bad", bad)).student_init(1)
+            Pipeline(tiny_config(tmp_path, "bad", bad))
 
 
 def test_crops_scale_the_long_side_to_the_official_length(tmp_path):

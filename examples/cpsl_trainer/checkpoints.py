@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor
@@ -15,21 +15,48 @@ from .files import keep_log_lines, load_torch_file
 
 
 # Raised whenever a change of the trainer makes an older last.pt resume differently from the run
-# that wrote it (2: the global batch under torchrun, RandAugmentMC, one memory bank).
-CHECKPOINT_FORMAT = 2
+# that wrote it (2: the global batch under torchrun, RandAugmentMC, one memory bank; 3: the official
+# effective backbone step, optim.py).
+CHECKPOINT_FORMAT = 3
+
+
+# Settings that decide what a run shows and writes, never what it computes: a resumed run may
+# change them.
+RESUMABLE_CHANGES = ("train.output_dir", "train.stop_after", "train.progress", "train.log_every", "train.tensorboard",
+                     "train.checkpoint_every", "data.num_workers", "eval.save_images")
+
+
+def config_changes(saved: Config, current: Config) -> List[str]:
+    """``"key: saved there, current here"`` for each setting that differs, RESUMABLE_CHANGES aside."""
+    before, after = flat_settings(saved.to_dict()), flat_settings(current.to_dict())
+    return [f"{key}: {before.get(key)!r} there, {value!r} here" for key, value in after.items()
+            if key not in RESUMABLE_CHANGES and before.get(key) != value]
+
+
+def flat_settings(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict as ``{"section.field": value}``."""
+    flat: Dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 class Checkpoints:
     """What a run writes to resume and to hand weights from stage to stage (part of RunContext).
 
     ``state`` holds the completed stages, their metrics and each stage's best evaluation; it is
-    saved with every checkpoint.
+    saved with every checkpoint. ``resumed_modules`` holds the modules' states of a loaded
+    checkpoint until the stage they belong to restores them.
     """
 
     config: Config
     dist: Distributed
     output: Path
     state: Dict[str, Any]
+    resumed_modules: Dict[str, Any]
 
 
     @property
@@ -56,22 +83,19 @@ class Checkpoints:
         if not isinstance(payload, dict) or not {"config", "stage", "iteration", "modules"} <= payload.keys():
             raise ValueError(f"{path} is not a checkpoint written by this trainer (checkpoints/last.pt)")
         if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} was written by an earlier version of the trainer, whose batches and augmentation "
-                             f"differ, so it cannot be resumed exactly: start the run again (its stage weights, "
+            raise ValueError(f"{path} was written by an earlier version of the trainer, whose batches, augmentation "
+                             f"or optimizer differ, so it cannot be resumed exactly: start the run again (its stage weights, "
                              f"checkpoints/<stage>.pt, still serve as warmup.weights or evaluate --weights)")
 
-        def comparable(config: Config) -> Dict[str, Any]:
-            values = config.to_dict()
-            values["train"].pop("output_dir")  # a run directory may be moved
-            values["train"].pop("stop_after")  # the very option that interrupted the run
-            return values
-
-        if comparable(config_from_dict(payload["config"])) != comparable(self.config):
-            raise ValueError(f"{path} was written with another config; resume with the same config file and overrides")
+        changes = config_changes(config_from_dict(payload["config"]), self.config)
+        if changes:
+            raise ValueError(f"{path} was written with another config, which would not resume exactly: "
+                             f"{'; '.join(changes)}. Only {', '.join(RESUMABLE_CHANGES)} may change on resume")
         if payload["world_size"] != self.dist.world_size:
             raise ValueError(f"{path} was written by {payload['world_size']} processes; resume with as many "
                              f"(torchrun --nproc-per-node={payload['world_size']}), not {self.dist.world_size}")
-        self.state = dict(payload)
+        self.state = {key: payload[key] for key in ("stage", "iteration", "completed", "metrics", "best")}
+        self.resumed_modules = payload["modules"]  # released once restored (a ResNet-101 run's is ~1 GB)
         if self.dist.is_main:  # the resumed run logs again what came after the checkpoint
             completed, stage, iteration = set(payload["completed"]), payload["stage"], payload["iteration"]
             keep_log_lines(self.output / "log.jsonl", lambda entry: entry["stage"] in completed or (
@@ -82,7 +106,8 @@ class Checkpoints:
         if self.state.get("stage") != stage or stage in self.state["completed"]:
             return 0
         for name, module in modules.items():
-            module.load_state_dict(self.state["modules"][name])
+            module.load_state_dict(self.resumed_modules[name])
+        self.resumed_modules = {}
         return int(self.state["iteration"])
 
     def stage_weights(self, stage: str) -> Path:

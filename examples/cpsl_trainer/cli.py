@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from .config import Config, load_config
+from .config_check import check_config
 from .data import prepare_main
 from .demo_data import write_demo_datasets
 from .distributed import Distributed
@@ -39,7 +40,7 @@ def export_main(argv: List[str]) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the official checkpoint to write")
     parser.add_argument("overrides", nargs="*", help="config overrides such as model.layout=official")
     args = parser.parse_intermixed_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = check_config(load_config(args.config, args.overrides))
     model_config, num_classes = config.model, protocol_of(config.data.protocol).num_classes
     model = load_weights(args.weights, lambda bn_pretrain: DeepLabV2.from_config(model_config, num_classes,
                                                                                   bn_pretrain=bn_pretrain),
@@ -72,7 +73,8 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
         parser.error("pass --config FILE (real datasets) or --demo (synthetic data)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = load_config(CONFIGS / "demo.yaml" if args.demo else args.config, args.overrides)
+    # Checked before anything is written or read; the Pipeline checks the final config again.
+    config = check_config(load_config(CONFIGS / "demo.yaml" if args.demo else args.config, args.overrides))
     if evaluate_only:
         config = with_demo_data(config) if args.demo else config
         pipeline = Pipeline(config)

@@ -12,12 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import torch
 import yaml
+
+# The values each text setting accepts (what the modules that read them dispatch on).
+SOURCES = ("gta5", "synthia")
+PROTOCOLS = ("cityscapes19", "synthia16")
+DISTILL_KL_FORMS = ("official", "proper")
+STUDENT_INITS = ("pretrained", "teacher")
+EVAL_MODES = ("whole", "slide")
+DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" too
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = ("none", *AMP_DTYPES)
 
 
 @dataclass
 class DataConfig:
-    source: str = "gta5"  # gta5 | synthia
+    source: str = "gta5"  # SOURCES
     source_root: str = "data/GTA5"
     target_root: str = "data/cityscapes"
     # Images are resized to these (H, W) on loading, as in the official code.
@@ -42,7 +53,7 @@ class DataConfig:
     strong_magnitude: int = 10
     strong_jitter: float = 0.4
     # 19 Cityscapes classes; SYNTHIA trains 16 and also reports the 13-class mIoU.
-    protocol: str = "cityscapes19"  # cityscapes19 | synthia16
+    protocol: str = "cityscapes19"  # PROTOCOLS
 
 
 @dataclass
@@ -65,6 +76,10 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     poly_power: float = 0.9
+    # The official step: each backbone tensor updated as many times per iteration as the official
+    # get_1x_lr_params lists it (3x in blocks, 4x in downsamples; optim.py), about three times the
+    # nominal step. false: once, the step that lr says.
+    official_step: bool = True
 
 
 @dataclass
@@ -140,7 +155,7 @@ class EvalConfig:
     # "best": each stage hands on and reports its best evaluation on the target val set (the
     # official code's model selection, which the paper's figures use); "last": its last weights.
     select: str = "best"
-    mode: str = "whole"  # whole | slide
+    mode: str = "whole"  # EVAL_MODES
     window: List[int] = field(default_factory=lambda: [512, 1024])
     save_images: int = 8  # colour PNGs of predictions and pseudo labels written per evaluation
 
@@ -149,13 +164,14 @@ class EvalConfig:
 class TrainConfig:
     output_dir: str = "runs/cpsl"
     seed: int = 6523
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16
+    device: str = "auto"  # DEVICES, or cuda:N
+    amp: str = "none"  # AMP_MODES
     log_every: int = 50
     checkpoint_every: int = 1000
     tensorboard: bool = False
     progress: bool = True
     # "stage:iteration" (e.g. "cpsl:500"): checkpoint there and stop; continue with --resume auto.
+    # A stage's last iteration stops after the stage's end (its selection and checkpoint).
     stop_after: Optional[str] = None
 
 
@@ -174,6 +190,21 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def stage_iterations(config: Config) -> Dict[str, int]:
+    """The stages a run goes through, in order, with their iterations (0 for a warm-up taken from
+    ``warmup.weights``)."""
+    stages = {"warmup": 0 if config.warmup.weights else config.warmup.iterations, "cpsl": config.cpsl.iterations}
+    stages.update({f"distill{number}": config.distill.iterations for number in range(1, config.distill.stages + 1)})
+    return stages
+
+
+def student_init(config: Config, number: int) -> str:
+    """How distillation stage ``number`` (1-based) starts its student: distill.student_init's
+    value, or its entry for the stage (the last entry for stages past the list's end)."""
+    choice = config.distill.student_init
+    return choice if isinstance(choice, str) else choice[min(number, len(choice)) - 1]
 
 
 def _merge(instance: Any, values: Dict[str, Any], where: str) -> Any:

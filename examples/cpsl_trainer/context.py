@@ -9,7 +9,7 @@ import time
 from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,17 @@ import cpsl_ops
 from .augment import CropBoxes, crop, StrongAugment
 from .checkpoints import Checkpoints
 from .colour import WithColourTransfer
-from .config import Config
+from .config import AMP_DTYPES, Config, OptimConfig
+from .config_check import check_config
 from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset
 from .distributed import Distributed, synchronize_batch_norm
 from .labels import IGNORE_INDEX
-from .model import DeepLabV2, parameter_groups
-from .randaugment import check_settings, strong_view, StrongRecipe
+from .model import DeepLabV2
+from .optim import make_optimizer, RepeatedSGD
+from .randaugment import strong_view, StrongRecipe
 from .training import (
     as_float_images, batches, choose_device, iteration_seed, no_sync, parse_stop_after, peak_memory_mb, protocol_of,
-    resize, SELECTION_NOTES, StopRequested, WithSoftLabels)
+    resize, StopRequested, WithSoftLabels)
 
 
 class RunContext(Checkpoints):
@@ -40,7 +42,7 @@ class RunContext(Checkpoints):
     def __init__(
         self, config: Config, stop_after: Optional[Tuple[str, int]] = None, context: Optional[Distributed] = None
     ) -> None:
-        self.config = config
+        self.config = config = check_config(config)
         self.stop_after = stop_after or parse_stop_after(config.train.stop_after)
         self.dist = context or Distributed()
         self.output = Path(config.train.output_dir)
@@ -48,10 +50,8 @@ class RunContext(Checkpoints):
         self.device = choose_device(config.train.device, self.dist.local_rank)
         self.protocol = protocol_of(config.data.protocol)
         self.dist.share(config.data.batch_size)  # an uneven share fails here, not at the first batch
-        check_settings(config.data.strong_ops, config.data.strong_magnitude, config.data.strong_jitter)
-        if config.eval.select not in SELECTION_NOTES:
-            raise ValueError(f"eval.select must be one of {sorted(SELECTION_NOTES)}, got {config.eval.select!r}")
         self.state: Dict[str, Any] = {"completed": [], "metrics": {}, "best": {}}
+        self.resumed_modules: Dict[str, Any] = {}
         self.writer = None
         if config.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -71,12 +71,10 @@ class RunContext(Checkpoints):
     def source(self) -> Dataset:
         data = self.config.data
         size = tuple(data.source_size)
-        if data.source == "gta5":
-            source = GTA5Dataset(data.source_root, size=size, classes=self.protocol.classes_argument)
-            return WithColourTransfer(source, self.target_train, self.config.train.seed) if data.colour_transfer else source
         if data.source == "synthia":
             return SynthiaDataset(data.source_root, size=size, classes=self.protocol.classes_argument)
-        raise ValueError(f"data.source must be gta5 or synthia, got {data.source!r}")
+        source = GTA5Dataset(data.source_root, size=size, classes=self.protocol.classes_argument)
+        return WithColourTransfer(source, self.target_train, self.config.train.seed) if data.colour_transfer else source
 
     def new_model(self, pretrained: Optional[str] = None, bn_pretrain: bool = False) -> DeepLabV2:
         return DeepLabV2.from_config(self.config.model, self.protocol.num_classes, pretrained, bn_pretrain)
@@ -116,7 +114,7 @@ class RunContext(Checkpoints):
         amp = self.config.train.amp
         if amp == "none":
             return nullcontext()
-        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[amp])
 
     def describe(self) -> str:
         environment = {
@@ -231,10 +229,9 @@ class RunContext(Checkpoints):
         crop_size = self.config.data.crop_size
         return crop_size[0] // 4, crop_size[1] // 4
 
-    def optimizer(self, model: nn.Module, optim_config: Any, extra: List[Dict[str, Any]] = ()) -> torch.optim.SGD:
-        groups = parameter_groups(model, optim_config.lr, optim_config.head_lr_mult) + list(extra)
-        return torch.optim.SGD(groups, lr=optim_config.lr, momentum=optim_config.momentum,
-                               weight_decay=optim_config.weight_decay)
+    def optimizer(self, model: DeepLabV2, optim_config: OptimConfig, extra: Sequence[Dict[str, Any]] = ()) -> RepeatedSGD:
+        return make_optimizer(model, optim_config.lr, optim_config.head_lr_mult, extra, optim_config.momentum,
+                              optim_config.weight_decay, optim_config.official_step)
 
     def evaluate(self, model: nn.Module, name: str, save_images: bool = True,
                  step: Optional[Tuple[str, int]] = None) -> Dict[str, Any]:

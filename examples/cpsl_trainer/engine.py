@@ -21,12 +21,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from .config import stage_iterations
 from .evaluation import Evaluation
 from .files import OutputLock
 from .stage_cpsl import CPSLStage
 from .stage_distill import DistillStage
 from .stage_warmup import WarmupStage
-from .training import iteration_seed, SELECTION_NOTES
+from .training import iteration_seed, SELECTION_NOTES, StopRequested
 
 
 class Pipeline(WarmupStage, CPSLStage, DistillStage, Evaluation):
@@ -36,11 +37,10 @@ class Pipeline(WarmupStage, CPSLStage, DistillStage, Evaluation):
     evaluation) over the shared context of context.py; this class orders and resumes them."""
 
     def stages(self) -> List[Tuple[str, Callable[[], None]]]:
+        names = list(stage_iterations(self.config))
         plan = [("warmup", self.warmup), ("cpsl", self.cpsl)]
-        previous = "cpsl"
-        for number in range(1, self.config.distill.stages + 1):
-            plan.append((f"distill{number}", lambda n=number, p=previous: self.distill(n, p)))
-            previous = f"distill{number}"
+        for number, (previous, name) in enumerate(zip(names[1:], names[2:]), start=1):
+            plan.append((name, lambda n=number, p=previous: self.distill(n, p)))
         return plan
 
     def run(self, resume: Optional[Path] = None) -> Dict[str, Any]:
@@ -65,6 +65,8 @@ class Pipeline(WarmupStage, CPSLStage, DistillStage, Evaluation):
             self.dist.barrier()
             self.state["completed"] = self.state["completed"] + [name]
             self.save_checkpoint(name, 0, {})
+            if self.stop_after == (name, stage_iterations(self.config)[name]):
+                raise StopRequested(f"stopped after stage {name}")
         return self.write_metrics() if self.dist.is_main else {}
 
     def write_metrics(self) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .config import stage_iterations
 from .context import RunContext
 from .files import load_torch_file
 from .metrics import ConfusionMatrix, iou_table
@@ -24,8 +25,6 @@ class Evaluation(RunContext):
         if self.config.eval.mode == "whole":
             with self.autocast():
                 return resize(model(image)["out"].float(), size)
-        if self.config.eval.mode != "slide":
-            raise ValueError(f"eval.mode must be whole or slide, got {self.config.eval.mode!r}")
         window = [min(w, s) for w, s in zip(self.config.eval.window, size)]
         stride = [max(w * 2 // 3, 1) for w in window]
         total = torch.zeros(1, self.protocol.num_classes, *size, device=image.device)
@@ -69,18 +68,13 @@ class Evaluation(RunContext):
             self.writer.add_scalar(f"{step[0]}/mIoU", result["mIoU"], step[1])
         return result
 
-    def stage_iterations(self, stage: str) -> int:
-        if stage == "warmup":
-            return 0 if self.config.warmup.weights else self.config.warmup.iterations
-        return self.config.cpsl.iterations if stage == "cpsl" else self.config.distill.iterations
-
     def select(self, stage: str) -> Dict[str, Any]:
         """Main rank, at the end of ``stage``: evaluates its last weights, keeps them if they are its
         best, and returns the metrics of the weights ``eval.select`` picks, with the selection."""
         model = self.stage_model(stage)
         weights = load_torch_file(self.stage_weights(stage))
         model.load_state_dict(weights)
-        end = self.stage_iterations(stage)
+        end = stage_iterations(self.config)[stage]
         last = self.evaluate(model.to(self.device), stage, step=(stage, end))
         self.keep_if_best(stage, end, last, weights)
         best = self.state["best"][stage]

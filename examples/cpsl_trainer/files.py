@@ -18,11 +18,11 @@ T = TypeVar("T")
 
 
 def read_with_path(path: Path, read: Callable[[Path], T]) -> T:
-    """``read(path)``, its errors naming the file (Pillow's "image file is truncated" and pypng's
-    errors do not)."""
+    """``read(path)``, its errors naming the file (Pillow's "image file is truncated", pypng's and
+    numpy's errors on a truncated file do not)."""
     try:
         return read(path)
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow raises SyntaxError on some corrupt PNGs
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow raises SyntaxError on some corrupt PNGs
         if str(path) in str(error):
             raise
         raise OSError(f"{path}: {error}") from error

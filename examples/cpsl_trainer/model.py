@@ -13,7 +13,7 @@ bias-free 1x1 classifier. The official checkpoint format is read and written by
 """
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
@@ -32,7 +32,7 @@ _TORCHVISION_URLS = {
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
-_GN_GROUPS = 32
+GROUP_NORM_GROUPS = 32
 _SE_REDUCTION = 16  # 1280 -> 80 in CPSL
 
 
@@ -88,7 +88,7 @@ def _conv_gn_relu(in_channels: int, out_channels: int, kernel_size: int, dilatio
     padding = dilation * (kernel_size // 2)
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation),
-        nn.GroupNorm(_GN_GROUPS, out_channels),
+        nn.GroupNorm(GROUP_NORM_GROUPS, out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -122,8 +122,8 @@ class ASPPSEHead(nn.Module):
         self, in_channels: int, num_classes: int, feat_dim: int, dilations: Sequence[int], dropout: float = 0.1
     ) -> None:
         super().__init__()
-        if feat_dim % _GN_GROUPS:
-            raise ValueError(f"feat_dim must be a multiple of {_GN_GROUPS} for GroupNorm, got {feat_dim}")
+        if feat_dim % GROUP_NORM_GROUPS:
+            raise ValueError(f"feat_dim must be a multiple of {GROUP_NORM_GROUPS} for GroupNorm, got {feat_dim}")
         self.branches = nn.ModuleList(
             [_conv_gn_relu(in_channels, feat_dim, 1, 1)] + [_conv_gn_relu(in_channels, feat_dim, 3, d) for d in dilations]
         )
@@ -132,7 +132,7 @@ class ASPPSEHead(nn.Module):
         self.bottleneck = nn.Sequential(
             _SqueezeExcitation(concat),
             nn.Conv2d(concat, feat_dim, 3, padding=1),
-            nn.GroupNorm(_GN_GROUPS, feat_dim),
+            nn.GroupNorm(GROUP_NORM_GROUPS, feat_dim),
         )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(feat_dim, num_classes, 1, bias=False)
@@ -150,17 +150,33 @@ class ASPPSEHead(nn.Module):
         return {"feat": feat, "out": self.classifier(feat)}
 
 
-def _check_keys(expected: Sequence[str], given: Sequence[str], what: str) -> None:
-    """Raises a ValueError naming a few missing/unexpected keys of a state dict."""
+def _as_state_dict(payload: object, path: Union[str, Path]) -> Mapping[str, Tensor]:
+    """``payload`` if it is a state dict (parameter names to tensors); else a ValueError naming ``path``."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"{path} holds a {type(payload).__name__}, not a state dict (parameter names to tensors)")
+    odd = [key for key, value in payload.items() if not (isinstance(key, str) and isinstance(value, Tensor))]
+    if odd:
+        raise ValueError(f"{path} is not a state dict: {len(odd)} entries are not tensors under parameter names, "
+                         f"e.g. {odd[:3]}")
+    return payload
+
+
+def _load_checked(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Loads ``state`` into ``module``; missing or unexpected keys and shape mismatches are a
+    ValueError naming ``what`` (the file) and a few of them."""
     # Checkpoints written before torch 0.4.1 (e.g. resnet101-5d3b4d8f) lack these BN counters;
     # BatchNorm fills them in itself.
-    missing = sorted(k for k in set(expected) - set(given) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
+    expected, given = module.state_dict(), set(state)
+    missing = sorted(k for k in set(expected) - given if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(given - set(expected))
+    mismatched = sorted(k for k in given & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} here" for k in mismatched[:3]]
         raise ValueError(
             f"{what} does not match the model: {len(missing)} missing keys {missing[:5]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(mismatched)} of another shape {shapes}"
         )
+    module.load_state_dict(state, strict=False)  # strict=False only to tolerate missing BN counters
 
 
 class DeepLabV2(nn.Module):
@@ -226,16 +242,15 @@ class DeepLabV2(nn.Module):
                 f"pretrained weights {path} not found; for ImageNet initialisation download "
                 f"{_TORCHVISION_URLS[self.backbone_name]} yourself and pass its path"
             )
-        state: Mapping[str, Any] = load_torch_file(path)
-        if isinstance(state.get("state_dict"), Mapping):  # SimCLRv2 weights as the official code reads them
+        state = load_torch_file(path)
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):  # SimCLRv2 as officially read
             state = state["state_dict"]
+        state = _as_state_dict(state, path)
         if any(k.startswith(("backbone.", "head.")) for k in state):
-            _check_keys(list(self.state_dict()), list(state), f"DeepLabV2 state dict {path}")
-            self.load_state_dict(state, strict=False)  # strict=False only to tolerate missing BN counters
+            _load_checked(self, state, f"DeepLabV2 state dict {path}")
         else:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            _check_keys(list(self.backbone.state_dict()), list(state), f"{self.backbone_name} checkpoint {path}")
-            self.backbone.load_state_dict(state, strict=False)
+            _load_checked(self.backbone, state, f"{self.backbone_name} checkpoint {path}")
 
 
 def from_official_checkpoint(path: Union[str, Path], num_classes: int = 19) -> DeepLabV2:
@@ -255,9 +270,8 @@ def _official_model(checkpoint: official.Checkpoint, num_classes: int, path: Uni
         raise ValueError(f"{path} has a {found}-class head, not {num_classes}")
     model = DeepLabV2("resnet101", num_classes, layout="official",
                       bn_pretrain=official.has_bn_pretrain(checkpoint.model_state))
-    state = official.to_trainer_names(checkpoint.model_state)
-    _check_keys(list(model.state_dict()), list(state), f"official checkpoint {path}")
-    model.load_state_dict(state, strict=False)  # strict=False only to tolerate missing BN counters
+    state = _as_state_dict(official.to_trainer_names(checkpoint.model_state), path)
+    _load_checked(model, state, f"official checkpoint {path}")
     return model.eval()
 
 
@@ -284,23 +298,7 @@ def load_weights(path: Union[str, Path], build: Callable[[bool], DeepLabV2], num
             raise ValueError(f"{path} is an official ResNet-101 checkpoint: set model.backbone=resnet101 and "
                              f"model.layout=official (got {configured[0]}, {configured[1]})")
         return _official_model(checkpoint, num_classes, path)
-    model = build(any(name.startswith("bn_pretrain.") for name in payload))
-    model.load_state_dict(payload)
+    state = _as_state_dict(payload, path)
+    model = build(any(name.startswith("bn_pretrain.") for name in state))
+    _load_checked(model, state, f"weights file {path}")
     return model
-
-
-def parameter_groups(model: DeepLabV2, lr: float, head_lr_mult: float = 10.0) -> List[Dict[str, Any]]:
-    """SGD parameter groups: backbone at ``lr``, head (and ``bn_pretrain``) at ``lr * head_lr_mult``.
-
-    CPSL uses a 10x head in the distillation stages 2/3 and 5x in stage 1 (reference notes,
-    section 6), so the stage chooses ``head_lr_mult``. Each group carries ``"lr_mult"`` for a poly
-    scheduler (``lr = base_lr * lr_mult * factor``). Weight decay is left to the optimizer and
-    applies to all parameters, GroupNorm and biases included, as in CPSL.
-    """
-    heads = [model.head] + ([model.bn_pretrain] if model.bn_pretrain is not None else [])
-    groups = [([model.backbone], 1.0), (heads, head_lr_mult)]
-    return [
-        {"params": [p for module in modules for p in module.parameters() if p.requires_grad], "lr": lr * mult,
-         "lr_mult": mult}
-        for modules, mult in groups
-    ]

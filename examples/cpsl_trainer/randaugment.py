@@ -79,15 +79,18 @@ def affine(name: str, value: float, size: Sequence[int]) -> Tensor:
 HORIZONTAL_FLIP = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
 
 
-def check_settings(num_ops: int, magnitude: int, jitter: float) -> None:
-    """Refuses strong-view settings that the draws cannot take (the official code asserts the
-    magnitude's range, and a jitter above 1 would allow negative factors)."""
+def setting_problems(num_ops: int, magnitude: int, jitter: float) -> List[str]:
+    """What is wrong with strong-view settings that the draws cannot take, one line per setting
+    (the official code asserts the magnitude's range, and a jitter above 1 would allow negative
+    factors)."""
+    problems = []
     if not (isinstance(num_ops, int) and num_ops >= 0):
-        raise ValueError(f"data.strong_ops must be a whole number ≥ 0, got {num_ops!r}")
+        problems.append(f"data.strong_ops={num_ops!r}: must be a whole number ≥ 0")
     if not (isinstance(magnitude, int) and 2 <= magnitude <= PARAMETER_MAX):
-        raise ValueError(f"data.strong_magnitude must be a whole number in [2, {PARAMETER_MAX}], got {magnitude!r}")
+        problems.append(f"data.strong_magnitude={magnitude!r}: must be a whole number in [2, {PARAMETER_MAX}]")
     if not 0.0 <= jitter <= 1.0:
-        raise ValueError(f"data.strong_jitter must lie in [0, 1], got {jitter!r}")
+        problems.append(f"data.strong_jitter={jitter!r}: must lie in [0, 1]")
+    return problems
 
 
 @dataclass(frozen=True)

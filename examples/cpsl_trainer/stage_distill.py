@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .augment import crop
+from .config import student_init as config_student_init
 from .files import load_torch_file
 from .labels import IGNORE_INDEX
 from .pseudo_labels import PseudoLabels
@@ -38,7 +39,7 @@ class DistillStage(PseudoLabels):
         teacher.load_state_dict(load_torch_file(self.selected_weights(teacher_stage)))
         teacher.to(self.device).eval()
         pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
-        student_init = self.student_init(number)
+        student_init = config_student_init(self.config, number)
         if student_init == "teacher":
             student = self.stage_model(stage).to(self.device)
             # A student with bn_pretrain of a teacher without one starts with a fresh bn_pretrain.
@@ -85,12 +86,3 @@ class DistillStage(PseudoLabels):
 
         self.train_loop(stage, start, cfg.iterations, modules, step, student)
 
-    def student_init(self, number: int) -> str:
-        """How distillation stage ``number`` (1-based) starts its student: distill.student_init's
-        value, or its entry for the stage (the last entry for stages past the list's end)."""
-        choice = self.config.distill.student_init
-        if isinstance(choice, list):
-            choice = choice[min(number, len(choice)) - 1] if choice else None
-        if choice not in ("pretrained", "teacher"):
-            raise ValueError(f"distill.student_init must be pretrained or teacher (or a list of them), got {choice!r}")
-        return choice

@@ -19,6 +19,7 @@ from .colour import WithColourTransfer
 from .config import Config
 from .data import write_rgb
 from .distributed import Distributed
+from .files import read_with_path
 from .labels import CITYSCAPES_CLASSES, IGNORE_INDEX, SYNTHIA_13_TRAIN_IDS, SYNTHIA_16_TRAIN_IDS, colorize
 
 
@@ -103,7 +104,7 @@ class WithSoftLabels(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         sample = dict(self.dataset[index])
-        sample["soft"] = torch.from_numpy(np.load(soft_label_file(self.directory, sample["name"])))
+        sample["soft"] = torch.from_numpy(read_with_path(soft_label_file(self.directory, sample["name"]), np.load))
         return sample
 
 
@@ -191,7 +192,7 @@ def parse_stop_after(text: Optional[str]) -> Optional[Tuple[str, int]]:
         return None
     stage, _, iteration = str(text).partition(":")
     if not iteration.isdigit():
-        raise ValueError(f"train.stop_after must look like 'cpsl:500', got {text!r}")
+        raise ValueError(f"train.stop_after={text!r}: must look like stage:iteration (e.g. cpsl:500)")
     return stage, int(iteration)
 
 
