@@ -168,7 +168,7 @@ def use_native(op: str, device: torch.device) -> bool:
     """True when ``op`` should run its native kernel on ``device`` under the active backend.
 
     Meta tensors take the native op whenever the library loaded: its fake kernel gives their
-    shapes (the reference skips its value checks on them otherwise).
+    shapes (the reference backend's op has the same one).
     """
     backend = get_backend()
     if backend == "reference":

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from cpsl_ops.reference import accumulation_dtype
+
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -44,11 +46,21 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_positive(value: float, name: str) -> float:
+def check_positive(value: float, name: str, dtype: torch.dtype | None = None) -> float:
+    """A positive finite number; with the inputs' ``dtype``, also one that is normal in the dtype the
+    kernels compute in (fp32 for fp16, bf16 and fp32 inputs, fp64 for fp64): a temperature or ε
+    that is zero or subnormal there (below 1.2e-38 in fp32) overflows the kernels' 1/τ, and the
+    backends disagreed on what to return."""
     # Comparisons, not math.isfinite: torch.compile traces a float that changes between calls as a
     # symbolic float, which comparisons accept (as guards) and math.isfinite does not.
     if not (_is_real(value) and 0 < value < math.inf):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if dtype is not None:
+        acc = accumulation_dtype(dtype)
+        smallest = torch.finfo(acc).tiny
+        if value < smallest:
+            raise ValueError(f"{name} must be at least {smallest!r} (the smallest normal {acc}, the dtype of the "
+                             f"computation for {dtype} inputs), got {value!r}")
     return float(value)
 
 

@@ -4,6 +4,10 @@ Every function validates shapes, dtypes and devices here, then runs the native k
 (``torch.ops.cpsl_ops.*``) where the build has one for the tensors' device, or the pure-PyTorch
 reference (:mod:`cpsl_ops.reference`) otherwise or when the reference backend is selected
 (:func:`cpsl_ops.set_backend`). Values (NaN, label range, prior sign) are checked by the kernels.
+The reference runs as ops too (``torch.ops.cpsl_ops_reference.*``, :mod:`cpsl_ops.ops`), with the
+native ops' fake kernels, so that on both backends torch.compile, ``torch.export`` and
+FakeTensorMode trace around the value checks; ``prototype_similarity``'s reference, which checks
+no value, is traced as the PyTorch ops it is.
 With a ``process_group`` of more than one rank, :func:`balanced_sinkhorn`,
 :func:`update_prototypes_` and :func:`class_distribution` run their :mod:`cpsl_ops.distributed`
 form instead, which returns the single-process result on the concatenation of all ranks' inputs.
@@ -25,7 +29,7 @@ from torch.autograd import forward_ad
 from torch.distributed import ProcessGroup
 
 from cpsl_ops import distributed, reference
-from cpsl_ops import ops as _ops  # noqa: F401  (fake kernels and autograd of the native ops)
+from cpsl_ops import ops as _ops  # noqa: F401  (fake kernels, autograd, the reference backend's ops)
 from cpsl_ops._loader import use_native
 from cpsl_ops._validation import (
     INTEGER_DTYPES,
@@ -53,14 +57,16 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
     Args:
         features: (N, D) or channel-first (B, D, H, W) pixel features; fp16, bf16, fp32 or fp64.
         prototypes: (K, D) class prototypes, on the same device; cast to the dtype of ``features``.
-        temperature: τ > 0 (CPSL: 0.08).
+        temperature: τ > 0 (CPSL: 0.08), at least the smallest normal number of the dtype of the
+            computation (fp32, or fp64 for fp64 features: 1.2e-38, 2.2e-308).
 
     Returns:
         (N, K) or (B, K, H, W) logits ``cos(f, c_k) / τ`` in the dtype of ``features``,
         differentiable with respect to both inputs, in every mode: reverse mode and double
         backward natively, forward mode and ``torch.func`` transforms (grad, jacrev, jvp, vmap)
         through the reference's formulas (PyTorch ops). Norms are clamped at 1e-12 as in
-        ``F.normalize``. The native kernels normalize each tile of pixels on the fly: no
+        ``F.normalize``, and computed without overflow: huge finite values (above ~1e19 in fp32)
+        give the cosines of the same rows scaled down. The native kernels normalize each tile of pixels on the fly: no
         normalized copy of the features is written to memory. No value is checked: a pixel with
         a NaN or infinite feature gets NaN logits (every class), the other pixels are unaffected;
         a prototype with one makes its class's logits NaN at every pixel.
@@ -74,7 +80,7 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
         )
     check_nonzero(prototypes.shape[0], "prototypes (K)")
     check_nonzero(prototypes.shape[1], "the feature dimension D")
-    temperature = check_positive(temperature, "temperature")
+    temperature = check_positive(temperature, "temperature", features.dtype)
     prototypes = prototypes.to(features.dtype)
     if use_native("similarity", features.device) and not _under_function_transform(features, prototypes):
         return torch.ops.cpsl_ops.similarity(features, prototypes, temperature)
@@ -111,7 +117,8 @@ def balanced_sinkhorn(
         class_prior: (K,) or (B, K) positive class marginal, normalized internally; None is
             uniform (SwAV). CPSL uses the warm-up model's class distribution
             (:func:`class_distribution`).
-        epsilon: entropic regularization ε > 0 (CPSL: 0.05).
+        epsilon: entropic regularization ε > 0 (CPSL: 0.05), at least the smallest normal number of
+            the dtype of the computation (fp32, or fp64 for fp64 scores: 1.2e-38, 2.2e-308).
         num_iters: iterations T >= 1 (CPSL: 3).
         process_group: a ``torch.distributed`` group whose ranks each hold some samples (rows)
             of the same problems. Each rank gets its rows of the assignment of the concatenated
@@ -125,7 +132,11 @@ def balanced_sinkhorn(
         Assignment of the shape and dtype of ``scores``; each row sums to 1. No gradient flows.
         Adding a constant to one class's scores leaves it unchanged, however large the constant
         (so a class masked with a large negative score is balanced like any other): every
-        backend subtracts each class's largest score before dividing by ε.
+        backend subtracts each class's largest score before dividing by ε. On the CPU an
+        assignment of 8 MiB or more reuses the memory of the last one freed (the OS would zero
+        fresh pages, a seventh of the time at N = 1M): its storage cannot grow, so ``resize_``
+        to more elements or an ``out=`` of a larger shape raises (``clone()`` it first, or set
+        ``CPSL_OPS_RECYCLE_OUTPUTS=0``).
 
     Raises:
         ValueError: on NaN or infinite scores, a class whose scores spread so widely that
@@ -146,7 +157,7 @@ def balanced_sinkhorn(
     if group is None:
         check_nonzero(samples, "scores (N samples)")
     check_nonzero(classes, "scores (K classes)")
-    epsilon = check_positive(epsilon, "epsilon")
+    epsilon = check_positive(epsilon, "epsilon", scores.dtype)
     num_iters = check_int(num_iters, "num_iters", minimum=1)
     if class_prior is None:
         prior = problems.new_ones((batch, classes), dtype=torch.float32)
@@ -165,7 +176,9 @@ def balanced_sinkhorn(
         elif use_native("balanced_sinkhorn", scores.device):
             assignment = torch.ops.cpsl_ops.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters)
         else:
-            assignment = reference.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters)
+            assignment = torch.ops.cpsl_ops_reference.balanced_sinkhorn(
+                problems.detach(), prior, epsilon, num_iters
+            )
     return assignment if batched else assignment.squeeze(0)
 
 
@@ -175,7 +188,7 @@ def _update_prototypes(
     """The single-process op on validated tensors: (new prototypes, counts)."""
     if use_native("update_prototypes", prototypes.device):
         return torch.ops.cpsl_ops.update_prototypes(prototypes, features, labels, momentum, ignore_index)
-    return reference.update_prototypes(prototypes, features, labels, momentum, ignore_index)
+    return torch.ops.cpsl_ops_reference.update_prototypes(prototypes, features, labels, momentum, ignore_index)
 
 
 def update_prototypes_(
@@ -278,7 +291,7 @@ def rectify_pseudo_labels(
     with torch.no_grad():
         if use_native("rectify_pseudo_labels", soft.device):
             return torch.ops.cpsl_ops.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
-        return reference.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
+        return torch.ops.cpsl_ops_reference.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
 
 
 def class_distribution(

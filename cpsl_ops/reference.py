@@ -3,7 +3,9 @@
 Each function has the signature of the op schema of the same name (``csrc/ops/<op>.cpp``) and
 returns what the native kernels must return, computed in the accumulation dtype (fp32, or fp64
 for fp64 inputs) and cast back. It is also the fallback when the native extension is missing, so
-it raises the same ValueErrors on bad values.
+it raises the same ValueErrors on bad values. The public functions run the functions that check
+values as custom ops (``cpsl_ops_reference::<op>``, :mod:`cpsl_ops.ops`), so that torch.compile,
+``torch.export`` and FakeTensorMode trace around their data-dependent branches.
 """
 
 from __future__ import annotations
@@ -27,16 +29,30 @@ def has_values(tensor: Tensor) -> bool:
     return not tensor.is_meta
 
 
+def normalize(x: Tensor) -> Tensor:
+    """``F.normalize(x, dim=1)`` (norms clamped at 1e-12), also where |x|^2 overflows (|x| above
+    ~1e19 in fp32, ~1e154 in fp64): such a row is normalized as x·s, with s the power of two that
+    brings its largest magnitude into [2, 4) (exact, and never subnormal, so x·s = x / 2^e), which
+    changes neither x / |x| nor its derivative s·J(x·s) = J(x). Other rows have s = 1; a row with an
+    infinite entry keeps s = 1 (its results are NaN, as the kernels')."""
+    with torch.no_grad():
+        largest = x.detach().abs().amax(1, keepdim=True)
+        overflowed = torch.isinf(x.detach().square().sum(1, keepdim=True)) & torch.isfinite(largest)
+        scale = torch.where(overflowed, torch.ldexp(torch.ones_like(largest), 2 - torch.frexp(largest).exponent), 1)
+    return F.normalize(x * scale, dim=1)
+
+
 def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
     """cos(f, c_k) / τ for (N, D) features -> (N, K), or (B, D, H, W) -> (B, K, H, W).
 
     Computed in the accumulation dtype also under ``torch.autocast``, which would otherwise run
-    the matrix product in 16 bits (as the kernels never do)."""
+    the matrix product in 16 bits (as the kernels never do), and without overflow for huge
+    finite values (:func:`normalize`)."""
     acc = accumulation_dtype(features.dtype)
     device = features.device.type
     with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-        f = F.normalize(features.to(acc), dim=1)
-        c = F.normalize(prototypes.to(acc), dim=1)
+        f = normalize(features.to(acc))
+        c = normalize(prototypes.to(acc))
         logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
     return (logits / temperature).to(features.dtype)
 

@@ -34,6 +34,9 @@ TOLERANCES = {
 
 requires_native = pytest.mark.skipif(not cpsl_ops.native_available(), reason="native extension not built")
 
+# Both backends, for tests that hold of each (selected with cpsl_ops.use_backend).
+BACKENDS = [pytest.param("native", marks=requires_native), "reference"]
+
 
 def random_tensor(shape: Sequence[int], dtype: torch.dtype, device: str, seed: int, transposed: bool = False,
                   scale: float = 1.0) -> torch.Tensor:

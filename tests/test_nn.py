@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import cpsl_ops
 from cpsl_ops import BalancedSinkhorn, PrototypeEMA, PrototypeSimilarity, SelfLabelingLoss
+from conftest import BACKENDS
 
 
 def clustered_features(batch, classes, dim, height, width, seed, noise=0.3):
@@ -259,11 +260,12 @@ def test_prototype_ema_rejects_non_finite_features():
     assert torch.equal(module.prototypes, torch.zeros(3, 4))
 
 
-@pytest.mark.skipif(not cpsl_ops.native_available(), reason="native extension not built")
+@pytest.mark.parametrize("backend", BACKENDS)
 @torch._inductor.config.patch(fallback_random=True)  # the pixel draws match eager's
-def test_loss_compiles_with_inductor_at_fullgraph_and_matches_eager():
+def test_loss_compiles_with_inductor_at_fullgraph_and_matches_eager(backend):
     """The queue pointer stays a tensor (torch.compile once generated code naming an undefined
     symbol for it); the queue filling up recompiles once."""
+    torch._dynamo.reset()  # the backend is read while tracing: no graph of the other backend
     torch.manual_seed(0)
     eager = SelfLabelingLoss(num_classes=5, feat_dim=8, queue_size=64, samples_per_image=16)
     module = SelfLabelingLoss(num_classes=5, feat_dim=8, queue_size=64, samples_per_image=16)
@@ -271,10 +273,11 @@ def test_loss_compiles_with_inductor_at_fullgraph_and_matches_eager():
     compiled = torch.compile(module, fullgraph=True)
     features, logits = torch.randn(2, 8, 6, 6), torch.randn(2, 5, 6, 6)
     for step in range(4):  # the queue is full from the third step on
-        torch.manual_seed(step)
-        expected = eager(features, logits)
-        torch.manual_seed(step)
-        loss = compiled(features, logits)
+        with cpsl_ops.use_backend(backend):
+            torch.manual_seed(step)
+            expected = eager(features, logits)
+            torch.manual_seed(step)
+            loss = compiled(features, logits)
         expected.backward()
         loss.backward()
         torch.testing.assert_close(loss, expected)

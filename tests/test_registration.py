@@ -11,10 +11,11 @@ import torch
 import cpsl_ops
 from cpsl_ops import reference
 from cpsl_ops._abi import TORCH_ABI_TARGET
-from conftest import DEVICES, requires_native
+from conftest import BACKENDS, DEVICES, requires_native
 
 OPS = ["similarity", "similarity_backward", "balanced_sinkhorn", "update_prototypes", "rectify_pseudo_labels"]
 PUBLIC_OPS = [op for op in OPS if not op.endswith("_backward")]
+REFERENCE_OPS = ["balanced_sinkhorn", "update_prototypes", "rectify_pseudo_labels"]  # cpsl_ops_reference::
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,6 +71,13 @@ def test_opcheck(device, index):
     torch.library.opcheck(getattr(torch.ops.cpsl_ops, op).default, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", [i for i, (op, _) in enumerate(opcheck_cases("cpu")) if op in REFERENCE_OPS])
+def test_opcheck_of_the_reference_ops(device, index):
+    op, args = opcheck_cases(device)[index]
+    torch.library.opcheck(getattr(torch.ops.cpsl_ops_reference, op).default, args)
+
+
 @requires_native
 @pytest.mark.parametrize("device", DEVICES)
 def test_results_are_bit_identical_across_runs(device):
@@ -92,8 +100,9 @@ def test_results_are_bit_identical_across_runs(device):
         assert torch.equal(first, second)
 
 
-@requires_native
-def test_compiled_functions_match_eager():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_functions_match_eager(backend):
+    torch._dynamo.reset()  # the backend is read while tracing: no graph of another test's backend
     features = torch.randn(2, 8, 4, 5, requires_grad=True)
     prototypes = torch.randn(3, 8, requires_grad=True)
 
@@ -103,21 +112,25 @@ def test_compiled_functions_match_eager():
         targets = cpsl_ops.balanced_sinkhorn(scores * 0.08)
         return -(targets.reshape(2, 4, 5, 3).permute(0, 3, 1, 2) * logits.log_softmax(1)).sum(1).mean()
 
-    eager = step(features, prototypes)
-    eager.backward()
-    eager_grad = prototypes.grad.clone()
-    prototypes.grad = None
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(features, prototypes)
-    compiled.backward()
+    with cpsl_ops.use_backend(backend):
+        eager = step(features, prototypes)
+        eager.backward()
+        eager_grad = prototypes.grad.clone()
+        prototypes.grad = None
+        # Not "aot_eager": its backward views a gradient of the reference's einsum with strides that
+        # eager does not give it (pytorch/pytorch#120035); the decompositions of Inductor avoid that.
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager_decomp_partition")(features, prototypes)
+        compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(prototypes.grad, eager_grad)
 
 
-@requires_native
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dynamic", [None, True])
-def test_compiled_ops_take_float_arguments_that_change_between_calls(dynamic):
+def test_compiled_ops_take_float_arguments_that_change_between_calls(dynamic, backend):
     # A temperature schedule or an epsilon sweep: torch.compile then traces the float as a symbolic
     # one, which the argument checks must accept (math.isfinite did not) and still check.
+    torch._dynamo.reset()
     features, prototypes = torch.randn(2, 8, 4, 5), torch.randn(3, 8)
     labels = torch.randint(0, 3, (2, 4, 5))
 
@@ -130,12 +143,101 @@ def test_compiled_ops_take_float_arguments_that_change_between_calls(dynamic):
         return logits, targets, updated, *cpsl_ops.rectify_pseudo_labels(soft, logits, threshold)
 
     compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
-    with cpsl_ops.use_backend("native"):
+    with cpsl_ops.use_backend(backend):
         for values in [(0.08, 0.05, 0.9, 0.1), (0.1, 0.07, 0.99, 0.2), (0.2, 0.1, 0.5, 0.3)]:
             for got, want in zip(compiled(*values), step(*values)):
                 torch.testing.assert_close(got, want)
         with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="temperature"):
             compiled(-1.0, 0.05, 0.9, 0.1)
+
+
+def every_op(features, prototypes, ema, labels, scores):
+    """Every public function once: logits, Sinkhorn targets, rectified labels and confidence, and
+    the pixel counts of an in-place update of ``ema``."""
+    logits = cpsl_ops.prototype_similarity(features, prototypes)
+    targets = cpsl_ops.balanced_sinkhorn(scores, epsilon=0.05)
+    hard, confidence = cpsl_ops.rectify_pseudo_labels(logits.softmax(1), logits, 0.3)
+    counts = cpsl_ops.update_prototypes_(ema, features, labels, 0.9)
+    return logits, targets, hard, confidence, counts, cpsl_ops.class_distribution(labels, prototypes.shape[0])
+
+
+def every_op_inputs():
+    torch.manual_seed(0)
+    return (torch.randn(2, 8, 4, 5), torch.randn(3, 8), torch.randn(3, 8), torch.randint(0, 3, (2, 4, 5)),
+            torch.randn(2, 20, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_functions_raise_value_errors_when_run(backend):
+    """Bad values are found when the compiled code runs, as the same ValueError as in eager mode."""
+    torch._dynamo.reset()
+    compiled = torch.compile(every_op, fullgraph=True, backend="aot_eager")
+    with cpsl_ops.use_backend(backend):
+        inputs = every_op_inputs()
+        for got, want in zip(compiled(*inputs), every_op(*every_op_inputs())):
+            torch.testing.assert_close(got, want)
+        features, prototypes, ema, labels, scores = every_op_inputs()
+        scores[1, 3, 2] = float("nan")
+        with pytest.raises(ValueError, match="balanced_sinkhorn: scores have NaN"):
+            compiled(features, prototypes, ema, labels, scores)
+        features, prototypes, ema, labels, scores = every_op_inputs()
+        labels[0, 1, 1] = 7
+        with pytest.raises(ValueError, match="labels must lie in"):
+            compiled(features, prototypes, ema, labels, scores)
+        features, prototypes, ema, labels, scores = every_op_inputs()
+        features[1, :, 2, 3] = float("inf")
+        with pytest.raises(ValueError, match="rectify_pseudo_labels: soft_pseudo_labels must be finite"):
+            compiled(features, prototypes, ema, labels, scores)
+
+
+class EveryOp(torch.nn.Module):
+    """A module that runs every public function, its EMA prototypes a buffer updated in place."""
+
+    def __init__(self, prototypes, ema):
+        super().__init__()
+        self.prototypes = torch.nn.Parameter(prototypes.clone())
+        self.register_buffer("ema", ema.clone())
+
+    def forward(self, features, labels, scores):
+        return every_op(features, self.prototypes, self.ema, labels, scores)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exported_program_runs_and_matches_eager(backend):
+    features, prototypes, ema, labels, scores = every_op_inputs()
+    eager, module = EveryOp(prototypes, ema), EveryOp(prototypes, ema)
+    with cpsl_ops.use_backend(backend):
+        exported = torch.export.export(module, (features, labels, scores))
+        expected = eager(features, labels, scores)
+    namespace = "cpsl_ops" if backend == "native" else "cpsl_ops_reference"
+    called = {str(node.target) for graph in exported.graph_module.modules() if isinstance(graph, torch.fx.GraphModule)
+              for node in graph.graph.nodes if node.op == "call_function"}  # no_grad blocks are subgraphs
+    assert {f"{namespace}.{op}.default" for op in REFERENCE_OPS} <= called, called
+    program = exported.module()
+    got = program(features, labels, scores)
+    for got_tensor, want in zip(got, expected):
+        torch.testing.assert_close(got_tensor, want)
+    torch.testing.assert_close(program.ema, eager.ema)  # the in-place update is part of the program
+    assert not torch.equal(eager.ema, ema)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_tensor_mode_gives_output_shapes_and_dtypes(backend):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(), cpsl_ops.use_backend(backend):
+        features, prototypes = torch.empty(2, 8, 4, 5, dtype=torch.float16), torch.empty(3, 8)
+        ema, labels = torch.empty(3, 8, dtype=torch.float64), torch.empty(2, 4, 5, dtype=torch.long)
+        scores = torch.empty(2, 20, 3, dtype=torch.bfloat16)
+        outputs = every_op(features, prototypes, ema, labels, scores)
+        assert cpsl_ops.balanced_sinkhorn(torch.empty(6, 3)).shape == (6, 3)
+        hard, confidence = cpsl_ops.rectify_pseudo_labels(torch.empty(2, 3, 4, 5, dtype=torch.float16),
+                                                          torch.empty(2, 3, 4, 5))
+    assert all(isinstance(tensor, FakeTensor) for tensor in outputs)
+    assert [(tuple(t.shape), t.dtype) for t in outputs] == [
+        ((2, 3, 4, 5), torch.float16), ((2, 20, 3), torch.bfloat16), ((2, 4, 5), torch.long),
+        ((2, 4, 5), torch.float16), ((3,), torch.long), ((3,), torch.float32)]
+    assert hard.dtype == torch.long and confidence.dtype == torch.float32 and confidence.shape == (2, 4, 5)
 
 
 @requires_native

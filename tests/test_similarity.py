@@ -185,3 +185,56 @@ def test_bad_input(features, prototypes, error, message):
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature must be a positive finite number"):
         cpsl_ops.prototype_similarity(torch.randn(3, 2), torch.randn(2, 2), temperature)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, huge", [(torch.float32, 1e20), (torch.float32, 3e38), (torch.bfloat16, 3e38),
+                                         (torch.float64, 1e308)])
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (17, 6)])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_huge_finite_values_give_the_answer_of_their_scaled_down_copies(device, dtype, huge, shape, backend):
+    # Cosines are scale-invariant, but |f|^2 overflowed (above ~1e19 in fp32): zero logits on both
+    # backends. Rows of entries up to `huge` (features and prototypes, beside ordinary rows) must
+    # give the fp64 answer of the same rows scaled down, and gradients 1/huge times theirs.
+    def rows_up_to_one(t):  # every row's largest magnitude 1
+        return t / t.abs().amax(1, keepdim=True)
+
+    features = rows_up_to_one(random_tensor(shape, torch.float64, device, 11))
+    prototypes = rows_up_to_one(random_tensor((5, 6), torch.float64, device, 12))
+    feature_scale = torch.ones_like(features[:, :1])
+    feature_scale.view(-1)[::2] = huge  # every other pixel
+    prototype_scale = torch.tensor([[huge], [1.0], [huge], [1.0], [1.0]], dtype=torch.float64, device=device)
+    f = (features * feature_scale).to(dtype).requires_grad_()
+    c = (prototypes * prototype_scale).to(dtype).requires_grad_()
+    with cpsl_ops.use_backend(backend):
+        logits = cpsl_ops.prototype_similarity(f, c, TEMPERATURE)
+    weights = random_tensor(logits.shape, dtype, device, 13)
+    (logits * weights).sum().backward()
+
+    f_down = (f.detach().double() / feature_scale).requires_grad_()
+    c_down = (c.detach().double() / prototype_scale).requires_grad_()
+    expected = cpsl_ops.reference.similarity(f_down, c_down, TEMPERATURE)
+    (expected * weights.double()).sum().backward()
+    assert_close(logits, expected.detach(), dtype, scale=1 / TEMPERATURE)
+    assert torch.isfinite(f.grad).all() and torch.isfinite(c.grad).all()
+    # The gradient of a row scaled by s is 1/s times that of the row: compared after scaling back.
+    assert_close(f.grad.double() * feature_scale, f_down.grad, dtype, scale=1 / TEMPERATURE)
+    assert_close(c.grad.double() * prototype_scale, c_down.grad, dtype, scale=f.shape[0] / TEMPERATURE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_temperature_below_the_smallest_normal_of_the_accumulation_dtype_raises_on_both_backends(device, dtype,
+                                                                                                 backend):
+    # τ subnormal in the kernels' dtype (fp32 for 16- and 32-bit features) overflowed 1/τ natively:
+    # NaN logits where the reference's cos / τ gave 0 (an orthogonal prototype) or finite values.
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    features = torch.tensor([[1.0, 0.0], [1e-30, 0.0]], dtype=dtype, device=device)
+    prototypes = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=dtype, device=device)
+    with cpsl_ops.use_backend(backend):
+        for temperature in (tiny / 100, tiny / 2):
+            with pytest.raises(ValueError, match=f"temperature must be at least {tiny!r}"):
+                cpsl_ops.prototype_similarity(features, prototypes, temperature)
+        assert not cpsl_ops.prototype_similarity(features, prototypes, tiny).isnan().any()

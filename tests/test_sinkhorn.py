@@ -1,5 +1,9 @@
 """balanced_sinkhorn: the official iteration, native against reference, properties, stability."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given
@@ -355,3 +359,44 @@ def test_a_prior_entry_whose_ratio_to_the_largest_underflows(backend):
         result = cpsl_ops.balanced_sinkhorn(scores, prior)
     assert torch.isfinite(result).all() and result[:, 1].max() < 1e-30
     torch.testing.assert_close(result.sum(1), torch.ones(50))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_epsilon_below_the_smallest_normal_of_the_accumulation_dtype_raises_on_both_backends(device, dtype, backend):
+    # ε = 1e-40 is subnormal in fp32, the kernels' dtype for 16- and 32-bit scores: the native
+    # kernel raised (its 1/ε overflows) where the reference returned an assignment.
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    scores = torch.zeros(4, 3, dtype=dtype, device=device)
+    with cpsl_ops.use_backend(backend):
+        for epsilon in (tiny / 100, tiny / 2, 1e-320 if dtype == torch.float64 else 1e-40):
+            with pytest.raises(ValueError, match=f"epsilon must be at least {tiny!r}"):
+                cpsl_ops.balanced_sinkhorn(scores, epsilon=epsilon)
+        assert torch.allclose(cpsl_ops.balanced_sinkhorn(scores, epsilon=tiny).double(),
+                              torch.full((4, 3), 1 / 3, dtype=torch.float64), atol=1e-3)
+
+
+RECYCLED_OUTPUT_PROBE = """
+import torch, cpsl_ops
+scores = torch.rand(200_000, 19)  # a 15 MB assignment: above the recycling threshold of 8 MiB
+out = cpsl_ops.balanced_sinkhorn(scores)
+try:
+    out.resize_(300_000, 19)
+    torch.add(scores, 1, out=cpsl_ops.balanced_sinkhorn(scores[:100_000]))
+    print("grew")
+except RuntimeError as error:
+    print("fixed:", error)
+"""
+
+
+@requires_native
+@pytest.mark.parametrize("recycle", ["1", "0"])
+def test_recycled_cpu_outputs_cannot_grow_unless_recycling_is_off(recycle):
+    # Documented (functional.balanced_sinkhorn, README): a recycled output's storage is memory of
+    # the kernels' own, which PyTorch cannot grow; with CPSL_OPS_RECYCLE_OUTPUTS=0 it is PyTorch's.
+    env = {**os.environ, "CPSL_OPS_RECYCLE_OUTPUTS": recycle}
+    result = subprocess.run([sys.executable, "-c", RECYCLED_OUTPUT_PROBE], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = "grew" if recycle == "0" else "fixed: Trying to resize storage that is not resizable"
+    assert result.stdout.strip() == expected

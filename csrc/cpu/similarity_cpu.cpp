@@ -14,9 +14,9 @@ namespace {
 
 template <typename acc_t>
 struct NormalizedRows {
-  std::vector<acc_t> values;     // rows / max(|row|, eps), row-major
-  std::vector<acc_t> inv_norm;   // 1 / max(|row|, eps)
-  std::vector<acc_t> switch_on;  // projection switch of the normalization's derivative
+  std::vector<acc_t> values;            // rows / max(|row|, eps), row-major
+  std::vector<acc_t> derivative_scale;  // 1 / max(|row|, eps) (similarity_math.h for huge rows)
+  std::vector<acc_t> switch_on;         // projection switch of the normalization's derivative
 };
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
@@ -26,25 +26,46 @@ NormalizedRows<acc_t> normalize_rows(const Tensor& matrix) {
   const int64_t rows = m.size(0), cols = m.size(1);
   NormalizedRows<acc_t> out{std::vector<acc_t>(rows * cols), std::vector<acc_t>(rows), std::vector<acc_t>(rows)};
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t squared = 0;
-    for (int64_t c = 0; c < cols; ++c) squared += static_cast<acc_t>(data[r * cols + c]) * static_cast<acc_t>(data[r * cols + c]);
-    out.inv_norm[r] = inverse_clamped_norm(squared);
+    const auto value = [&](int64_t c) { return static_cast<acc_t>(data[r * cols + c]); };
+    acc_t scale = 1, squared = scaled_squared_norm(value, cols, scale);
+    if (norm_overflows(squared)) {
+      scale = row_overflow_scale<acc_t>(value, cols);
+      squared = scaled_squared_norm(value, cols, scale);
+    }
+    const acc_t inverse = inverse_clamped_norm(squared);
+    out.derivative_scale[r] = scale * inverse;
     out.switch_on[r] = projection_switch(squared);
-    for (int64_t c = 0; c < cols; ++c) out.values[r * cols + c] = static_cast<acc_t>(data[r * cols + c]) * out.inv_norm[r];
+    for (int64_t c = 0; c < cols; ++c) out.values[r * cols + c] = value(c) * scale * inverse;
   }
   return out;
 }
 
-// Per tile: cosines[k * kPixelTile + j] and the pixels' inverse norms and projection switches.
+// Per pixel of a tile: the inverse norm of its (rescaled) features, the derivative scale and the
+// projection switch of its normalization (similarity_math.h).
 template <typename acc_t>
-void tile_cosines(const acc_t* tile, const acc_t* prototypes_hat, int64_t channels, int64_t classes, int64_t count,
-                  acc_t* cosines, acc_t* inv_norm, acc_t* switch_on) {
+struct TileNorms {
+  acc_t inv_norm[kPixelTile], derivative_scale[kPixelTile], switch_on[kPixelTile];
+};
+
+// Per tile: cosines[k * kPixelTile + j] and the pixels' norms. A pixel whose squared norm
+// overflows is rescaled in the tile, by a power of two (similarity_math.h).
+template <typename acc_t>
+void tile_cosines(acc_t* tile, const acc_t* prototypes_hat, int64_t channels, int64_t classes, int64_t count,
+                  acc_t* cosines, TileNorms<acc_t>& norms) {
   acc_t squared[kPixelTile] = {};
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t j = 0; j < count; ++j) squared[j] += tile[c * kPixelTile + j] * tile[c * kPixelTile + j];
   for (int64_t j = 0; j < count; ++j) {
-    inv_norm[j] = inverse_clamped_norm(squared[j]);
-    switch_on[j] = projection_switch(squared[j]);
+    acc_t scale = 1;
+    if (norm_overflows(squared[j])) {
+      const auto value = [&](int64_t c) { return tile[c * kPixelTile + j]; };
+      scale = row_overflow_scale<acc_t>(value, channels);
+      squared[j] = scaled_squared_norm(value, channels, scale);
+      for (int64_t c = 0; c < channels; ++c) tile[c * kPixelTile + j] *= scale;
+    }
+    norms.inv_norm[j] = inverse_clamped_norm(squared[j]);
+    norms.derivative_scale[j] = scale * norms.inv_norm[j];
+    norms.switch_on[j] = projection_switch(squared[j]);
   }
   for (int64_t k = 0; k < classes; ++k) {
     acc_t* row = cosines + k * kPixelTile;
@@ -53,7 +74,7 @@ void tile_cosines(const acc_t* tile, const acc_t* prototypes_hat, int64_t channe
       const acc_t weight = prototypes_hat[k * channels + c];
       for (int64_t j = 0; j < count; ++j) row[j] += weight * tile[c * kPixelTile + j];
     }
-    for (int64_t j = 0; j < count; ++j) row[j] *= inv_norm[j];
+    for (int64_t j = 0; j < count; ++j) row[j] *= norms.inv_norm[j];
   }
 }
 
@@ -71,12 +92,11 @@ void similarity_forward_kernel(const Tensor& features, const Tensor& prototypes,
 
   torch::stable::parallel_for(0, logits_view.size(0) * tiles.per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile);
-    acc_t inv_norm[kPixelTile], switch_on[kPixelTile];
+    TileNorms<acc_t> norms;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
       load_pixel_tile(f, b, channels, p0, count, tile.data());
-      tile_cosines(tile.data(), prototypes_hat.values.data(), channels, classes, count, cosines.data(), inv_norm,
-                   switch_on);
+      tile_cosines(tile.data(), prototypes_hat.values.data(), channels, classes, count, cosines.data(), norms);
       for (int64_t k = 0; k < classes; ++k)
         for (int64_t j = 0; j < count; ++j)
           out(b, k, p0 + j) = static_cast<scalar_t>(cosines[k * kPixelTile + j] * inv_temperature);
@@ -105,15 +125,15 @@ void similarity_backward_kernel(const Tensor& grad_logits, const Tensor& feature
 
   torch::stable::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<acc_t> tile(channels * kPixelTile), cosines(classes * kPixelTile), g(classes * kPixelTile);
-    acc_t inv_norm[kPixelTile], switch_on[kPixelTile], grad_dot_cos[kPixelTile], grad_hat[kPixelTile];
+    TileNorms<acc_t> norms;
+    acc_t grad_dot_cos[kPixelTile], grad_hat[kPixelTile];
     acc_t normalized[kPixelTile];  // one channel of the tile's normalized features
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       acc_t* grad_prototypes_hat = partial.data() + blk * classes * channels;
       for (int64_t t = blk * block; t < std::min(total_tiles, (blk + 1) * block); ++t) {
         const int64_t b = tiles.image(t), p0 = tiles.first_pixel(t), count = tiles.count(t);
         load_pixel_tile(f, b, channels, p0, count, tile.data());
-        tile_cosines(tile.data(), prototypes_hat.values.data(), channels, classes, count, cosines.data(), inv_norm,
-                     switch_on);
+        tile_cosines(tile.data(), prototypes_hat.values.data(), channels, classes, count, cosines.data(), norms);
         std::fill(grad_dot_cos, grad_dot_cos + kPixelTile, acc_t(0));
         for (int64_t k = 0; k < classes; ++k)
           for (int64_t j = 0; j < count; ++j) {
@@ -122,7 +142,7 @@ void similarity_backward_kernel(const Tensor& grad_logits, const Tensor& feature
           }
         for (int64_t c = 0; c < channels; ++c) {
           std::fill(grad_hat, grad_hat + count, acc_t(0));
-          for (int64_t j = 0; j < count; ++j) normalized[j] = tile[c * kPixelTile + j] * inv_norm[j];
+          for (int64_t j = 0; j < count; ++j) normalized[j] = tile[c * kPixelTile + j] * norms.inv_norm[j];
           for (int64_t k = 0; k < classes; ++k) {
             const acc_t weight = prototypes_hat.values[k * channels + c];
             const acc_t* __restrict g_row = g.data() + k * kPixelTile;
@@ -136,7 +156,7 @@ void similarity_backward_kernel(const Tensor& grad_logits, const Tensor& feature
           }
           for (int64_t j = 0; j < count; ++j)
             grad_f(b, c, p0 + j) = static_cast<scalar_t>(normalized_input_grad(
-                grad_hat[j], grad_dot_cos[j], tile[c * kPixelTile + j], inv_norm[j], switch_on[j]));
+                grad_hat[j], grad_dot_cos[j], normalized[j], norms.derivative_scale[j], norms.switch_on[j]));
         }
       }
     }
@@ -145,16 +165,14 @@ void similarity_backward_kernel(const Tensor& grad_logits, const Tensor& feature
   std::vector<acc_t> total(classes * channels, acc_t(0));
   for (int64_t blk = 0; blk < num_blocks; ++blk)
     for (int64_t i = 0; i < classes * channels; ++i) total[i] += partial[blk * classes * channels + i];
-  const Tensor raw = torch::stable::contiguous(prototypes);
-  const scalar_t* c_data = data_of<const scalar_t>(raw);
   scalar_t* out = data_of<scalar_t>(grad_prototypes);
   for (int64_t k = 0; k < classes; ++k) {
     acc_t grad_dot_hat = 0;
     for (int64_t c = 0; c < channels; ++c) grad_dot_hat += total[k * channels + c] * prototypes_hat.values[k * channels + c];
     for (int64_t c = 0; c < channels; ++c)
       out[k * channels + c] = static_cast<scalar_t>(
-          normalized_input_grad(total[k * channels + c], grad_dot_hat, static_cast<acc_t>(c_data[k * channels + c]),
-                                prototypes_hat.inv_norm[k], prototypes_hat.switch_on[k]));
+          normalized_input_grad(total[k * channels + c], grad_dot_hat, prototypes_hat.values[k * channels + c],
+                                prototypes_hat.derivative_scale[k], prototypes_hat.switch_on[k]));
   }
 }
 

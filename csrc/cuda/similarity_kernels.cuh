@@ -19,46 +19,59 @@ namespace similarity_kernels {
 
 constexpr int kClassChunk = 32;
 
-// Normalized prototypes (K, D), their inverse norms and projection switches (K), in the
-// accumulation type: one block per prototype.
+// Normalized prototypes (K, D), their derivative scales and projection switches (K), in the
+// accumulation type: one block per prototype. A prototype whose squared norm overflows is
+// rescaled (similarity_math.h), by every thread over the whole row: a rare path.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(cuda::kThreads)
     normalize_prototypes_kernel(const scalar_t* __restrict__ prototypes, int64_t stride0, int64_t stride1,
-                                int64_t channels, acc_t* __restrict__ values, acc_t* __restrict__ inv_norm,
+                                int64_t channels, acc_t* __restrict__ values, acc_t* __restrict__ derivative_scale,
                                 acc_t* __restrict__ switch_on) {
   __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
   const int64_t k = blockIdx.x;
   const scalar_t* row = prototypes + k * stride0;
-  acc_t squared = 0;
-  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) {
-    const acc_t value = static_cast<acc_t>(row[d * stride1]);
-    squared += value * value;
+  const auto value = [&](int64_t d) { return static_cast<acc_t>(row[d * stride1]); };
+  acc_t squared = 0, scale = 1;
+  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) squared += value(d) * value(d);
+  squared = cuda::block_sum(squared, scratch);  // the same in every thread
+  if (norm_overflows(squared)) {
+    scale = row_overflow_scale<acc_t>(value, channels);
+    squared = scaled_squared_norm(value, channels, scale);
   }
-  squared = cuda::block_sum(squared, scratch);
   const acc_t inverse = inverse_clamped_norm(squared);
-  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x)
-    values[k * channels + d] = static_cast<acc_t>(row[d * stride1]) * inverse;
+  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) values[k * channels + d] = value(d) * scale * inverse;
   if (threadIdx.x == 0) {
-    inv_norm[k] = inverse;
+    derivative_scale[k] = scale * inverse;
     switch_on[k] = projection_switch(squared);
   }
 }
 
-// For each pixel of chunk [k0, k0 + kClassChunk): cosines[k] = <f̂, ĉ_k>; also inverse norm.
+// For each pixel of chunk [k0, k0 + kClassChunk): cosines[k] = <f̂, ĉ_k>; also the squared norm of
+// the pixel's features times scale, the power of two that keeps it finite (similarity_math.h: 1
+// but where it overflows, where a second pass finds it and a third repeats the first with it).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void pixel_cosines(const scalar_t* features, cuda::Strides3d f, int64_t b, int64_t p,
                                               int64_t channels, const acc_t* prototypes_hat, int64_t classes,
-                                              int64_t k0, acc_t* cosines, acc_t& squared) {
+                                              int64_t k0, acc_t* cosines, acc_t& squared, acc_t& scale) {
   const int64_t chunk = min(static_cast<int64_t>(kClassChunk), classes - k0);
-  squared = 0;
+  const auto value = [&](int64_t d) { return static_cast<acc_t>(features[f(b, d, p)]); };
+  const auto accumulate = [&](acc_t row_scale) {
+    squared = 0;
 #pragma unroll
-  for (int i = 0; i < kClassChunk; ++i) cosines[i] = 0;
-  for (int64_t d = 0; d < channels; ++d) {
-    const acc_t value = static_cast<acc_t>(features[f(b, d, p)]);
-    squared += value * value;
+    for (int i = 0; i < kClassChunk; ++i) cosines[i] = 0;
+    for (int64_t d = 0; d < channels; ++d) {
+      const acc_t scaled = value(d) * row_scale;
+      squared += scaled * scaled;
 #pragma unroll
-    for (int i = 0; i < kClassChunk; ++i)
-      if (i < chunk) cosines[i] += value * prototypes_hat[(k0 + i) * channels + d];
+      for (int i = 0; i < kClassChunk; ++i)
+        if (i < chunk) cosines[i] += scaled * prototypes_hat[(k0 + i) * channels + d];
+    }
+  };
+  scale = 1;
+  accumulate(acc_t(1));
+  if (norm_overflows(squared)) {
+    scale = row_overflow_scale<acc_t>(value, channels);
+    accumulate(scale);
   }
   const acc_t inv_norm = inverse_clamped_norm(squared);
 #pragma unroll
@@ -73,48 +86,52 @@ __global__ void similarity_forward_kernel(const scalar_t* __restrict__ features,
   const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
   const int64_t b = index / pixels, p = index % pixels;
-  acc_t cosines[kClassChunk], squared;
+  acc_t cosines[kClassChunk], squared, scale;
   for (int64_t k0 = 0; k0 < classes; k0 += kClassChunk) {
-    pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared);
+    pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared, scale);
 #pragma unroll
     for (int i = 0; i < kClassChunk; ++i)
       if (k0 + i < classes) logits[out(b, k0 + i, p)] = static_cast<scalar_t>(cosines[i] * inv_temperature);
   }
 }
 
-// Per pixel: inv_norm, switch, and Σ_k g_k cos_k with g = grad_logits / τ.
+// The per-pixel terms of the backward, (B·P) each: the scale and inverse norm of the rescaled
+// features (f̂ = f · scale · inv_norm), the projection switch, and Σ_k g_k cos_k with g = grad_logits / τ.
+template <typename acc_t>
+struct PixelTerms {
+  acc_t *scale, *inv_norm, *switch_on, *grad_dot_cos;
+};
+
 template <typename scalar_t, typename acc_t>
 __global__ void similarity_pixel_terms_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
                                               const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
-                                              const acc_t* __restrict__ prototypes_hat, acc_t* __restrict__ inv_norm,
-                                              acc_t* __restrict__ switch_on, acc_t* __restrict__ grad_dot_cos,
+                                              const acc_t* __restrict__ prototypes_hat, PixelTerms<acc_t> terms,
                                               int64_t batch, int64_t channels, int64_t pixels, int64_t classes,
                                               acc_t inv_temperature) {
   const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
   const int64_t b = index / pixels, p = index % pixels;
-  acc_t cosines[kClassChunk], squared = 0, total = 0;
+  acc_t cosines[kClassChunk], squared = 0, scale = 1, total = 0;
   for (int64_t k0 = 0; k0 < classes; k0 += kClassChunk) {
-    pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared);
+    pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared, scale);
 #pragma unroll
     for (int i = 0; i < kClassChunk; ++i)
       if (k0 + i < classes) total += static_cast<acc_t>(grad_logits[g(b, k0 + i, p)]) * inv_temperature * cosines[i];
   }
-  inv_norm[index] = inverse_clamped_norm(squared);
-  switch_on[index] = projection_switch(squared);
-  grad_dot_cos[index] = total;
+  terms.scale[index] = scale;
+  terms.inv_norm[index] = inverse_clamped_norm(squared);
+  terms.switch_on[index] = projection_switch(squared);
+  terms.grad_dot_cos[index] = total;
 }
 
-// grad_f[b, d, p] = normalized_input_grad(Σ_k ĉ[k, d] g[b, k, p] / τ, Σ g cos, f, inv_norm, switch),
-// one thread per element, pixels fastest.
+// grad_f[b, d, p] = normalized_input_grad(Σ_k ĉ[k, d] g[b, k, p] / τ, Σ g cos, f̂, scale · inv_norm,
+// switch), one thread per element, pixels fastest.
 template <typename scalar_t, typename acc_t>
 __global__ void similarity_feature_grad_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
                                                const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
-                                               const acc_t* __restrict__ prototypes_hat,
-                                               const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ switch_on,
-                                               const acc_t* __restrict__ grad_dot_cos, scalar_t* __restrict__ grad,
-                                               cuda::Strides3d out, int64_t channels, int64_t pixels, int64_t classes,
-                                               int64_t total, acc_t inv_temperature) {
+                                               const acc_t* __restrict__ prototypes_hat, PixelTerms<acc_t> terms,
+                                               scalar_t* __restrict__ grad, cuda::Strides3d out, int64_t channels,
+                                               int64_t pixels, int64_t classes, int64_t total, acc_t inv_temperature) {
   const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (index >= total) return;
   const int64_t p = index % pixels, d = (index / pixels) % channels, b = index / (pixels * channels);
@@ -122,18 +139,20 @@ __global__ void similarity_feature_grad_kernel(const scalar_t* __restrict__ feat
   for (int64_t k = 0; k < classes; ++k)
     grad_hat += prototypes_hat[k * channels + d] * static_cast<acc_t>(grad_logits[g(b, k, p)]);
   const int64_t pixel = b * pixels + p;
-  grad[out(b, d, p)] = static_cast<scalar_t>(normalized_input_grad(grad_hat * inv_temperature, grad_dot_cos[pixel],
-                                                                   static_cast<acc_t>(features[f(b, d, p)]),
-                                                                   inv_norm[pixel], switch_on[pixel]));
+  const acc_t scale = terms.scale[pixel], inv_norm = terms.inv_norm[pixel];
+  grad[out(b, d, p)] = static_cast<scalar_t>(normalized_input_grad(
+      grad_hat * inv_temperature, terms.grad_dot_cos[pixel], static_cast<acc_t>(features[f(b, d, p)]) * scale * inv_norm,
+      scale * inv_norm, terms.switch_on[pixel]));
 }
 
-// grad_hat[k, d] = Σ_{b, p} g[b, k, p] / τ · f[b, d, p] · inv_norm[b, p]: the gradient with respect
-// to the normalized prototypes, for channel d = blockIdx.x and the classes of chunk blockIdx.y.
+// grad_hat[k, d] = Σ_{b, p} g[b, k, p] / τ · f̂[b, d, p]: the gradient with respect to the
+// normalized prototypes, for channel d = blockIdx.x and the classes of chunk blockIdx.y.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(cuda::kThreads)
     prototype_grad_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
                           const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
-                          const acc_t* __restrict__ inv_norm, int64_t batch, int64_t channels, int64_t pixels,
+                          const acc_t* __restrict__ scale, const acc_t* __restrict__ inv_norm, int64_t batch,
+                          int64_t channels, int64_t pixels,
                           int64_t classes, acc_t inv_temperature, acc_t* __restrict__ grad_hat) {
   __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
   const int64_t d = blockIdx.x, k0 = static_cast<int64_t>(blockIdx.y) * kClassChunk;
@@ -141,7 +160,7 @@ __global__ void __launch_bounds__(cuda::kThreads)
   acc_t sum[kClassChunk] = {};
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t p = threadIdx.x; p < pixels; p += blockDim.x) {
-      const acc_t normalized = static_cast<acc_t>(features[f(b, d, p)]) * inv_norm[b * pixels + p];
+      const acc_t normalized = static_cast<acc_t>(features[f(b, d, p)]) * scale[b * pixels + p] * inv_norm[b * pixels + p];
 #pragma unroll
       for (int c = 0; c < kClassChunk; ++c)
         if (c < chunk) sum[c] += static_cast<acc_t>(grad_logits[g(b, k0 + c, p)]) * normalized;
@@ -155,19 +174,18 @@ __global__ void __launch_bounds__(cuda::kThreads)
 // grad_c[k, d] from grad_hat through the normalization of prototype k: one block per prototype.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(cuda::kThreads)
-    prototype_normalization_grad_kernel(const scalar_t* __restrict__ prototypes, int64_t stride0, int64_t stride1,
-                                        const acc_t* __restrict__ grad_hat, const acc_t* __restrict__ values,
-                                        const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ switch_on,
-                                        int64_t channels, scalar_t* __restrict__ grad) {
+    prototype_normalization_grad_kernel(const acc_t* __restrict__ grad_hat, const acc_t* __restrict__ values,
+                                        const acc_t* __restrict__ derivative_scale,
+                                        const acc_t* __restrict__ switch_on, int64_t channels,
+                                        scalar_t* __restrict__ grad) {
   __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
   const int64_t k = blockIdx.x;
   acc_t dot = 0;
   for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) dot += grad_hat[k * channels + d] * values[k * channels + d];
   dot = cuda::block_sum(dot, scratch);
   for (int64_t d = threadIdx.x; d < channels; d += blockDim.x)
-    grad[k * channels + d] = static_cast<scalar_t>(
-        normalized_input_grad(grad_hat[k * channels + d], dot, static_cast<acc_t>(prototypes[k * stride0 + d * stride1]),
-                              inv_norm[k], switch_on[k]));
+    grad[k * channels + d] = static_cast<scalar_t>(normalized_input_grad(
+        grad_hat[k * channels + d], dot, values[k * channels + d], derivative_scale[k], switch_on[k]));
 }
 
 // The inputs of one forward or backward call: features as a (B, D, P) view, prototypes (K, D).
@@ -184,7 +202,7 @@ struct SimilarityInputs {
 // The normalized prototypes of one call, in the accumulation type, in working memory.
 template <typename acc_t>
 struct NormalizedPrototypes {
-  acc_t *values, *inv_norm, *switch_on;  // (K, D), (K), (K)
+  acc_t *values, *derivative_scale, *switch_on;  // (K, D), (K), (K)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -194,7 +212,8 @@ NormalizedPrototypes<acc_t> normalize_prototypes(const SimilarityInputs<scalar_t
                                         workspace.take<acc_t>(in.classes), workspace.take<acc_t>(in.classes)};
   if (in.classes == 0) return out;
   normalize_prototypes_kernel<scalar_t, acc_t><<<in.classes, cuda::kThreads, 0, stream>>>(
-      in.prototypes, in.prototype_stride0, in.prototype_stride1, in.channels, out.values, out.inv_norm, out.switch_on);
+      in.prototypes, in.prototype_stride0, in.prototype_stride1, in.channels, out.values, out.derivative_scale,
+      out.switch_on);
   CPSL_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -225,29 +244,27 @@ void launch_similarity_backward(const SimilarityInputs<scalar_t>& in, const scal
   CPSL_CHECK(cuda::blocks_for(classes, kClassChunk) <= cuda::kMaxGridY, "similarity_backward: the CUDA kernel takes at most ",
              cuda::kMaxGridY * kClassChunk, " classes, got ", classes);
   const NormalizedPrototypes<acc_t> normalized = normalize_prototypes<scalar_t, acc_t>(in, workspace, stream);
-  acc_t* inv_norm = workspace.take<acc_t>(batch * pixels);
-  acc_t* switch_on = workspace.take<acc_t>(batch * pixels);
-  acc_t* grad_dot_cos = workspace.take<acc_t>(batch * pixels);
+  const PixelTerms<acc_t> terms{workspace.take<acc_t>(batch * pixels), workspace.take<acc_t>(batch * pixels),
+                                workspace.take<acc_t>(batch * pixels), workspace.take<acc_t>(batch * pixels)};
   const acc_t inv_temperature = static_cast<acc_t>(1.0 / in.temperature);
   similarity_pixel_terms_kernel<scalar_t, acc_t><<<cuda::blocks_for(batch * pixels), cuda::kThreads, 0, stream>>>(
-      in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, inv_norm, switch_on, grad_dot_cos,
-      batch, channels, pixels, classes, inv_temperature);
+      in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, terms, batch, channels, pixels,
+      classes, inv_temperature);
   CPSL_KERNEL_LAUNCH_CHECK();
   const int64_t total = batch * channels * pixels;
   similarity_feature_grad_kernel<scalar_t, acc_t><<<cuda::blocks_for(total), cuda::kThreads, 0, stream>>>(
-      in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, inv_norm, switch_on, grad_dot_cos,
-      grad_features, grad_feature_strides, channels, pixels, classes, total, inv_temperature);
+      in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, terms, grad_features,
+      grad_feature_strides, channels, pixels, classes, total, inv_temperature);
   CPSL_KERNEL_LAUNCH_CHECK();
   if (classes == 0) return;
   acc_t* grad_hat = workspace.take<acc_t>(classes * channels);
   prototype_grad_kernel<scalar_t, acc_t>
       <<<dim3(channels, cuda::blocks_for(classes, kClassChunk)), cuda::kThreads, 0, stream>>>(
-          in.features, in.feature_strides, grad_logits, grad_strides, inv_norm, batch, channels, pixels, classes,
-          inv_temperature, grad_hat);
+          in.features, in.feature_strides, grad_logits, grad_strides, terms.scale, terms.inv_norm, batch, channels,
+          pixels, classes, inv_temperature, grad_hat);
   CPSL_KERNEL_LAUNCH_CHECK();
   prototype_normalization_grad_kernel<scalar_t, acc_t><<<classes, cuda::kThreads, 0, stream>>>(
-      in.prototypes, in.prototype_stride0, in.prototype_stride1, grad_hat, normalized.values, normalized.inv_norm,
-      normalized.switch_on, channels, grad_prototypes);
+      grad_hat, normalized.values, normalized.derivative_scale, normalized.switch_on, channels, grad_prototypes);
   CPSL_KERNEL_LAUNCH_CHECK();
 }
 

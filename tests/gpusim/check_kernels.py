@@ -242,16 +242,20 @@ def similarity_requests(features: torch.Tensor, prototypes: torch.Tensor, grad_l
 
 
 def expect_similarity(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
-                      temperature: float):
+                      temperature: float, feature_scale: float | torch.Tensor = 1.0,
+                      prototype_scale: float | torch.Tensor = 1.0):
+    """The fp64 reference on the inputs divided by the (per-row) scales: cosines are scale-invariant,
+    and the gradients, compared after multiplying them by the scales, are 1/scale times theirs."""
     def verify(requests: List[Request]) -> None:
         forward, backward = requests
-        f = features.double().requires_grad_()
-        c = prototypes.double().requires_grad_()
+        f = (features.double() / feature_scale).requires_grad_()
+        c = (prototypes.double() / prototype_scale).requires_grad_()
         logits = reference.similarity(f, c, temperature)
         logits.backward(grad_logits.double())
         close(forward.results["logits"], logits.detach(), features.dtype)
-        close(backward.results["grad_features"], f.grad, features.dtype)
-        close(backward.results["grad_prototypes"], c.grad, features.dtype)
+        for name, grad, scale in (("grad_features", f.grad, feature_scale), ("grad_prototypes", c.grad, prototype_scale)):
+            assert torch.isfinite(backward.results[name]).all(), f"{name} not finite"
+            close(backward.results[name].double() * scale, grad, features.dtype)
     return verify
 
 
@@ -270,6 +274,24 @@ def similarity_checks() -> List[Check]:
         checks.append(Check(f"similarity fwd+bwd {layout} {DTYPE_NAMES[dtype]} D={channels} K={classes}",
                             similarity_requests(features, prototypes, grad_logits, 0.08),
                             expect_similarity(features, prototypes, grad_logits, 0.08)))
+    # Huge finite rows (every other pixel, two prototypes), whose squared norms overflow: rescaled.
+    for seed, (layout, dtype, huge) in enumerate([("channels_first", torch.float32, 1e20),
+                                                  ("flat", torch.float32, 3e38), ("channels_last", torch.float64, 1e308)]):
+        unit = similarity_features(layout, torch.float64, 2, 12, 3, 5, seed + 500)
+        unit = unit / unit.abs().amax(1, keepdim=True)
+        feature_scale = torch.ones_like(unit[:, :1])
+        feature_scale.view(-1)[::2] = huge
+        prototypes = random((5, 12), seed + 600)
+        prototypes /= prototypes.abs().amax(1, keepdim=True)
+        prototype_scale = torch.tensor([[huge], [1.0], [1.0], [huge], [1.0]], dtype=torch.float64)
+        features = (unit * feature_scale).to(dtype)
+        if layout == "channels_last":
+            features = features.contiguous(memory_format=torch.channels_last)
+        grad_logits = random(logits_shape(features, 5), seed + 700).to(dtype)
+        checks.append(Check(f"similarity fwd+bwd {layout} {DTYPE_NAMES[dtype]} rows of {huge:g} (squared norm overflows)",
+                            similarity_requests(features, (prototypes * prototype_scale).to(dtype), grad_logits, 0.08),
+                            expect_similarity(features, (prototypes * prototype_scale).to(dtype), grad_logits, 0.08,
+                                              feature_scale, prototype_scale)))
     return checks
 
 

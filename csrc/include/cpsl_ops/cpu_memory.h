@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
+#include <string>
 #include <utility>
 #include <vector>
 #if defined(__linux__)
@@ -87,15 +88,28 @@ class RecyclingPool {
   Block* kept_ = nullptr;
 };
 
+// Whether large outputs come from the pool: a tensor over memory of one's own has a storage that
+// cannot grow (the stable ABI offers no allocator-backed CPU storage), so `resize_` to more
+// elements, or an `out=` of a larger shape, raises on it. CPSL_OPS_RECYCLE_OUTPUTS=0 gives every
+// output PyTorch's allocator instead, at the cost of the fresh pages.
+inline bool recycling_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("CPSL_OPS_RECYCLE_OUTPUTS");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 // An uninitialized contiguous CPU tensor of `like`'s dtype for a large kernel output: from the recycling pool above
-// when it has kLargeOutputBytes or more, else from PyTorch's CPU allocator. (A tensor over memory
-// of one's own, freed through a deleter, is what needs torch 2.11's stable ABI.)
+// when it has kLargeOutputBytes or more (and recycling is enabled), else from PyTorch's CPU
+// allocator. (A tensor over memory of one's own, freed through a deleter, is what needs torch
+// 2.11's stable ABI.)
 inline Tensor empty_large_output(const Tensor& like, const std::vector<int64_t>& sizes) {
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
   const ScalarType dtype = like.scalar_type();
   const size_t bytes = static_cast<size_t>(numel) * like.element_size();
-  if (bytes < kLargeOutputBytes) return empty_on(like, sizes, dtype);
+  if (bytes < kLargeOutputBytes || !recycling_enabled()) return empty_on(like, sizes, dtype);
   std::vector<int64_t> strides(sizes.size(), 1);
   for (size_t d = sizes.size(); d-- > 1;) strides[d - 1] = strides[d] * sizes[d];
   RecyclingPool::Block* block = RecyclingPool::instance().allocate(bytes);
