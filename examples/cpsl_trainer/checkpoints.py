@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 import torch
 from torch import Tensor
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, flat_settings
 from .distributed import Distributed
 from .files import keep_log_lines, load_torch_file
 
@@ -31,17 +31,6 @@ def config_changes(saved: Config, current: Config) -> List[str]:
     before, after = flat_settings(saved.to_dict()), flat_settings(current.to_dict())
     return [f"{key}: {before.get(key)!r} there, {value!r} here" for key, value in after.items()
             if key not in RESUMABLE_CHANGES and before.get(key) != value]
-
-
-def flat_settings(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """A nested config dict as ``{"section.field": value}``."""
-    flat: Dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 class Checkpoints:

@@ -40,7 +40,7 @@ def export_main(argv: List[str]) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the official checkpoint to write")
     parser.add_argument("overrides", nargs="*", help="config overrides such as model.layout=official")
     args = parser.parse_intermixed_args(argv)
-    config = check_config(load_config(args.config, args.overrides))
+    config = check_config(load_config(args.config, args.overrides), training=False)
     model_config, num_classes = config.model, protocol_of(config.data.protocol).num_classes
     model = load_weights(args.weights, lambda bn_pretrain: DeepLabV2.from_config(model_config, num_classes,
                                                                                   bn_pretrain=bn_pretrain),
@@ -74,10 +74,11 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
     if args.threads:
         torch.set_num_threads(args.threads)
     # Checked before anything is written or read; the Pipeline checks the final config again.
-    config = check_config(load_config(CONFIGS / "demo.yaml" if args.demo else args.config, args.overrides))
+    config = check_config(load_config(CONFIGS / "demo.yaml" if args.demo else args.config, args.overrides),
+                          training=not evaluate_only)
     if evaluate_only:
         config = with_demo_data(config) if args.demo else config
-        pipeline = Pipeline(config)
+        pipeline = Pipeline(config, training=False)
         model = load_weights(args.weights, lambda bn_pretrain: pipeline.new_model(None, bn_pretrain),
                              pipeline.protocol.num_classes)
         pipeline.evaluate(model.to(pipeline.device), args.weights.stem)

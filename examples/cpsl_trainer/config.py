@@ -23,6 +23,9 @@ STUDENT_INITS = ("pretrained", "teacher")
 EVAL_MODES = ("whole", "slide")
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" too
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The value of model.pretrained or distill.pretrained that asks for random weights: a network
+# starts from random weights only when a config says so by name.
+RANDOM_WEIGHTS = "random"
 AMP_MODES = ("none", *AMP_DTYPES)
 
 
@@ -59,7 +62,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet101"
-    # A local ImageNet checkpoint of the backbone (never downloaded), e.g. resnet101-63fe2227.pth.
+    # A local ImageNet checkpoint of the backbone (never downloaded), e.g. resnet101-63fe2227.pth,
+    # or "random" (RANDOM_WEIGHTS); a training run refuses null.
     pretrained: Optional[str] = None
     feat_dim: int = 256
     dilations: List[int] = field(default_factory=lambda: [6, 12, 18, 24])
@@ -143,7 +147,7 @@ class DistillConfig:
     # with one per stage; officially stage 2 starts from SimCLRv2 weights, stage 3 from stage 2.
     student_init: Union[str, List[str]] = field(default_factory=lambda: ["pretrained", "teacher"])
     # The students' initialization file (the official code: SimCLRv2 r101_1x_sk0 converted to
-    # torchvision names); null means model.pretrained.
+    # torchvision names), or "random"; null means model.pretrained.
     pretrained: Optional[str] = None
     # A BatchNorm on the students' backbone output, trained with the head (the official --bn_clr).
     bn_pretrain: bool = True
@@ -198,6 +202,17 @@ def stage_iterations(config: Config) -> Dict[str, int]:
     stages = {"warmup": 0 if config.warmup.weights else config.warmup.iterations, "cpsl": config.cpsl.iterations}
     stages.update({f"distill{number}": config.distill.iterations for number in range(1, config.distill.stages + 1)})
     return stages
+
+
+def flat_settings(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict (:meth:`Config.to_dict`) as ``{"section.field": value}``."""
+    flat: Dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def student_init(config: Config, number: int) -> str:

@@ -19,7 +19,8 @@ import torch
 
 from .augment import CUTMIX_BOXES
 from .config import (
-    AMP_MODES, Config, DEVICES, DISTILL_KL_FORMS, EVAL_MODES, PROTOCOLS, SOURCES, stage_iterations, student_init, STUDENT_INITS)
+    AMP_MODES, Config, DEVICES, DISTILL_KL_FORMS, EVAL_MODES, PROTOCOLS, RANDOM_WEIGHTS, SOURCES, stage_iterations,
+    student_init, STUDENT_INITS)
 from .model import BACKBONES, GROUP_NORM_GROUPS, LAYOUTS
 from .randaugment import setting_problems
 from .training import parse_stop_after, SELECTION_NOTES
@@ -34,8 +35,10 @@ class ConfigError(ValueError):
                          + "\n  ".join(problems))
 
 
-def check_config(config: Config) -> Config:
-    """``config`` with its numbers in their declared types, or a ConfigError listing every bad key."""
+def check_config(config: Config, training: bool = True) -> Config:
+    """``config`` with its numbers in their declared types, or a ConfigError listing every bad key.
+    For ``training``, also the weights files the run will read, and that no network would start
+    from random weights unless the config asks for them by name (``"random"``)."""
     problems: List[str] = []
     config = _typed(config, "", problems)
     mistyped = {problem.partition("=")[0] for problem in problems}
@@ -44,7 +47,7 @@ def check_config(config: Config) -> Config:
         if problem:
             problems.append(f"{key}={_get(config, key)!r}: {problem}")
     if not mistyped:  # as do the rules over several keys, which skip what reads a bad value
-        problems += _cross_key_problems(config, {problem.partition("=")[0] for problem in problems})
+        problems += _cross_key_problems(config, {problem.partition("=")[0] for problem in problems}, training)
     if problems:
         raise ConfigError(problems)
     return config
@@ -238,7 +241,7 @@ VALUE_RULES: Dict[str, Rule] = {
 }
 
 
-def _cross_key_problems(config: Config, bad: Set[str]) -> List[str]:
+def _cross_key_problems(config: Config, bad: Set[str], training: bool) -> List[str]:
     """Rules over several keys, the strong view's and the files that the run will read."""
     problems = setting_problems(config.data.strong_ops, config.data.strong_magnitude, config.data.strong_jitter)
     if config.data.source == "synthia" and config.data.protocol == "cityscapes19":
@@ -249,26 +252,28 @@ def _cross_key_problems(config: Config, bad: Set[str]) -> List[str]:
                         "(to skip the warm-up, set warmup.weights)")
     if config.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("train.tensorboard=True: the tensorboard package is not installed")
-    for key, path in _files_read(config, bad).items():
-        if not Path(path).is_file():
+    for key, path in (_weights_read(config, bad) if training else {}).items():
+        if path is None:
+            problems.append(f"{key}=None: the network would start from random weights; name its weights file, or "
+                            f"'{RANDOM_WEIGHTS}' to ask for random weights")
+        elif path != RANDOM_WEIGHTS and not Path(path).is_file():
             problems.append(f"{key}={path!r}: no such file")
     problem = None if bad & set(ITERATION_KEYS) else _stop_after_problem(config)
     return problems + ([problem] if problem else [])
 
 
-def _files_read(config: Config, bad: Set[str]) -> Dict[str, str]:
-    """The weights files the run will read, by the key that names them."""
-    files = {}
+def _weights_read(config: Config, bad: Set[str]) -> Dict[str, Optional[str]]:
+    """The weights each network of the run starts from, by the key that names them."""
+    weights: Dict[str, Optional[str]] = {}
     if config.warmup.weights:
-        files["warmup.weights"] = config.warmup.weights
-    elif config.model.pretrained:
-        files["model.pretrained"] = config.model.pretrained
+        weights["warmup.weights"] = config.warmup.weights
+    else:
+        weights["model.pretrained"] = config.model.pretrained
     students = [] if {"distill.stages", "distill.student_init"} & bad else range(1, config.distill.stages + 1)
     if any(student_init(config, number) == "pretrained" for number in students):
         key = "distill.pretrained" if config.distill.pretrained else "model.pretrained"
-        if _get(config, key):
-            files[key] = _get(config, key)
-    return files
+        weights[key] = _get(config, key)
+    return weights
 
 
 ITERATION_KEYS = ("warmup.iterations", "cpsl.iterations", "distill.stages", "distill.iterations")

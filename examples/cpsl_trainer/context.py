@@ -40,9 +40,10 @@ class RunContext(Checkpoints):
     loop. Evaluation is the Evaluation stage's (evaluation.py)."""
 
     def __init__(
-        self, config: Config, stop_after: Optional[Tuple[str, int]] = None, context: Optional[Distributed] = None
+        self, config: Config, stop_after: Optional[Tuple[str, int]] = None, context: Optional[Distributed] = None,
+        training: bool = True,
     ) -> None:
-        self.config = config = check_config(config)
+        self.config = config = check_config(config, training)
         self.stop_after = stop_after or parse_stop_after(config.train.stop_after)
         self.dist = context or Distributed()
         self.output = Path(config.train.output_dir)

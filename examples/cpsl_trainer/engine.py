@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .config import stage_iterations
 from .evaluation import Evaluation
+from .recipe import departures, recipe_table
 from .files import OutputLock
 from .stage_cpsl import CPSLStage
 from .stage_distill import DistillStage
@@ -55,6 +56,7 @@ class Pipeline(WarmupStage, CPSLStage, DistillStage, Evaluation):
         if self.dist.is_main:
             (self.output / "config.yaml").write_text(self.config.to_yaml())
         self.log(self.describe())
+        self.log(recipe_table(departures(self.config)))
         for name, stage in self.stages():
             if name in self.state["completed"]:
                 continue
@@ -74,7 +76,8 @@ class Pipeline(WarmupStage, CPSLStage, DistillStage, Evaluation):
         final = list(stages)[-1]
         metrics = {"source_only": stages["warmup"], "adapted": stages[final], "adapted_stage": final,
                    "mIoU_gain": round(stages[final]["mIoU"] - stages["warmup"]["mIoU"], 2),
-                   "selection": SELECTION_NOTES[self.config.eval.select], "stages": stages}
+                   "selection": SELECTION_NOTES[self.config.eval.select], "recipe_departures": departures(self.config),
+                   "stages": stages}
         path = self.output / "metrics.json"
         path.write_text(json.dumps(metrics, indent=2))
         tqdm.write(f"source-only mIoU {stages['warmup']['mIoU']:.2f} → adapted ({final}) mIoU "

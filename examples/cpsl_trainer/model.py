@@ -20,7 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from . import official
-from .config import ModelConfig
+from .config import ModelConfig, RANDOM_WEIGHTS
 from .files import load_torch_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -222,8 +222,10 @@ class DeepLabV2(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, num_classes: int, pretrained: Optional[Union[str, Path]] = None,
                     bn_pretrain: bool = False) -> "DeepLabV2":
-        """The network that a ``config.ModelConfig`` describes."""
-        return cls(config.backbone, num_classes, config.feat_dim, tuple(config.dilations), pretrained, config.dropout,
+        """The network that a ``config.ModelConfig`` describes, from ``pretrained`` weights (a file,
+        or ``"random"``/None for random weights)."""
+        weights = None if pretrained == RANDOM_WEIGHTS else pretrained
+        return cls(config.backbone, num_classes, config.feat_dim, tuple(config.dilations), weights, config.dropout,
                    config.layout, bn_pretrain)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
