@@ -1,5 +1,6 @@
 """The example trainer's DeepLabV2 model (examples/cpsl_trainer/model.py)."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -159,6 +160,24 @@ def test_malformed_weights_files_are_errors_naming_the_file(tmp_path, resnet18_m
         with pytest.raises(ValueError, match=message) as raised:
             read()
         assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_a_checkpointed_backbone_gives_the_plain_step(backbone):
+    # The same gradients and BatchNorm statistics (recomputing a block must not count its batch a
+    # second time in the running statistics), dropout in the head included.
+    torch.manual_seed(0)
+    plain = DeepLabV2(backbone, num_classes=5, feat_dim=64, dilations=(2, 4), layout="official").train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpoint_backbone = True
+    images = torch.randn(2, 3, 40, 56)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        model(images)["out"].square().mean().backward()
+    for (name, expected), got in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(expected.grad, got.grad), name
+    for (name, expected), got in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        assert torch.equal(expected, got), name
 
 
 def test_parameter_groups(resnet18_model):

@@ -20,10 +20,10 @@ from .files import keep_log_lines, load_torch_file
 CHECKPOINT_FORMAT = 3
 
 
-# Settings that decide what a run shows and writes, never what it computes: a resumed run may
-# change them.
+# Settings that decide what a run shows and writes, or the memory it takes, never what it
+# computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("train.output_dir", "train.stop_after", "train.progress", "train.log_every", "train.tensorboard",
-                     "train.checkpoint_every", "data.num_workers", "eval.save_images")
+                     "train.checkpoint_every", "data.num_workers", "eval.save_images", "model.checkpoint_backbone")
 
 
 def config_changes(saved: Config, current: Config) -> List[str]:

@@ -71,6 +71,9 @@ class ModelConfig:
     # "official": the official code's bottlenecks (stride on the first 1x1 conv), which its
     # checkpoints need; "torchvision": torchvision's. Same for resnet18/34 (model.py).
     layout: str = "official"
+    # Recompute the backbone's activations in the backward pass instead of keeping them: less
+    # memory per image (README, "fewer or smaller GPUs"), one more backbone forward, same results.
+    checkpoint_backbone: bool = False
 
 
 @dataclass

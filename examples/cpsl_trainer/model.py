@@ -20,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from . import official
+from .checkpointing import checkpointed
 from .config import ModelConfig, RANDOM_WEIGHTS
 from .files import load_torch_file
 
@@ -196,6 +197,9 @@ class DeepLabV2(nn.Module):
             module docstring); the same for resnet18/34.
         bn_pretrain: a BatchNorm on the backbone's output, as the official distillation students
             (stages 2 and 3) have; it trains with the head.
+        checkpoint_backbone: recompute each backbone block's activations in the backward pass
+            instead of keeping them (``checkpointing.py``): less memory, one more backbone
+            forward per step, the same results.
     """
 
     def __init__(
@@ -208,9 +212,10 @@ class DeepLabV2(nn.Module):
         dropout: float = 0.1,
         layout: str = "official",
         bn_pretrain: bool = False,
+        checkpoint_backbone: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone_name, self.layout = backbone, layout
+        self.backbone_name, self.layout, self.checkpoint_backbone = backbone, layout, checkpoint_backbone
         self.backbone = _build_backbone(backbone, layout)
         # torchvision leaves the last stage's output width in ``inplanes`` (512 or 2048).
         in_channels = self.backbone.inplanes
@@ -226,12 +231,16 @@ class DeepLabV2(nn.Module):
         or ``"random"``/None for random weights)."""
         weights = None if pretrained == RANDOM_WEIGHTS else pretrained
         return cls(config.backbone, num_classes, config.feat_dim, tuple(config.dilations), weights, config.dropout,
-                   config.layout, bn_pretrain)
+                   config.layout, bn_pretrain, config.checkpoint_backbone)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        if self.checkpoint_backbone and self.training and torch.is_grad_enabled():
+            for block in [*b.layer1, *b.layer2, *b.layer3, *b.layer4]:
+                x = checkpointed(block, x)
+        else:
+            x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
         if self.bn_pretrain is not None:
             x = self.bn_pretrain(x)
         return self.head(x)
