@@ -177,6 +177,7 @@ ext_modules, cmdclass = build_extensions()
 
 setup(
     packages=find_packages(include=["cpsl_ops", "cpsl_ops.*"]),
+    package_data={"cpsl_ops": ["py.typed"]},  # PEP 561: the package's type hints are for its users too
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -20,7 +20,7 @@ import re
 import threading
 import warnings
 from types import ModuleType
-from typing import Iterator, Optional, Tuple
+from typing import FrozenSet, Iterator, Optional, Set, Tuple, TypedDict
 
 import torch
 
@@ -76,13 +76,13 @@ else:
 # in that thread only, as torch's grad mode is per thread.
 _default_backend = os.environ.get("CPSL_OPS_BACKEND", "auto")
 _thread_backend = threading.local()
-_warned_fallback: set = set()
+_warned_fallback: Set[Tuple[str, str]] = set()  # (op, device type) pairs already warned of
 
 if _default_backend not in BACKENDS:
     raise ValueError(f"CPSL_OPS_BACKEND must be one of {BACKENDS}, got {_default_backend!r}")
 
 
-def _registered_kernels() -> frozenset:
+def _registered_kernels() -> FrozenSet[Tuple[str, str]]:
     """(op, device type) pairs with a native kernel, read once: a constant that torch.compile can
     trace, where a dispatcher query per call would break the graph."""
     if _native_module is None:
@@ -109,7 +109,22 @@ def has_kernel(op: str, device_type: str) -> bool:
     return (op, device_type) in _NATIVE_KERNELS
 
 
-def build_info() -> dict:
+class BuildInfo(TypedDict):
+    """What :func:`build_info` returns (a plain ``dict`` at run time)."""
+
+    native_available: bool
+    load_error: Optional[str]
+    cuda_kernels: bool
+    cuda_load_error: Optional[str]
+    built_with_torch: Optional[str]
+    abi_target: Optional[str]
+    built_with_cuda: Optional[str]
+    torch: str
+    torch_cuda: Optional[str]
+    backend: str
+
+
+def build_info() -> BuildInfo:
     """Facts for bug reports and benchmark records: versions, load status, active backend.
 
     ``built_with_torch`` is the torch whose headers compiled the libraries, ``abi_target`` the

@@ -83,7 +83,8 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
     temperature = check_positive(temperature, "temperature", features.dtype)
     prototypes = prototypes.to(features.dtype)
     if use_native("similarity", features.device) and not _under_function_transform(features, prototypes):
-        return torch.ops.cpsl_ops.similarity(features, prototypes, temperature)
+        logits: Tensor = torch.ops.cpsl_ops.similarity(features, prototypes, temperature)
+        return logits
     return reference.similarity(features, prototypes, temperature)
 
 
@@ -94,7 +95,9 @@ def _under_function_transform(*tensors: Tensor) -> bool:
     transform, compute the result instead of the kernel."""
     if torch.compiler.is_compiling():
         return False
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or forward_ad.unpack_dual(t).tangent is not None
+    # unpack_dual has no annotations in torch's source (it returns a (primal, tangent) namedtuple).
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t)
+               or forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
                for t in tensors)
 
 
@@ -170,6 +173,7 @@ def balanced_sinkhorn(
                 f"got shape {tuple(class_prior.shape)}"
             )
         prior = class_prior.expand(batch, classes)
+    assignment: Tensor
     with torch.no_grad():
         if group is not None:
             assignment = distributed.balanced_sinkhorn(problems.detach(), prior, epsilon, num_iters, group)
@@ -186,9 +190,12 @@ def _update_prototypes(
     prototypes: Tensor, features: Tensor, labels: Tensor, momentum: float, ignore_index: int
 ) -> Tuple[Tensor, Tensor]:
     """The single-process op on validated tensors: (new prototypes, counts)."""
+    result: Tuple[Tensor, Tensor]  # torch.ops.* are untyped (Any); their schemas return these
     if use_native("update_prototypes", prototypes.device):
-        return torch.ops.cpsl_ops.update_prototypes(prototypes, features, labels, momentum, ignore_index)
-    return torch.ops.cpsl_ops_reference.update_prototypes(prototypes, features, labels, momentum, ignore_index)
+        result = torch.ops.cpsl_ops.update_prototypes(prototypes, features, labels, momentum, ignore_index)
+    else:
+        result = torch.ops.cpsl_ops_reference.update_prototypes(prototypes, features, labels, momentum, ignore_index)
+    return result
 
 
 def update_prototypes_(
@@ -288,10 +295,13 @@ def rectify_pseudo_labels(
     ignore_index = check_int(ignore_index, "ignore_index")
     dtype = torch.promote_types(soft_pseudo_labels.dtype, prototype_logits.dtype)
     soft, logits = soft_pseudo_labels.detach().to(dtype), prototype_logits.detach().to(dtype)
+    rectified: Tuple[Tensor, Tensor]
     with torch.no_grad():
         if use_native("rectify_pseudo_labels", soft.device):
-            return torch.ops.cpsl_ops.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
-        return torch.ops.cpsl_ops_reference.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
+            rectified = torch.ops.cpsl_ops.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
+        else:
+            rectified = torch.ops.cpsl_ops_reference.rectify_pseudo_labels(soft, logits, threshold, ignore_index)
+    return rectified
 
 
 def class_distribution(
@@ -322,6 +332,7 @@ def class_distribution(
     num_classes = check_int(num_classes, "num_classes", minimum=1)
     ignore_index = check_int(ignore_index, "ignore_index")
     group = distributed.active_group(process_group)
+    counts: Tensor
     if group is None:  # an op, so that torch.compile traces around its value checks
         counts = torch.ops.cpsl_ops.class_counts(labels, num_classes, ignore_index)
     else:

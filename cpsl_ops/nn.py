@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import functools
+import operator
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,8 @@ class BalancedSinkhorn(nn.Module):
     rows sum to 1 (see :func:`cpsl_ops.balanced_sinkhorn`).
     """
 
+    class_prior: Tensor  # buffers, declared for type checkers (nn.Module.__getattr__ returns Tensor | Module)
+
     def __init__(
         self, num_classes: int = 19, class_prior: PriorLike = None, epsilon: float = 0.05, num_iters: int = 3
     ) -> None:
@@ -103,6 +107,8 @@ class PrototypeEMA(nn.Module):
     buffer and returns the per-class pixel counts; ``forward(features)`` returns the prototype
     logits ``cos(f, p_k) / τ``.
     """
+
+    prototypes: Tensor  # a buffer, declared for type checkers (nn.Module.__getattr__ returns Tensor | Module)
 
     def __init__(
         self,
@@ -182,6 +188,14 @@ class SelfLabelingLoss(nn.Module):
             The group is a plain attribute, not state: it is not in ``state_dict``, and a module
             holding one cannot be deep-copied or pickled (a process group cannot).
     """
+
+    # Buffers, declared for type checkers (nn.Module.__getattr__ returns Tensor | Module).
+    prototypes_ema: Tensor
+    class_prior: Tensor
+    feature_queue: Tensor
+    logit_queue: Tensor
+    queue_ptr: Tensor
+    queue_len: Tensor
 
     def __init__(
         self,
@@ -295,7 +309,7 @@ class SelfLabelingLoss(nn.Module):
             self._queue_full = int(self.queue_len) == self.queue_size
         return self._queue_full
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._queue_full = False  # read the loaded queue_len again
 
@@ -366,7 +380,10 @@ class SelfLabelingLoss(nn.Module):
                 normalized_logits = F.normalize(self._sample_pixels(logits.detach(), index).float(), dim=-1)
                 queued_logits = self._queue_in_order(self.logit_queue) if queue_ready else None
                 branch_targets.append(self._targets(normalized_logits, queued_logits))
-        loss = sum(-(targets.float() * log_probabilities).sum(-1).mean() for targets in branch_targets)
+        # One term per branch, added (reduce, not sum(), whose start value 0 makes the type Tensor | int).
+        loss = functools.reduce(
+            operator.add, [-(targets.float() * log_probabilities).sum(-1).mean() for targets in branch_targets]
+        )
         if self.queue_size > 0:
             with torch.no_grad():
                 self._enqueue(self.feature_queue, normalized_features.reshape(-1, self.feat_dim))

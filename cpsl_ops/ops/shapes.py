@@ -6,15 +6,20 @@ would break ``import cpsl_ops``) and of the reference backend's op ``cpsl_ops_re
 so that torch.compile, ``torch.export`` and FakeTensorMode see the same output metadata on both.
 """
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from cpsl_ops._loader import native_available
 
 
-def register_fake(name: str) -> Callable[[Callable], Callable]:
-    def register(fake: Callable) -> Callable:
+Fake = TypeVar("Fake", bound=Callable[..., object])
+
+
+def register_fake(name: str) -> Callable[[Fake], Fake]:
+    """A decorator: registers the function as both ops' fake kernel and returns it unchanged."""
+
+    def register(fake: Fake) -> Fake:
         torch.library.register_fake(f"cpsl_ops_reference::{name}")(fake)
         if native_available():
             torch.library.register_fake(f"cpsl_ops::{name}")(fake)

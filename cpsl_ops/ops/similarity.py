@@ -17,16 +17,21 @@ def logits_shape(features: Tensor, num_classes: int) -> Tuple[int, ...]:
     return tuple(shape)
 
 
-@torch.library.register_fake("cpsl_ops::similarity")
 def _similarity_fake(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
     return features.new_empty(logits_shape(features, prototypes.shape[0]))
 
 
-@torch.library.register_fake("cpsl_ops::similarity_backward")
 def _similarity_backward_fake(
     grad_logits: Tensor, features: Tensor, prototypes: Tensor, temperature: float
 ) -> Tuple[Tensor, Tensor]:
     return features.new_empty(features.shape), prototypes.new_empty(prototypes.shape)
+
+
+# Registered by a call rather than as decorators: torch.library.register_fake has no return
+# annotation, so as a decorator it would make the fake kernels untyped; the call form does the same
+# registration (torch.library.register_fake(op, func) is register_fake(op)(func)).
+torch.library.register_fake("cpsl_ops::similarity", _similarity_fake)
+torch.library.register_fake("cpsl_ops::similarity_backward", _similarity_backward_fake)
 
 
 def _setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, float], output: Tensor) -> None:
@@ -35,7 +40,7 @@ def _setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, float], output: Tenso
     ctx.temperature = temperature
 
 
-def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Tensor, Tensor, None]:
+def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
     features, prototypes = ctx.saved_tensors
     grad_features, grad_prototypes = torch.ops.cpsl_ops.similarity_backward(
         grad_logits, features, prototypes, ctx.temperature
@@ -47,7 +52,9 @@ def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Tensor, Tensor, None]:
 torch.library.register_autograd("cpsl_ops::similarity", _backward, setup_context=_setup_context)
 
 
-def _similarity_backward_setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, Tensor, float], output: Tuple) -> None:
+def _similarity_backward_setup_context(
+    ctx: Any, inputs: Tuple[Tensor, Tensor, Tensor, float], output: Tuple[Tensor, Tensor]
+) -> None:
     grad_logits, features, prototypes, temperature = inputs
     ctx.save_for_backward(grad_logits, features, prototypes)
     ctx.temperature = temperature
@@ -60,11 +67,14 @@ def _double_backward(
     backward): rare enough that a kernel of their own would not pay for itself."""
     grad_logits, features, prototypes = ctx.saved_tensors
 
+    # torch.func.vjp's annotation is a union of its has_aux=False and has_aux=True results, so
+    # the pullback (element 1 of both) is taken by index rather than by unpacking.
     def first_backward(grad: Tensor, f: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
-        _, pullback = torch.func.vjp(lambda f, c: reference.similarity(f, c, ctx.temperature), f, c)
-        return pullback(grad)
+        pullback = torch.func.vjp(lambda f, c: reference.similarity(f, c, ctx.temperature), f, c)[1]
+        gradients: Tuple[Tensor, Tensor] = pullback(grad)
+        return gradients
 
-    _, pullback = torch.func.vjp(first_backward, grad_logits, features, prototypes)
+    pullback = torch.func.vjp(first_backward, grad_logits, features, prototypes)[1]
     cotangents = (torch.zeros_like(features) if grad_grad_features is None else grad_grad_features,
                   torch.zeros_like(prototypes) if grad_grad_prototypes is None else grad_grad_prototypes)
     return (*pullback(cotangents), None)
