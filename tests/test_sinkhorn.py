@@ -392,11 +392,14 @@ except RuntimeError as error:
 
 @requires_native
 @pytest.mark.parametrize("recycle", ["1", "0"])
-def test_recycled_cpu_outputs_cannot_grow_unless_recycling_is_off(recycle):
+def test_recycled_cpu_outputs_cannot_grow_unless_recycling_is_off(recycle, tmp_path):
     # Documented (functional.balanced_sinkhorn, README): a recycled output's storage is memory of
     # the kernels' own, which PyTorch cannot grow; with CPSL_OPS_RECYCLE_OUTPUTS=0 it is PyTorch's.
     env = {**os.environ, "CPSL_OPS_RECYCLE_OUTPUTS": recycle}
-    result = subprocess.run([sys.executable, "-c", RECYCLED_OUTPUT_PROBE], env=env, capture_output=True, text=True)
+    # Run outside the checkout, whose cpsl_ops/ (without a built extension in CI) would shadow the
+    # installed package.
+    result = subprocess.run([sys.executable, "-c", RECYCLED_OUTPUT_PROBE], env=env, capture_output=True, text=True,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = "grew" if recycle == "0" else "fixed: Trying to resize storage that is not resizable"
     assert result.stdout.strip() == expected
