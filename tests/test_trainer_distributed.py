@@ -154,12 +154,12 @@ def logged(output: Path, stage: str, key: str):
     return [line[key] for line in lines if line["stage"] == stage]
 
 
-def compare_curves(expected_run: Path, actual_run: Path, curves: Dict[str, Any]) -> None:
+def compare_curves(expected_run: Path, actual_run: Path, curves: Dict[str, Any], rtol: float = 5e-3) -> None:
     for stage, keys in curves.items():
         for key in keys:
             expected, actual = logged(expected_run, stage, key), logged(actual_run, stage, key)
             assert len(actual) == len(expected) > 0
-            torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=5e-3, atol=1e-4,
+            torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=rtol, atol=1e-4,
                                        msg=lambda text: f"{stage} {key}: {text}")
 
 
@@ -190,7 +190,11 @@ def test_torchrun_with_two_ranks_trains_like_one_process_on_the_global_batch(tmp
     assert main(["--config", str(adopted)]) == 0
     compare_curves(tmp_path / "adopted", tmp_path / "ddp", {
         "cpsl": ("loss_source", "loss_seg", "loss_consist", "loss_SL", "pseudo_conf"),
-        "distill1": ("loss_source", "loss_pseudo", "loss_kd")})
+        "distill1": ("loss_source", "loss_kd")})
+    # Each rank averages its pixel losses over its own pixels (README): where the confident
+    # pseudo-labelled pixels split unevenly between the ranks (170 and 147 once), the mean of the
+    # two means departs from the pixel-weighted mean of one process by about 0.7 %.
+    compare_curves(tmp_path / "adopted", tmp_path / "ddp", {"distill1": ("loss_pseudo",)}, rtol=2e-2)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert list(metrics["stages"]) == ["warmup", "cpsl", "distill1"]
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt")

@@ -403,3 +403,90 @@ def test_adversarial_warmup_trains_a_discriminator_and_resumes_exactly(tmp_path)
     expected = torch.load(Path(straight.train.output_dir) / "checkpoints" / "warmup.pt")
     resumed = torch.load(Path(killed.train.output_dir) / "checkpoints" / "warmup.pt")
     assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
+def test_cutmix_pastes_the_source_losss_own_crop_and_its_labels(tmp_path, monkeypatch):
+    # The official step pastes source_x, the crop the source loss saw, and source_label at the
+    # quarter grid (nearest, [::4, ::4]), not another crop of the source images.
+    from cpsl_trainer.model import DeepLabV2
+    from cpsl_trainer.stage_cpsl import CPSLStage
+
+    config = tiny_config(tmp_path, "mix", "distill.stages=0", "cpsl.cutmix_prob=1.0", "data.crop_size=[16, 32]",
+                         "data.scale_range=[1.0, 1.25]")
+    recording, inputs, targets = [], [], []
+    forward, cross_entropy, cpsl = DeepLabV2.forward, torch.nn.functional.cross_entropy, CPSLStage.cpsl
+
+    def spy_forward(self, x):
+        if recording and torch.is_grad_enabled() and tuple(x.shape[-2:]) == (16, 32):
+            inputs.append(x.detach().clone())
+        return forward(self, x)
+
+    def spy_cross_entropy(logits, labels, *args, **kwargs):
+        if recording:
+            targets.append(labels.clone())
+        return cross_entropy(logits, labels, *args, **kwargs)
+
+    def spy_cpsl(self):
+        recording.append(True)
+        try:
+            cpsl(self)
+        finally:
+            recording.clear()
+
+    monkeypatch.setattr(DeepLabV2, "forward", spy_forward)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy_cross_entropy)
+    monkeypatch.setattr(CPSLStage, "cpsl", spy_cpsl)
+    Pipeline(config).run()
+    assert len(inputs) == 3 * config.cpsl.iterations and len(targets) == 2 * config.cpsl.iterations
+    for step in range(config.cpsl.iterations):
+        source, weak = inputs[3 * step], inputs[3 * step + 1]  # then the strong view
+        source_labels, target_labels = targets[2 * step], targets[2 * step + 1]
+        pasted = (weak == source).all(1)  # (B, 16, 32): the CutMix box of exactly half the crop
+        assert 0.45 <= pasted.float().mean() < 1, step
+        quarter = pasted[:, ::4, ::4]
+        assert quarter.any()
+        assert torch.equal(target_labels[quarter], source_labels[:, ::4, ::4][quarter]), step
+
+
+def test_adversarial_warmup_uses_the_official_discriminator_on_the_poly_schedule(tmp_path):
+    config = tiny_config(tmp_path, "adv", "distill.stages=0", "warmup.iterations=3", "warmup.adversarial=true")
+    with pytest.raises(StopRequested):
+        Pipeline(config, stop_after=("warmup", 2)).run()
+    modules = torch.load(Path(config.train.output_dir) / "checkpoints" / "last.pt")["modules"]
+    assert {"conv1.weight", "conv4.weight", "classifier.weight"} <= set(modules["discriminator"])
+    assert modules["discriminator"]["conv1.weight"].shape == (64, 19, 3, 3)
+    # The last step run was iteration 1 of 3: Adam's rate 1e-4 x (1 - 1/3) ** 0.9, as the network's.
+    lr = modules["discriminator_optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(config.warmup.discriminator_lr * (1 - 1 / 3) ** config.warmup.optim.poly_power)
+
+
+def test_the_contrastive_term_is_on_without_cutmix_once_the_memory_bank_is_full(tmp_path, monkeypatch):
+    # 2 images x 16 samples a step fill the 64-row bank before the last image of step 3.
+    from cpsl_trainer import stage_cpsl
+
+    config = tiny_config(tmp_path, "contrast", "distill.stages=0", "cpsl.cutmix_prob=0.0", "train.log_every=1")
+    assert config.cpsl.contrastive_weight == 0.001
+    calls, contrastive = [], stage_cpsl.supervised_contrastive_loss
+
+    def spy(*args):
+        calls.append(contrastive(*args))
+        assert calls[-1].requires_grad  # it trains the student's features
+        return calls[-1]
+
+    monkeypatch.setattr(stage_cpsl, "supervised_contrastive_loss", spy)
+    Pipeline(config).run()
+    output = Path(config.train.output_dir)
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    contrast = [entry["loss_contrast"] for entry in log if entry["stage"] == "cpsl"]
+    assert len(calls) == 1 and contrast == [0.0, 0.0, pytest.approx(calls[0].item())]
+    # Resumed before that step, the bank's labels come back from the checkpoint: the same weights.
+    killed = tiny_config(tmp_path, "killed", "distill.stages=0", "cpsl.cutmix_prob=0.0", "train.log_every=1")
+    with pytest.raises(StopRequested):
+        Pipeline(killed, stop_after=("cpsl", 2)).run()
+    checkpoint = Path(killed.train.output_dir) / "checkpoints" / "last.pt"
+    assert torch.load(checkpoint)["modules"]["contrastive_labels"]["labels"].shape == (64,)
+    Pipeline(killed).run(resume=checkpoint)
+    assert len(calls) == 2 and torch.equal(calls[0].detach(), calls[1].detach())
+    expected = torch.load(output / "checkpoints" / "cpsl.pt")
+    resumed = torch.load(Path(killed.train.output_dir) / "checkpoints" / "cpsl.pt")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)

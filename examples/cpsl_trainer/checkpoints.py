@@ -16,8 +16,9 @@ from .files import keep_log_lines, load_torch_file
 
 # Raised whenever a change of the trainer makes an older last.pt resume differently from the run
 # that wrote it (2: the global batch under torchrun, RandAugmentMC, one memory bank; 3: the official
-# effective backbone step, optim.py).
-CHECKPOINT_FORMAT = 3
+# effective backbone step, optim.py; 4: align_corners on stride-8 maps, antialiased weak crops,
+# CutMix from the source loss's crop, FCDiscriminator, the supervised-contrastive term).
+CHECKPOINT_FORMAT = 4
 
 
 # Settings that decide what a run shows and writes, or the memory it takes, never what it

@@ -95,9 +95,9 @@ class WarmupConfig:
 
     iterations: int = 20000
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # AdaptSegNet's output-space LS-GAN, as the official warm-up was trained: a discriminator
-    # (Adam, discriminator_lr) tells source from target softmax maps; the network's target
-    # predictions learn to pass for source ones with adversarial_weight.
+    # The official output-space LS-GAN, as the released warm-up was trained: FCDiscriminator
+    # (Adam at discriminator_lr on the poly schedule) tells source from target softmax maps; the
+    # network's target predictions learn to pass for source ones with adversarial_weight.
     adversarial: bool = False
     adversarial_weight: float = 0.01
     discriminator_lr: float = 1e-4
@@ -123,6 +123,9 @@ class CPSLConfig:
     rce_beta: float = 1.0
     consistency_weight: float = 5.0
     self_labeling_weight: float = 0.1
+    # The official supervised-contrastive term (stage_cpsl.supervised_contrastive_loss): the student's
+    # weak-view features against the self-labeling memory bank, labelled as officially (misaligned).
+    contrastive_weight: float = 0.001
     rectify_threshold: float = 0.0
     cutmix_prob: float = 0.5
     # "official": half the crop's area exactly, aspect in [0.5, 2], inside the crop; "clipped":

@@ -216,6 +216,7 @@ VALUE_RULES: Dict[str, Rule] = {
     "cpsl.rce_beta": non_negative,
     "cpsl.consistency_weight": non_negative,
     "cpsl.self_labeling_weight": non_negative,
+    "cpsl.contrastive_weight": non_negative,
     "cpsl.rectify_threshold": unit_interval,
     "cpsl.cutmix_prob": unit_interval,
     "cpsl.cutmix_box": one_of(CUTMIX_BOXES),

@@ -180,30 +180,38 @@ class RunContext(Checkpoints):
             torch.save(evaluate_model.state_dict(), self.stage_weights(stage))
         self.dist.barrier()
 
-    def crop_logits(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-        """The model's logits (fp32, at crop size) on a weakly augmented crop of each image, and the
-        crop's labels (empty for unlabelled images)."""
+    def weak_crop(self, batch: Dict[str, Any], generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        """A weakly augmented crop of each image (float in [0, 1]) and the crop's labels (empty for
+        unlabelled images)."""
         data = self.config.data
         images = as_float_images(batch["image"], self.device)
         boxes = self.crop_boxes(generator, images.shape[0], images.shape[-2:])
         crops = crop(images, boxes, data.crop_size)
         labels = batch["label"].to(self.device).long()
         labels = crop(labels[:, None], boxes, data.crop_size)[:, 0] if labels.dim() == 3 else labels
+        return crops, labels
+
+    def crop_logits(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator,
+                    cut: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        """The model's logits (fp32, at crop size) on a weakly augmented crop of each image (``cut``,
+        the (crops, labels) of :meth:`weak_crop`, if the caller cut it), and the crop's labels."""
+        crops, labels = cut if cut is not None else self.weak_crop(batch, generator)
         with self.autocast():
-            logits = resize(model(crops)["out"], tuple(data.crop_size))
+            logits = resize(model(crops)["out"], tuple(self.config.data.crop_size))
         return logits.float(), labels
 
-    def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator) -> Tensor:
-        """CE of the model on a weakly augmented source crop."""
-        logits, labels = self.crop_logits(model, batch, generator)
+    def source_loss(self, model: nn.Module, batch: Dict[str, Any], generator: torch.Generator,
+                    cut: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """CE of the model on a weakly augmented source crop (``cut``, if the caller cut it)."""
+        logits, labels = self.crop_logits(model, batch, generator, cut)
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
     def source_backward(self, net: nn.Module, batch: Dict[str, Any], generator: torch.Generator,
-                        scaler: torch.amp.GradScaler) -> Tensor:
+                        scaler: torch.amp.GradScaler, cut: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """The source loss, backpropagated first (as the official code does: that frees its graph)
         and without DDP's all-reduce, which the target loss's backward then does for both."""
         with no_sync(net):
-            loss = self.source_loss(net, batch, generator)
+            loss = self.source_loss(net, batch, generator, cut)
             scaler.scale(loss).backward()
         return loss
 

@@ -22,6 +22,8 @@ class Evaluation(RunContext):
     def logits_of(self, model: nn.Module, image: Tensor) -> Tensor:
         """(1, K, H, W) logits at the image's size: whole image, or averaged sliding windows."""
         size = tuple(image.shape[-2:])
+        # Stride-8 logits to the image with align_corners=True, as the official validate() upsamples
+        # them; the sliding windows (no official counterpart) are upsampled alike.
         if self.config.eval.mode == "whole":
             with self.autocast():
                 return resize(model(image)["out"].float(), size)
@@ -52,8 +54,13 @@ class Evaluation(RunContext):
             sample = self.target_val[index]
             image = as_float_images(sample["image"][None], self.device)
             label = sample["label"].long()
-            logits = self.logits_of(model, resize(image, input_size) if tuple(image.shape[-2:]) != input_size else image)
-            prediction = resize(logits, tuple(label.shape)).argmax(1)[0].cpu()
+            # The image to the input size as an image (the official code resizes it with PIL on
+            # loading), the full-resolution logits to the label's size likewise (the official
+            # code has the label resized by PIL to the image instead): align_corners=False.
+            if tuple(image.shape[-2:]) != input_size:
+                image = resize(image, input_size, align_corners=False)
+            logits = self.logits_of(model, image)
+            prediction = resize(logits, tuple(label.shape), align_corners=False).argmax(1)[0].cpu()
             confusion.update(prediction, label)
             if save_images and index < self.config.eval.save_images:
                 colour_png(self.output / "predictions" / name / f"{index:06d}.png", prediction, self.protocol)

@@ -68,7 +68,9 @@ class DistillStage(PseudoLabels):
             boxes = self.crop_boxes(generator, full.shape[0], full.shape[-2:])
             strong, strong_augment = self.strong_view(generator, crop(full, boxes, data.crop_size))
             with torch.no_grad():
-                soft = crop(batch["soft"].to(self.device).float(), boxes, quarter)
+                # The stride-8 soft labels as the official code takes them (to the image, to the
+                # rescaled image, cropped, to stride 4: align_corners=True throughout).
+                soft = crop(batch["soft"].to(self.device).float(), boxes, quarter, align_corners=True)
                 confidence, labels = soft.max(1)
                 labels = torch.where(confidence > cfg.confidence, labels, IGNORE_INDEX)
                 labels = strong_augment.apply_to_maps(labels[:, None], fill=IGNORE_INDEX)[0][:, 0]

@@ -4,7 +4,7 @@ loss), or adopting given warm-up weights."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,23 +16,30 @@ from .model import load_weights
 from .training import batches, no_sync, poly_lr
 
 
-class OutputDiscriminator(nn.Module):
-    """AdaptSegNet's output-space discriminator: five 4x4 stride-2 convolutions over the softmax
-    of the segmentation (64, 128, 256, 512 channels, leaky ReLU 0.2), one score per location."""
+class FCDiscriminator(nn.Module):
+    """The official warm-up's discriminator (lslrh/CPSL ``models/discriminator.py``, after ProDA),
+    under its parameter names: four 3x3 stride-2 convolutions (padding 1) over the softmax of the
+    segmentation, 64, 128, 256 and 512 channels, ReLU after the first three and leaky ReLU 0.2
+    after the fourth, then a 1x1 convolution to one score per location (stride 16)."""
 
     def __init__(self, num_classes: int, width: int = 64) -> None:
         super().__init__()
-        layers: List[nn.Module] = []
-        channels = [num_classes, width, 2 * width, 4 * width, 8 * width]
-        for in_channels, out_channels in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
-        self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], 1, 4, stride=2, padding=1))
+        self.conv1 = nn.Conv2d(num_classes, width, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(width, width * 2, kernel_size=3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(width * 2, width * 4, kernel_size=3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(width * 4, width * 8, kernel_size=3, stride=2, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.leaky_relu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        self.classifier = nn.Conv2d(width * 8, 1, kernel_size=1)
 
     def forward(self, probabilities: Tensor) -> Tensor:
-        return self.layers(probabilities)
+        x = self.relu(self.conv1(probabilities))
+        x = self.relu(self.conv2(x))
+        x = self.relu(self.conv3(x))
+        return self.classifier(self.leaky_relu(self.conv4(x)))
 
 
-# Least-squares GAN targets of the discriminator: source predictions 0, target predictions 1.
+# The official LS-GAN (``--gan LS``, its default; MSELoss) targets: source predictions 0, target 1.
 SOURCE, TARGET = 0.0, 1.0
 
 
@@ -51,10 +58,12 @@ class WarmupStage(RunContext):
         scaler = self.new_scaler()
         modules: Dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
         if stage_config.adversarial:
-            discriminator = OutputDiscriminator(self.protocol.num_classes).to(self.device)
+            discriminator = FCDiscriminator(self.protocol.num_classes).to(self.device)
             modules["discriminator"] = discriminator
+            # Officially Adam(1e-4, betas (0.9, 0.99)) on the network's poly schedule (get_scheduler).
             modules["discriminator_optimizer"] = torch.optim.Adam(
-                discriminator.parameters(), lr=stage_config.discriminator_lr, betas=(0.9, 0.99))
+                [{"params": discriminator.parameters(), "lr_mult": 1.0}], lr=stage_config.discriminator_lr,
+                betas=(0.9, 0.99))
         start = self.resume_modules(stage, modules)
         source = self.source_batches(start)
         if stage_config.adversarial:
@@ -64,6 +73,8 @@ class WarmupStage(RunContext):
         def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
             lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
             if stage_config.adversarial:
+                poly_lr(modules["discriminator_optimizer"], stage_config.discriminator_lr, iteration,
+                        stage_config.iterations, stage_config.optim.poly_power)
                 return {**adversarial_step(generator), "lr": lr}
             loss = self.source_loss(net, next(source), generator)
             optimizer.zero_grad(set_to_none=True)
@@ -76,9 +87,10 @@ class WarmupStage(RunContext):
 
     def adversarial_step(self, net: nn.Module, modules: Dict[str, Any], source: Iterator, target: Iterator,
                          scaler: torch.amp.GradScaler) -> Callable[[torch.Generator], Dict[str, float]]:
-        """One iteration of AdaptSegNet's warm-up (LS-GAN, output space): the segmentation network
-        learns the source labels and to make its target predictions pass for source ones; the
-        discriminator then learns to tell them apart."""
+        """One iteration of the official warm-up (``step_adv``; LS-GAN in output space): the
+        segmentation network learns the source labels and to make its target predictions pass for
+        source ones; the discriminator then learns to tell them apart, its loss the sum of the
+        source and the target mean squared errors."""
         optimizer, discriminator = modules["optimizer"], modules["discriminator"]
         discriminator_optimizer = modules["discriminator_optimizer"]
         discriminator_net = self.parallel(discriminator)
@@ -100,9 +112,9 @@ class WarmupStage(RunContext):
             discriminator.requires_grad_(True)
             discriminator_optimizer.zero_grad(set_to_none=True)
             scores = discriminator_net(torch.cat([source_logits, target_logits]).detach().softmax(1))
-            truth = torch.cat([torch.full_like(scores[:len(source_logits)], SOURCE),
-                               torch.full_like(scores[len(source_logits):], TARGET)])
-            loss_discriminator = F.mse_loss(scores, truth)
+            source_scores, target_scores = scores[:len(source_logits)], scores[len(source_logits):]
+            loss_discriminator = (F.mse_loss(source_scores, torch.full_like(source_scores, SOURCE))
+                                  + F.mse_loss(target_scores, torch.full_like(target_scores, TARGET)))
             loss_discriminator.backward()
             discriminator_optimizer.step()
             return {"loss_source": loss_source.item(), "loss_adv": loss_adversarial.item(),

@@ -124,8 +124,13 @@ def as_float_images(images: Tensor, device: torch.device) -> Tensor:
     return images.to(device, non_blocking=True).float().div_(255)
 
 
-def resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+def resize(maps: Tensor, size: Tuple[int, int], align_corners: bool = True) -> Tensor:
+    """Bilinear resize. The default is the official code's for the network's stride-8 outputs
+    (logits and features to the crop, to the stride-4 loss grid, to the evaluated image):
+    ``F.interpolate(..., mode="bilinear", align_corners=True)``, corner pixels on corner pixels.
+    Images and full-resolution maps, which the official code resizes with PIL, take
+    ``align_corners=False`` (PIL's pixel-centre convention)."""
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
