@@ -9,7 +9,9 @@ Environment switches:
   CPSL_OPS_FORCE_CPU=1        build only the C++ CPU kernels
   CPSL_OPS_FORCE_CUDA=1       fail unless the CUDA kernels are built
   CUDA_HOME                   the toolkit to use (else it is found from ``nvcc`` on the PATH)
-  TORCH_CUDA_ARCH_LIST        GPU architectures (default "7.5;8.0;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST        GPU architectures (default "7.5;8.0;9.0+PTX"); the build records them
+                              and nvcc's CUDA version in cpsl_ops/_cuda_build.py, which the loader
+                              checks the GPU and the driver against (cpsl_ops/_cuda_compat.py)
   CPSL_OPS_CPU_FLAGS          SIMD flags of the CPU kernels (default: "-mavx2 -mfma" where supported)
   CPSL_OPS_NO_SPILLS=1        fail when a CUDA kernel spills registers (CI; ptxas always warns)
   MAX_JOBS                    parallel compile jobs (default: by cores and memory)
@@ -38,6 +40,39 @@ def torch_abi_target() -> str:
     exec((ROOT / "cpsl_ops" / "_abi.py").read_text(), namespace)
     major, minor = namespace["TORCH_ABI_TARGET"]
     return f"0x{major:02x}{minor:02x}000000000000"
+
+
+def cuda_compat():
+    """cpsl_ops/_cuda_compat.py, run on its own (it imports only the standard library at the top): the
+    format of the record of what the CUDA kernels are built for, which the loader reads."""
+    namespace: dict = {"__name__": "cpsl_ops_cuda_compat"}
+    exec((ROOT / "cpsl_ops" / "_cuda_compat.py").read_text(), namespace)
+    return namespace
+
+
+def nvcc_release(toolkit: Path) -> str:
+    """The toolkit's CUDA version, "13.0", from ``nvcc --version``."""
+    output = subprocess.run([str(toolkit / "bin" / "nvcc"), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"release (\d+\.\d+)", output)
+    if match is None:
+        raise RuntimeError(f"cannot read the CUDA version of {toolkit / 'bin' / 'nvcc'}: {output!r}")
+    return match.group(1)
+
+
+def cuda_build_record(toolkit: Path | None) -> str:
+    """The text of cpsl_ops/_cuda_build.py: the nvcc release and the SASS and PTX architectures of the
+    CUDA kernels (None and none for a build without them). The architectures are the ``-gencode``
+    flags torch's build helper gives nvcc for TORCH_CUDA_ARCH_LIST."""
+    compat = cuda_compat()
+    if toolkit is None:
+        return compat["record_source"](None, (), ())
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        archs, ptx = compat["archs_from_nvcc_flags"](_get_cuda_arch_flags())
+    except ImportError:  # a private helper of torch: parse the list here if it is gone
+        archs, ptx = compat["archs_from_arch_list"](os.environ["TORCH_CUDA_ARCH_LIST"])
+    return compat["record_source"](nvcc_release(toolkit), archs, ptx)
 
 
 def _env_flag(name: str) -> bool:
@@ -157,14 +192,22 @@ def build_extensions():
         )
         cuda_extension.libraries = ["torch_cpu", "torch_cuda", "cudart_static", "rt", "dl", "pthread"]
         extensions.append(cuda_extension)
+    record = cuda_build_record(toolkit if with_cuda else None)
     print(f"cpsl-ops: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels (toolkit: {toolkit})")
 
     class BuildOnlyTheseExtensions(BuildExtension.with_options(no_python_abi_suffix=False)):
         """Drops libraries of an earlier build in the same tree that this one does not make, so that a
-        CPU-only wheel built after a CUDA one holds no CUDA library."""
+        CPU-only wheel built after a CUDA one holds no CUDA library, and writes the record of what
+        the CUDA kernels are built for (cpsl_ops/_cuda_build.py) beside the libraries."""
 
         def run(self):
             super().run()
+            folders = [os.path.join(self.build_lib, "cpsl_ops")]
+            if self.inplace:
+                folders.append(self.get_finalized_command("build_py").get_package_dir("cpsl_ops"))
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                Path(folder, "_cuda_build.py").write_text(record)
             built = {extension.name.rsplit(".", 1)[1] for extension in self.extensions}
             for path in glob.glob(os.path.join(self.build_lib, "cpsl_ops", "_C*.so")):
                 if os.path.basename(path).split(".", 1)[0] not in built:

@@ -2,12 +2,17 @@
 
 ``cpsl_ops._C`` holds the schemas and CPU kernels, ``cpsl_ops._C_cuda`` the CUDA kernels; both
 are built on PyTorch's stable ABI, so they load under any torch from the ABI target on. The CUDA
-library is imported only under a CUDA build of torch (it links torch's CUDA libraries).
+library is imported only under a CUDA build of torch of its CUDA major version (it links torch's
+CUDA libraries). Whether the driver and each GPU can run it is checked at the first op on each CUDA
+device (:func:`cuda_kernels_usable`, rules in :mod:`cpsl_ops._cuda_compat`), not at import, which
+never initializes CUDA. Each problem gives one RuntimeWarning that says what to do, and ops on the
+devices concerned run through the pure-PyTorch reference.
 
 Environment switches:
   CPSL_OPS_BACKEND=reference   start with the pure-PyTorch reference backend
-  CPSL_OPS_REQUIRE_NATIVE=1    make a failed load an ImportError (CI uses it, so a broken build
-                               cannot hide behind the fallback)
+  CPSL_OPS_REQUIRE_NATIVE=1    make a failed load an ImportError, and a GPU or driver the CUDA
+                               kernels cannot serve a RuntimeError at its first op (CI uses it, so a
+                               broken build cannot hide behind the fallback)
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import re
 import threading
 import warnings
 from types import ModuleType
-from typing import FrozenSet, Iterator, Optional, Set, Tuple, TypedDict
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple, TypedDict
 
 import torch
 
+from cpsl_ops import _cuda_compat
 from cpsl_ops._abi import TORCH_ABI_TARGET
 
 BACKENDS = ("auto", "native", "reference")
@@ -52,25 +58,36 @@ def _fail(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _load_cuda(built: _cuda_compat.BuiltFor) -> Tuple[Optional[ModuleType], Optional[str], bool]:
+    """(module or None, why not, whether a warning said so) for the CUDA library."""
+    if torch.version.cuda is None:
+        return None, "torch is a CPU-only build", False
+    if importlib.util.find_spec("cpsl_ops._C_cuda") is None:
+        return None, "this build of cpsl-ops has no CUDA kernels", False
+    mismatch = _cuda_compat.torch_mismatch(built, torch.__version__, torch.version.cuda)
+    if mismatch is not None:
+        _fail(mismatch)
+        return None, f"built with CUDA {built.cuda}, torch uses CUDA {torch.version.cuda}", True
+    module, error = _import_native("_C_cuda")
+    if module is None:
+        assert error is not None
+        _fail(_cuda_compat.load_failure(built, error, torch.__version__, torch.version.cuda))
+        return None, error, True
+    return module, None, False
+
+
+_BUILT = _cuda_compat.built_for()
 _native_module, _load_error = _import_native("_C")
 _cuda_module: Optional[ModuleType] = None
 _cuda_load_error: Optional[str] = None
+_cuda_warned = False  # a warning already said why CUDA tensors take the reference
 if _native_module is None:
     _fail(
         f"cpsl_ops: the native extension is not available ({_load_error}); every op runs through the "
         "pure-PyTorch reference. Reinstall cpsl-ops for this torch to get the fused kernels."
     )
-elif torch.version.cuda is None:
-    _cuda_load_error = "torch is a CPU-only build"
-elif importlib.util.find_spec("cpsl_ops._C_cuda") is None:
-    _cuda_load_error = "this build of cpsl-ops has no CUDA kernels"
 else:
-    _cuda_module, _cuda_load_error = _import_native("_C_cuda")
-    if _cuda_module is None:
-        _fail(
-            f"cpsl_ops: the CUDA kernels failed to load ({_cuda_load_error}); CUDA tensors run through the "
-            "pure-PyTorch reference."
-        )
+    _cuda_module, _cuda_load_error, _cuda_warned = _load_cuda(_BUILT)
 
 # The process-wide backend (set_backend) and each thread's use_backend blocks, which override it
 # in that thread only, as torch's grad mode is per thread.
@@ -119,6 +136,9 @@ class BuildInfo(TypedDict):
     built_with_torch: Optional[str]
     abi_target: Optional[str]
     built_with_cuda: Optional[str]
+    cuda_archs: List[str]
+    cuda_ptx: List[str]
+    cuda_device_errors: Dict[int, str]
     torch: str
     torch_cuda: Optional[str]
     backend: str
@@ -128,7 +148,10 @@ def build_info() -> BuildInfo:
     """Facts for bug reports and benchmark records: versions, load status, active backend.
 
     ``built_with_torch`` is the torch whose headers compiled the libraries, ``abi_target`` the
-    oldest torch they load under (its stable ABI), ``torch`` the one running now.
+    oldest torch they load under (its stable ABI), ``torch`` the one running now. ``cuda_archs``
+    and ``cuda_ptx`` are the compute capabilities the CUDA kernels hold machine code (SASS) and
+    PTX for (empty without CUDA kernels), ``cuda_device_errors`` the CUDA devices found so far that
+    the kernels cannot serve (their GPU or the driver), with why; it initializes nothing.
     """
     return {
         "native_available": native_available(),
@@ -138,6 +161,9 @@ def build_info() -> BuildInfo:
         "built_with_torch": getattr(_native_module, "torch_version", None),
         "abi_target": getattr(_native_module, "abi_target", None),
         "built_with_cuda": getattr(_cuda_module, "cuda_version", None),
+        "cuda_archs": list(_BUILT.archs),
+        "cuda_ptx": list(_BUILT.ptx),
+        "cuda_device_errors": dict(_cuda_device_errors),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "backend": get_backend(),
@@ -179,20 +205,82 @@ def use_backend(name: str) -> Iterator[None]:
         _thread_backend.name = previous
 
 
+# The CUDA devices checked so far: those the kernels serve, and those they cannot, with why.
+_usable_cuda_devices: Set[int] = set()
+_cuda_device_errors: Dict[int, str] = {}
+_warned_cuda: Set[str] = set()  # the messages given (a driver problem is one for every device)
+
+
+def cuda_device_problem(index: int) -> Optional[str]:
+    """Why the CUDA kernels cannot run on CUDA device ``index`` (an old driver, or a GPU whose
+    architecture the library has no code for), None when they can; checked once per device."""
+    if index in _usable_cuda_devices:
+        return None
+    if index not in _cuda_device_errors:
+        built = _BUILT
+        if built.cuda is None and _cuda_module is not None:  # a build from before the record
+            built = built._replace(cuda=getattr(_cuda_module, "cuda_version", None))
+        driver = _cuda_compat.driver_cuda_version()
+        problem = _cuda_compat.driver_problem(built, driver)
+        if problem is None:
+            name, capability = _cuda_compat.cuda_device(index)
+            problem = _cuda_compat.device_problem(built, index, name, capability, driver)
+        if problem is None:
+            _usable_cuda_devices.add(index)
+            return None
+        _cuda_device_errors[index] = problem
+    return _cuda_device_errors[index]
+
+
+def _cuda_kernels_usable(index: int) -> bool:
+    """Whether the CUDA kernels run on CUDA device ``index``: a set lookup once the device is checked;
+    the first time, a RuntimeWarning (a RuntimeError under CPSL_OPS_REQUIRE_NATIVE=1) says why not
+    (:func:`cuda_device_problem`), once per message."""
+    if index in _usable_cuda_devices:
+        return True
+    problem = cuda_device_problem(index)
+    if problem is None:
+        return True
+    if _REQUIRE_NATIVE:
+        raise RuntimeError(problem)
+    if problem not in _warned_cuda:
+        _warned_cuda.add(problem)
+        warnings.warn(problem, RuntimeWarning, stacklevel=4)
+    return False
+
+
+# torch.compile calls it while tracing and keeps the answer as a constant: the driver and the GPU
+# of a device do not change, and its checks (ctypes, device queries) are not traceable.
+cuda_kernels_usable: Callable[[int], bool] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call]
+    _cuda_kernels_usable
+)
+
+
 def use_native(op: str, device: torch.device) -> bool:
     """True when ``op`` should run its native kernel on ``device`` under the active backend.
 
     Meta tensors take the native op whenever the library loaded: its fake kernel gives their
-    shapes (the reference backend's op has the same one).
+    shapes (the reference backend's op has the same one). CUDA tensors take it where the driver
+    and the GPU can run the kernels (:func:`cuda_kernels_usable`).
     """
     backend = get_backend()
     if backend == "reference":
         return False
-    if has_kernel(op, device.type) or (device.type == "meta" and native_available()):
+    if has_kernel(op, device.type):
+        if device.type != "cuda":
+            return True
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if cuda_kernels_usable(index):
+            return True
+        if backend == "native":
+            raise RuntimeError(f"cpsl_ops: the native {op} kernel cannot run on cuda:{index}: {_cuda_device_errors[index]}")
+        return False
+    if device.type == "meta" and native_available():
         return True
     if backend == "native":
-        raise RuntimeError(f"cpsl_ops: no native kernel of {op} for {device.type} tensors in this build")
-    if native_available() and (op, device.type) not in _warned_fallback:
+        why = f" ({_cuda_load_error})" if device.type == "cuda" and _cuda_load_error else ""
+        raise RuntimeError(f"cpsl_ops: no native kernel of {op} for {device.type} tensors in this build{why}")
+    if native_available() and (op, device.type) not in _warned_fallback and not (device.type == "cuda" and _cuda_warned):
         _warned_fallback.add((op, device.type))
         warnings.warn(
             f"cpsl_ops: this build has no {device.type} kernel for {op}; using the PyTorch reference",
