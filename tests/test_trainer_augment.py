@@ -5,6 +5,7 @@ by PIL's bilinear resize (antialiased when it shrinks them) before the weak crop
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from cpsl_trainer.augment import CropBoxes, crop, warp  # noqa: E402
 from cpsl_trainer.config import Config  # noqa: E402
-from cpsl_trainer.evaluation import Evaluation  # noqa: E402
+from cpsl_trainer.evaluation import Evaluator  # noqa: E402
 from cpsl_trainer.training import protocol_of, resize  # noqa: E402
 
 
@@ -54,13 +55,11 @@ class FixedOutput(nn.Module):
         return {"out": self.logits}
 
 
-def evaluation_with(mode: str, window=(64, 128)) -> Evaluation:
+def evaluation_with(mode: str, window=(64, 128)) -> Evaluator:
     config = Config()
     config.eval.mode, config.eval.window, config.train.amp = mode, list(window), "none"
-    evaluation = Evaluation.__new__(Evaluation)  # no datasets: only logits_of is called
-    evaluation.config, evaluation.protocol = config, protocol_of("cityscapes19")
-    evaluation.autocast = nullcontext
-    return evaluation
+    # No datasets: only logits_of is called, which reads the config, protocol and autocast.
+    return Evaluator(SimpleNamespace(config=config, protocol=protocol_of("cityscapes19"), autocast=nullcontext))
 
 
 def test_evaluation_upsamples_stride8_logits_as_the_official_validate():

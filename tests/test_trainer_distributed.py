@@ -191,7 +191,7 @@ def test_torchrun_with_two_ranks_trains_like_one_process_on_the_global_batch(tmp
     compare_curves(tmp_path / "adopted", tmp_path / "ddp", {
         "cpsl": ("loss_source", "loss_seg", "loss_consist", "loss_SL", "pseudo_conf"),
         "distill1": ("loss_source", "loss_kd")})
-    # Each rank averages its pixel losses over its own pixels (README): where the confident
+    # Each rank averages its pixel losses over its own pixels (docs/trainer.rst): where the confident
     # pseudo-labelled pixels split unevenly between the ranks (170 and 147 once), the mean of the
     # two means departs from the pixel-weighted mean of one process by about 0.7 %.
     compare_curves(tmp_path / "adopted", tmp_path / "ddp", {"distill1": ("loss_pseudo",)}, rtol=2e-2)

@@ -11,7 +11,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from cpsl_trainer.model import DeepLabV2, load_weights  # noqa: E402
-from cpsl_trainer.optim import parameter_groups  # noqa: E402
+from cpsl_trainer.optim import group_table, parameter_groups  # noqa: E402
 
 
 def _os8(n: int) -> int:
@@ -189,3 +189,8 @@ def test_parameter_groups(resnet18_model):
     assert set(ids) == {id(p) for p in resnet18_model.parameters() if p.requires_grad}
     assert {id(p) for p in head["params"]} == {id(p) for p in resnet18_model.head.parameters()}
     assert parameter_groups(resnet18_model, lr=1.0)[-1]["lr_mult"] == 10.0
+    # Named as the run prints them (optim.group_table): the stem once, blocks 3x, downsamples 4x.
+    assert [group["name"] for group in (*backbone, head)] == ["backbone x1", "backbone x3", "backbone x4", "head"]
+    table = group_table(torch.optim.SGD(parameter_groups(resnet18_model, lr=1.0, official_step=False), lr=1.0))
+    assert table.splitlines()[0].split()[:3] == ["backbone", str(len(list(resnet18_model.backbone.parameters()))),
+                                                 "tensors"]

@@ -185,9 +185,9 @@ def test_resume_refuses_another_config_and_an_earlier_checkpoint_format(tmp_path
     # What only decides what is shown and written may change; the payload is released once restored.
     shown = tiny_config(tmp_path, "run", "distill.stages=0", "data.num_workers=1", "train.progress=true",
                         "train.log_every=7", "train.checkpoint_every=3", "eval.save_images=1")
-    pipeline = Pipeline(shown)
-    pipeline.load_checkpoint(last)
-    assert pipeline.resumed_modules and pipeline.resume_modules("warmup", {}) == 1 and pipeline.resumed_modules == {}
+    checkpoints = Pipeline(shown).checkpoints
+    checkpoints.load(last)
+    assert checkpoints.resumed_modules and checkpoints.resume_modules("warmup", {}) == 1 and checkpoints.resumed_modules == {}
     payload = torch.load(last)
     del payload["format"]  # as the trainer wrote it before the global batch and RandAugmentMC
     torch.save(payload, tmp_path / "old.pt")
@@ -294,7 +294,7 @@ def test_overrides_may_follow_the_options_and_a_resume_logs_no_iteration_twice(t
 def test_warmup_weights_replace_stage_zero_and_students_may_carry_bn_pretrain(tmp_path):
     config = tiny_config(tmp_path, "run", "distill.stages=1", "distill.student_init=pretrained")
     torch.manual_seed(0)
-    weights = Pipeline(config).new_model().state_dict()
+    weights = Pipeline(config).context.new_model().state_dict()
     torch.save(weights, tmp_path / "warm.pt")
     config = load_config(None, [f"warmup.weights={tmp_path / 'warm.pt'}"], base=config)
     metrics = Pipeline(config).run()
@@ -326,9 +326,9 @@ def test_each_stage_hands_on_and_reports_its_best_evaluation(tmp_path):
     for stage in metrics["stages"].values():
         selection = stage["selection"]
         assert selection["rule"] == "best" and stage["mIoU"] == selection["best_mIoU"] >= selection["last_mIoU"]
-    model = pipeline.stage_model("cpsl")
-    model.load_state_dict(torch.load(pipeline.selected_weights("cpsl")))  # what distill1 took as its teacher
-    assert pipeline.evaluate(model, "check", save_images=False)["mIoU"] == metrics["stages"]["cpsl"]["mIoU"]
+    model = pipeline.context.stage_model("cpsl")
+    model.load_state_dict(torch.load(pipeline.checkpoints.selected_weights("cpsl")))  # what distill1 took as its teacher
+    assert pipeline.evaluator.evaluate(model, "check", save_images=False)["mIoU"] == metrics["stages"]["cpsl"]["mIoU"]
     last = Pipeline(tiny_config(tmp_path, "last", "distill.stages=0", "eval.every=1", "eval.select=last")).run()
     assert all(stage["mIoU"] == stage["selection"]["last_mIoU"] for stage in last["stages"].values())
     with pytest.raises(ValueError, match="eval.select"):
@@ -347,15 +347,15 @@ def test_strong_view_settings_out_of_range_are_refused_at_the_start(tmp_path, ov
 def test_pseudo_labels_are_reused_only_for_the_weights_that_made_them(tmp_path):
     pipeline = Pipeline(tiny_config(tmp_path, "run"))
     torch.manual_seed(0)
-    first, second = pipeline.new_model().eval(), pipeline.new_model().eval()
-    directory = pipeline.generate_pseudo_labels(first, "warmup", flip=False, with_prototypes=True)
+    first, second = pipeline.context.new_model().eval(), pipeline.context.new_model().eval()
+    directory = pipeline.pseudo_labels.generate(first, "warmup", flip=False, with_prototypes=True)
     files = sorted(directory.glob("*.npy"))
-    assert len(files) == len(pipeline.target_train) and files[0].name.endswith("_leftImg8bit.npy")
+    assert len(files) == len(pipeline.context.target_train) and files[0].name.endswith("_leftImg8bit.npy")
     made = {path: path.stat().st_mtime_ns for path in files}
-    pipeline.generate_pseudo_labels(first, "warmup", flip=False, with_prototypes=True)
+    pipeline.pseudo_labels.generate(first, "warmup", flip=False, with_prototypes=True)
     assert {path: path.stat().st_mtime_ns for path in files} == made  # the same weights: reused
     before = torch.load(directory / "summary.pt")["prior"]
-    pipeline.generate_pseudo_labels(second, "warmup", flip=False, with_prototypes=True)  # a new warm-up
+    pipeline.pseudo_labels.generate(second, "warmup", flip=False, with_prototypes=True)  # a new warm-up
     assert not torch.equal(torch.load(directory / "summary.pt")["prior"], before)
     assert sorted(directory.glob("*.npy")) == files
 
@@ -372,7 +372,7 @@ def test_each_distillation_stage_chooses_how_its_student_starts(tmp_path):
 def test_crops_scale_the_long_side_to_the_official_length(tmp_path):
     assert Config().data.scale_long_side == 2200
     pipeline = Pipeline(tiny_config(tmp_path, "run", "data.scale_long_side=256", "data.crop_size=[16, 32]"))
-    boxes = pipeline.crop_boxes(torch.Generator().manual_seed(0), 64, (32, 64)).boxes
+    boxes = pipeline.context.views.crop_boxes(torch.Generator().manual_seed(0), 64, (32, 64)).boxes
     long_side = 32 / boxes[:, 3]  # the rescaled image's width, from the crop's width fraction
     assert (long_side >= 0.75 * 256 - 1e-3).all() and (long_side <= 1.25 * 256 + 1e-3).all()
     assert long_side.max() - long_side.min() > 0.3 * 256
@@ -381,7 +381,7 @@ def test_crops_scale_the_long_side_to_the_official_length(tmp_path):
 def test_gta5_batches_are_colour_transferred_reproducibly(tmp_path):
     pipeline = Pipeline(tiny_config(tmp_path, "run", "data.colour_transfer=true"))
     plain = Pipeline(tiny_config(tmp_path, "plain"))
-    first, again, untouched = (next(p.source_batches(3)) for p in (pipeline, pipeline, plain))
+    first, again, untouched = (next(p.context.source_batches(3)) for p in (pipeline, pipeline, plain))
     assert first["name"] == untouched["name"] and torch.equal(first["image"], again["image"])
     assert not torch.equal(first["image"], untouched["image"])
     assert torch.equal(first["label"], untouched["label"])
@@ -414,7 +414,7 @@ def test_cutmix_pastes_the_source_losss_own_crop_and_its_labels(tmp_path, monkey
     config = tiny_config(tmp_path, "mix", "distill.stages=0", "cpsl.cutmix_prob=1.0", "data.crop_size=[16, 32]",
                          "data.scale_range=[1.0, 1.25]")
     recording, inputs, targets = [], [], []
-    forward, cross_entropy, cpsl = DeepLabV2.forward, torch.nn.functional.cross_entropy, CPSLStage.cpsl
+    forward, cross_entropy, cpsl_step = DeepLabV2.forward, torch.nn.functional.cross_entropy, CPSLStage.step
 
     def spy_forward(self, x):
         if recording and torch.is_grad_enabled() and tuple(x.shape[-2:]) == (16, 32):
@@ -426,16 +426,16 @@ def test_cutmix_pastes_the_source_losss_own_crop_and_its_labels(tmp_path, monkey
             targets.append(labels.clone())
         return cross_entropy(logits, labels, *args, **kwargs)
 
-    def spy_cpsl(self):
+    def spy_step(self, *args):
         recording.append(True)
         try:
-            cpsl(self)
+            return cpsl_step(self, *args)
         finally:
             recording.clear()
 
     monkeypatch.setattr(DeepLabV2, "forward", spy_forward)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy_cross_entropy)
-    monkeypatch.setattr(CPSLStage, "cpsl", spy_cpsl)
+    monkeypatch.setattr(CPSLStage, "step", spy_step)
     Pipeline(config).run()
     assert len(inputs) == 3 * config.cpsl.iterations and len(targets) == 2 * config.cpsl.iterations
     for step in range(config.cpsl.iterations):

@@ -35,25 +35,23 @@ def config_changes(saved: Config, current: Config) -> List[str]:
 
 
 class Checkpoints:
-    """What a run writes to resume and to hand weights from stage to stage (part of RunContext).
+    """What a run writes to resume and to hand weights from stage to stage.
 
     ``state`` holds the completed stages, their metrics and each stage's best evaluation; it is
     saved with every checkpoint. ``resumed_modules`` holds the modules' states of a loaded
     checkpoint until the stage they belong to restores them.
     """
 
-    config: Config
-    dist: Distributed
-    output: Path
-    state: Dict[str, Any]
-    resumed_modules: Dict[str, Any]
-
+    def __init__(self, config: Config, dist: Distributed, output: Path) -> None:
+        self.config, self.dist, self.output = config, dist, output
+        self.state: Dict[str, Any] = {"completed": [], "metrics": {}, "best": {}}
+        self.resumed_modules: Dict[str, Any] = {}
 
     @property
     def checkpoint_path(self) -> Path:
         return self.output / "checkpoints" / "last.pt"
 
-    def save_checkpoint(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
+    def save(self, stage: str, iteration: int, modules: Dict[str, Any]) -> None:
         """Rank 0 writes one file: every module's state is the same on every rank."""
         if not self.dist.is_main:
             return
@@ -66,7 +64,7 @@ class Checkpoints:
         torch.save(payload, partial)
         os.replace(partial, self.checkpoint_path)  # a job killed while saving leaves the last good one
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load(self, path: Path) -> None:
         """Reads ``path`` with nothing but tensors and plain values unpickled (a crafted file runs no
         code: it is refused, named), then checks that it resumes this run exactly."""
         payload = load_torch_file(path)

@@ -12,10 +12,12 @@ import torch
 
 from .config import Config, load_config
 from .config_check import check_config
+from .context import RunContext
 from .data import prepare_main
 from .demo_data import write_demo_datasets
 from .distributed import Distributed
 from .engine import Pipeline
+from .evaluation import Evaluator
 from .model import DeepLabV2, load_weights, save_official_checkpoint
 from .training import StopRequested, choose_device, protocol_of
 
@@ -78,10 +80,9 @@ def train_main(argv: Optional[List[str]] = None, evaluate_only: bool = False) ->
                           training=not evaluate_only)
     if evaluate_only:
         config = with_demo_data(config) if args.demo else config
-        pipeline = Pipeline(config, training=False)
-        model = load_weights(args.weights, lambda bn_pretrain: pipeline.new_model(None, bn_pretrain),
-                             pipeline.protocol.num_classes)
-        pipeline.evaluate(model.to(pipeline.device), args.weights.stem)
+        run = RunContext(config, training=False)
+        model = load_weights(args.weights, lambda bn_pretrain: run.new_model(None, bn_pretrain), run.protocol.num_classes)
+        Evaluator(run).evaluate(model.to(run.device), args.weights.stem)
         return 0
     resume = None
     if args.resume == "auto":  # a preemptible job passes it every time, its first start included

@@ -72,7 +72,7 @@ class ModelConfig:
     # checkpoints need; "torchvision": torchvision's. Same for resnet18/34 (model.py).
     layout: str = "official"
     # Recompute the backbone's activations in the backward pass instead of keeping them: less
-    # memory per image (README, "fewer or smaller GPUs"), one more backbone forward, same results.
+    # memory per image (docs/trainer.rst, "Fewer or smaller GPUs"), one more backbone forward, same results.
     checkpoint_backbone: bool = False
 
 
@@ -202,10 +202,16 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def warmup_trained(config: Config) -> bool:
+    """Whether stage 0 trains a warm-up. ``warmup.weights`` replaces the training with given
+    weights: then the warm-up's settings, and ``model.pretrained`` as its start, do nothing."""
+    return not config.warmup.weights
+
+
 def stage_iterations(config: Config) -> Dict[str, int]:
     """The stages a run goes through, in order, with their iterations (0 for a warm-up taken from
     ``warmup.weights``)."""
-    stages = {"warmup": 0 if config.warmup.weights else config.warmup.iterations, "cpsl": config.cpsl.iterations}
+    stages = {"warmup": config.warmup.iterations if warmup_trained(config) else 0, "cpsl": config.cpsl.iterations}
     stages.update({f"distill{number}": config.distill.iterations for number in range(1, config.distill.stages + 1)})
     return stages
 

@@ -20,7 +20,7 @@ import torch
 from .augment import CUTMIX_BOXES
 from .config import (
     AMP_MODES, Config, DEVICES, DISTILL_KL_FORMS, EVAL_MODES, PROTOCOLS, RANDOM_WEIGHTS, SOURCES, stage_iterations,
-    student_init, STUDENT_INITS)
+    student_init, STUDENT_INITS, warmup_trained)
 from .model import BACKBONES, GROUP_NORM_GROUPS, LAYOUTS
 from .randaugment import setting_problems
 from .training import parse_stop_after, SELECTION_NOTES
@@ -248,7 +248,7 @@ def _cross_key_problems(config: Config, bad: Set[str], training: bool) -> List[s
     if config.data.source == "synthia" and config.data.protocol == "cityscapes19":
         problems.append("data.protocol='cityscapes19' with data.source='synthia': SYNTHIA labels 16 of the 19 "
                         "classes, so 3 would be trained without a single example; use synthia16")
-    if not config.warmup.weights and config.warmup.iterations < 1:
+    if warmup_trained(config) and config.warmup.iterations < 1:
         problems.append(f"warmup.iterations={config.warmup.iterations!r}: must be at least 1 "
                         "(to skip the warm-up, set warmup.weights)")
     if config.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -266,10 +266,10 @@ def _cross_key_problems(config: Config, bad: Set[str], training: bool) -> List[s
 def _weights_read(config: Config, bad: Set[str]) -> Dict[str, Optional[str]]:
     """The weights each network of the run starts from, by the key that names them."""
     weights: Dict[str, Optional[str]] = {}
-    if config.warmup.weights:
-        weights["warmup.weights"] = config.warmup.weights
-    else:
+    if warmup_trained(config):
         weights["model.pretrained"] = config.model.pretrained
+    else:
+        weights["warmup.weights"] = config.warmup.weights
     students = [] if {"distill.stages", "distill.student_init"} & bad else range(1, config.distill.stages + 1)
     if any(student_init(config, number) == "pretrained" for number in students):
         key = "distill.pretrained" if config.distill.pretrained else "model.pretrained"

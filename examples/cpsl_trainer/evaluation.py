@@ -1,4 +1,4 @@
-"""Evaluation on the target val set and each stage's model selection."""
+"""Evaluation on the target val set (mIoU and per-class IoU), whole images or sliding windows."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .config import stage_iterations
 from .context import RunContext
-from .files import load_torch_file
 from .metrics import ConfusionMatrix, iou_table
 from .training import as_float_images, colour_png, resize
 
 
-class Evaluation(RunContext):
-    """mIoU on the target val set, and each stage's selection of its best or last weights."""
+class Evaluator:
+    """mIoU of a model on the target val set of a run's context."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
 
     @torch.no_grad()
     def logits_of(self, model: nn.Module, image: Tensor) -> Tensor:
@@ -24,20 +25,21 @@ class Evaluation(RunContext):
         size = tuple(image.shape[-2:])
         # Stride-8 logits to the image with align_corners=True, as the official validate() upsamples
         # them; the sliding windows (no official counterpart) are upsampled alike.
-        if self.config.eval.mode == "whole":
-            with self.autocast():
+        if self.context.config.eval.mode == "whole":
+            with self.context.autocast():
                 return resize(model(image)["out"].float(), size)
-        window = [min(w, s) for w, s in zip(self.config.eval.window, size)]
+        window = [min(w, s) for w, s in zip(self.context.config.eval.window, size)]
         stride = [max(w * 2 // 3, 1) for w in window]
-        total = torch.zeros(1, self.protocol.num_classes, *size, device=image.device)
+        total = torch.zeros(1, self.context.protocol.num_classes, *size, device=image.device)
         hits = torch.zeros(1, 1, *size, device=image.device)
         tops = sorted({min(t, size[0] - window[0]) for t in range(0, size[0], stride[0])})
         lefts = sorted({min(l, size[1] - window[1]) for l in range(0, size[1], stride[1])})
         for top in tops:
             for left in lefts:
                 part = image[..., top:top + window[0], left:left + window[1]]
-                with self.autocast():
-                    total[..., top:top + window[0], left:left + window[1]] += resize(model(part)["out"].float(), window).softmax(1)
+                with self.context.autocast():
+                    probabilities = resize(model(part)["out"].float(), window).softmax(1)
+                total[..., top:top + window[0], left:left + window[1]] += probabilities
                 hits[..., top:top + window[0], left:left + window[1]] += 1
         return total / hits
 
@@ -46,13 +48,16 @@ class Evaluation(RunContext):
                  step: Optional[Tuple[str, int]] = None) -> Dict[str, Any]:
         """mIoU of ``model`` on the target val set; prints the per-class table and, at a
         ``(stage, iteration)`` step, writes the mIoU to TensorBoard."""
+        context = self.context
+        config, protocol = context.config, context.protocol
         was_training = model.training
         model.eval()
-        confusion = ConfusionMatrix(self.protocol.num_classes)
-        input_size = tuple(self.config.data.target_size)
-        for index in tqdm(range(len(self.target_val)), desc=f"evaluate {name}", disable=not self.config.train.progress, leave=False):
-            sample = self.target_val[index]
-            image = as_float_images(sample["image"][None], self.device)
+        confusion = ConfusionMatrix(protocol.num_classes)
+        input_size = tuple(config.data.target_size)
+        for index in tqdm(range(len(context.target_val)), desc=f"evaluate {name}", disable=not config.train.progress,
+                          leave=False):
+            sample = context.target_val[index]
+            image = as_float_images(sample["image"][None], context.device)
             label = sample["label"].long()
             # The image to the input size as an image (the official code resizes it with PIL on
             # loading), the full-resolution logits to the label's size likewise (the official
@@ -62,30 +67,15 @@ class Evaluation(RunContext):
             logits = self.logits_of(model, image)
             prediction = resize(logits, tuple(label.shape), align_corners=False).argmax(1)[0].cpu()
             confusion.update(prediction, label)
-            if save_images and index < self.config.eval.save_images:
-                colour_png(self.output / "predictions" / name / f"{index:06d}.png", prediction, self.protocol)
+            if save_images and index < config.eval.save_images:
+                colour_png(context.output / "predictions" / name / f"{index:06d}.png", prediction, protocol)
         model.train(was_training)
         iou = confusion.iou()
-        result = {"per_class_iou": dict(zip(self.protocol.class_names, [None if v != v else round(100 * v, 2) for v in iou.tolist()])),
-                  "mIoU": round(100 * confusion.miou(), 2)}
-        for subset, positions in self.protocol.extra_subsets.items():
+        per_class = [None if v != v else round(100 * v, 2) for v in iou.tolist()]
+        result = {"per_class_iou": dict(zip(protocol.class_names, per_class)), "mIoU": round(100 * confusion.miou(), 2)}
+        for subset, positions in protocol.extra_subsets.items():
             result[subset] = round(100 * confusion.miou(positions), 2)
-        tqdm.write(iou_table(self.protocol.class_names, iou, title=f"== {name}: target val IoU (%)"))
-        if self.writer is not None and step is not None:
-            self.writer.add_scalar(f"{step[0]}/mIoU", result["mIoU"], step[1])
+        tqdm.write(iou_table(protocol.class_names, iou, title=f"== {name}: target val IoU (%)"))
+        if context.writer is not None and step is not None:
+            context.writer.add_scalar(f"{step[0]}/mIoU", result["mIoU"], step[1])
         return result
-
-    def select(self, stage: str) -> Dict[str, Any]:
-        """Main rank, at the end of ``stage``: evaluates its last weights, keeps them if they are its
-        best, and returns the metrics of the weights ``eval.select`` picks, with the selection."""
-        model = self.stage_model(stage)
-        weights = load_torch_file(self.stage_weights(stage))
-        model.load_state_dict(weights)
-        end = stage_iterations(self.config)[stage]
-        last = self.evaluate(model.to(self.device), stage, step=(stage, end))
-        self.keep_if_best(stage, end, last, weights)
-        best = self.state["best"][stage]
-        chosen, iteration = (best["result"], best["iteration"]) if self.config.eval.select == "best" else (last, end)
-        return {**chosen, "selection": {"rule": self.config.eval.select, "iteration": iteration,
-                                        "last_mIoU": last["mIoU"], "best_mIoU": best["result"]["mIoU"],
-                                        "best_iteration": best["iteration"]}}

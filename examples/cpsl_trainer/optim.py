@@ -86,14 +86,27 @@ def parameter_groups(model: DeepLabV2, lr: float, head_lr_mult: float = 10.0,
             groups.setdefault(listings[param], []).append(param)
     heads = [model.head] + ([model.bn_pretrain] if model.bn_pretrain is not None else [])
     head = [p for module in heads for p in module.parameters() if p.requires_grad]
-    return ([{"params": params, "lr": lr, "lr_mult": 1.0, "updates": updates} for updates, params in sorted(groups.items())]
-            + [{"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "updates": 1}])
+    backbone_groups = [{"name": f"backbone x{updates}" if official_step else "backbone", "params": params, "lr": lr,
+                        "lr_mult": 1.0, "updates": updates} for updates, params in sorted(groups.items())]
+    head_name = "head" + (" + bn_pretrain" if model.bn_pretrain is not None else "")
+    return backbone_groups + [{"name": head_name, "params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult,
+                               "updates": 1}]
+
+
+def group_table(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's parameter groups, one line each: name, tensors, learning-rate multiplier and
+    updates per step (what each config key made of the network)."""
+    lines = [f"  {group.get('name', f'group {index}'):<22} {len(group['params']):>4} tensors  lr x{group['lr_mult']:g}"
+             f"  {group.get('updates', 1)} update{'s' if group.get('updates', 1) > 1 else ''} per step"
+             for index, group in enumerate(optimizer.param_groups)]
+    return "\n".join(lines)
 
 
 def make_optimizer(model: DeepLabV2, lr: float, head_lr_mult: float = 10.0, extra_params: Sequence[Dict[str, Any]] = (),
                    momentum: float = 0.9, weight_decay: float = 2e-4, official_step: bool = True) -> RepeatedSGD:
     """The SGD of a stage: :func:`parameter_groups` plus ``extra_params``, groups such as
-    ``{"params": [prototypes], "lr_mult": 5.0}`` (stage 1's prototypes; updated once per step)."""
+    ``{"name": "prototypes", "params": [prototypes], "lr_mult": 5.0}`` (stage 1's prototypes;
+    updated once per step)."""
     extra = [{"lr": lr * group.get("lr_mult", 1.0), **group} for group in extra_params]
     return RepeatedSGD(parameter_groups(model, lr, head_lr_mult, official_step) + extra, lr=lr, momentum=momentum,
                        weight_decay=weight_decay)

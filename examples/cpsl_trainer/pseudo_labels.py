@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -32,12 +32,46 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class PseudoLabels(RunContext):
+class PrototypeInit:
+    """The official ``calc_prototype.py``: per class, the running mean over images of the image's
+    class mean feature, for images where the class has at least ``min_pixels`` predicted pixels,
+    the count capped at 3000 (later images then weigh 1/3001 each)."""
+
+    CAP = 3000
+
+    def __init__(self, num_classes: int, feat_dim: int, min_pixels: int) -> None:
+        self.means = torch.zeros(num_classes, feat_dim, dtype=torch.float64)
+        self.images = torch.zeros(num_classes, dtype=torch.long)
+        self.min_pixels = min_pixels
+
+    def add(self, image_means: Tensor, pixels: Tensor) -> None:
+        """One image's (K, D) class means and (K,) predicted pixels per class."""
+        present = pixels.cpu() >= self.min_pixels
+        seen = self.images[present].double()[:, None]
+        self.means[present] = (self.means[present] * seen + image_means.cpu()[present].double()) / (seen + 1)
+        self.images[present] = (self.images[present] + 1).clamp(max=self.CAP)
+
+    def missing(self) -> List[int]:
+        """The classes no image contributed to."""
+        return (self.images == 0).nonzero().flatten().tolist()
+
+    def prototypes(self) -> Tensor:
+        """(K, D) float32; the classes no image predicted start random (torch's global generator)."""
+        means = self.means.clone()
+        missing = self.images == 0
+        means[missing] = torch.randn(int(missing.sum()), means.shape[1]).double()
+        return means.float()
+
+
+class PseudoLabelMaker:
     """Writes and reuses the soft pseudo labels of a model on the target training set."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: Tensor, flip: bool) -> Dict[str, Tensor]:
-        with self.autocast():
+        with self.context.autocast():
             out = model(images)
             probabilities = out["out"].float().softmax(1)
             if flip:
@@ -46,59 +80,56 @@ class PseudoLabels(RunContext):
         return {"probabilities": probabilities, "feat": out["feat"].float()}
 
     def pseudo_dir(self, name: str) -> Path:
-        return self.output / "pseudo" / name
+        return self.context.output / "pseudo" / name
 
-    def pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
-        """Rank 0 writes them (:meth:`generate_pseudo_labels`) while the other ranks wait."""
-        if self.dist.is_main:
-            self.generate_pseudo_labels(model, name, flip, with_prototypes)
-        self.dist.barrier()
+    def make(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
+        """Rank 0 writes them (:meth:`generate`) while the other ranks wait."""
+        if self.context.dist.is_main:
+            self.generate(model, name, flip, with_prototypes)
+        self.context.dist.barrier()
         return self.pseudo_dir(name)
 
     @torch.no_grad()
-    def generate_pseudo_labels(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
+    def generate(self, model: nn.Module, name: str, flip: bool, with_prototypes: bool) -> Path:
         """Soft labels (K, h, w) fp16 of every target train image at stride 8, the class prior of
         the argmax predictions and, for stage 1, the prototype initialization (class means). They
         are reused only if made by the same weights, options and images (``summary.pt``'s key)."""
-        directory = self.pseudo_dir(name)
+        context, config = self.context, self.context.config
+        directory, images = self.pseudo_dir(name), context.target_train
         key = {"weights": weights_fingerprint(model), "flip": flip, "with_prototypes": with_prototypes,
-               "images": [pair[0].relative_to(self.target_train.root).as_posix() for pair in self.target_train.pairs],
-               "size": list(self.config.data.target_size)}
+               "images": [pair[0].relative_to(images.root).as_posix() for pair in images.pairs],
+               "size": list(config.data.target_size)}
         if (directory / "summary.pt").exists() and load_torch_file(directory / "summary.pt").get("key") == key:
             return directory
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         model.eval()
-        classes, feat_dim = self.protocol.num_classes, self.config.model.feat_dim
+        classes, feat_dim = context.protocol.num_classes, config.model.feat_dim
         counts = torch.zeros(classes, dtype=torch.float64)
-        prototypes = torch.zeros(classes, feat_dim, dtype=torch.float64)
-        prototype_images = torch.zeros(classes, dtype=torch.long)
-        image_means = torch.zeros(classes, feat_dim, device=self.device)
-        loader = DataLoader(self.target_train, batch_size=self.config.data.batch_size, num_workers=self.config.data.num_workers)
+        prototypes = PrototypeInit(classes, feat_dim, config.cpsl.prototype_min_pixels)
+        image_means = torch.zeros(classes, feat_dim, device=context.device)
+        loader = DataLoader(images, batch_size=config.data.batch_size, num_workers=config.data.num_workers)
         index = 0
-        for batch in tqdm(loader, desc=f"pseudo labels ({name})", disable=not self.config.train.progress, leave=False):
-            out = self.predict(model, as_float_images(batch["image"], self.device), flip)
+        for batch in tqdm(loader, desc=f"pseudo labels ({name})", disable=not config.train.progress, leave=False):
+            out = self.predict(model, as_float_images(batch["image"], context.device), flip)
             predictions = out["probabilities"].argmax(1)
             counts += class_distribution(predictions, classes).double() * predictions.numel()
             for soft, feat, labels, image_name in zip(out["probabilities"], out["feat"], predictions, batch["name"]):
                 np.save(soft_label_file(directory, image_name), soft.half().cpu().numpy())
-                if index < self.config.eval.save_images:
-                    colour_png(self.output / "pseudo_labels" / name / f"{index:06d}.png", labels, self.protocol)
+                if index < config.eval.save_images:
+                    colour_png(context.output / "pseudo_labels" / name / f"{index:06d}.png", labels, context.protocol)
                 index += 1
                 if not with_prototypes:
                     continue
-                # Class means of this image (momentum 0 replaces the buffer), then a running
-                # mean over images capped at 3000, as the official calc_prototype.py does.
-                image_means.zero_()
+                image_means.zero_()  # momentum 0 below: the buffer becomes this image's class means
                 pixels = cpsl_ops.update_prototypes_(image_means, feat[None], labels[None], momentum=0.0)
-                present = (pixels.cpu() >= self.config.cpsl.prototype_min_pixels)
-                seen = prototype_images[present].double()[:, None]
-                prototypes[present] = (prototypes[present] * seen + image_means.cpu()[present].double()) / (seen + 1)
-                prototype_images[present] = (prototype_images[present] + 1).clamp(max=3000)
-        if with_prototypes and (prototype_images == 0).any():
-            missing = [self.protocol.class_names[k] for k in (prototype_images == 0).nonzero().flatten().tolist()]
+                prototypes.add(image_means, pixels)
+        if with_prototypes and prototypes.missing():
+            missing = [context.protocol.class_names[k] for k in prototypes.missing()]
             tqdm.write(f"note: no target image predicts {missing}; their prototypes start random")
-            prototypes[prototype_images == 0] = torch.randn(int((prototype_images == 0).sum()), feat_dim).double()
         prior = (counts / counts.sum()).float().clamp_min(1e-6)
-        torch.save({"prior": prior / prior.sum(), "prototypes": prototypes.float(), "key": key}, directory / "summary.pt")
+        summary = {"prior": prior / prior.sum(), "key": key}
+        if with_prototypes:
+            summary["prototypes"] = prototypes.prototypes()
+        torch.save(summary, directory / "summary.pt")
         return directory

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from .checkpoints import RESUMABLE_CHANGES
-from .config import Config, flat_settings, RANDOM_WEIGHTS, student_init
+from .config import Config, flat_settings, RANDOM_WEIGHTS, student_init, warmup_trained
 
 # Where the data and weights are, and how the run is executed: not the recipe.
 NOT_RECIPE = (*RESUMABLE_CHANGES, "data.source", "data.source_root", "data.target_root", "model.pretrained",
@@ -30,7 +30,7 @@ def departures(config: Config) -> List[Dict[str, Any]]:
     """One row per departure from the official recipe: ``{"setting", "here", "official"}``."""
     official, here = official_settings(config), flat_settings(config.to_dict())
     ignored = set(NOT_RECIPE)
-    if config.warmup.weights:  # no warm-up is trained: its settings do nothing
+    if not warmup_trained(config):  # its settings do nothing
         ignored |= {key for key in here if key.startswith("warmup.")}
     elif not config.warmup.adversarial:
         ignored |= {"warmup.adversarial_weight", "warmup.discriminator_lr"}
@@ -48,10 +48,10 @@ def _origin_rows(config: Config) -> List[Dict[str, Any]]:
     """Where the networks start, against the official runs (a file named in distill.pretrained is
     taken for the SimCLRv2 weights)."""
     rows = []
-    if not config.warmup.weights and not config.warmup.adversarial:
+    if warmup_trained(config) and not config.warmup.adversarial:
         rows.append({"setting": "warm-up", "here": "trained on the source only",
                      "official": "the released warm-up (41.4 mIoU), trained with an output-space adversarial loss"})
-    if config.model.pretrained == RANDOM_WEIGHTS and not config.warmup.weights:
+    if config.model.pretrained == RANDOM_WEIGHTS and warmup_trained(config):
         rows.append({"setting": "warm-up backbone", "here": "random weights", "official": "ImageNet weights"})
     source = config.distill.pretrained or config.model.pretrained
     fresh = "random weights" if source == RANDOM_WEIGHTS else (

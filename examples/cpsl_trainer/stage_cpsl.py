@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Dict
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,17 +11,21 @@ from torch import Tensor, nn
 
 from cpsl_ops import SelfLabelingLoss, prototype_similarity, rectify_pseudo_labels
 
-from .augment import box_mask, crop, cutmix_box
-from .distributed import Distributed, synchronize_batch_norm
+from .augment import crop
+from .context import RunContext
+from .distributed import Distributed
 from .files import load_torch_file
 from .labels import IGNORE_INDEX
-from .pseudo_labels import PseudoLabels
-from .training import as_float_images, ema_update, poly_lr, resize, reverse_cross_entropy
+from .pseudo_labels import PseudoLabelMaker
+from .stage import TrainingStage
+from .teacher import EMATeacher
+from .training import labelled_cross_entropy, resize, reverse_cross_entropy
+from .views import TargetViews, Views
 
 
 def symmetric_cross_entropy(logits: Tensor, labels: Tensor, alpha: float, beta: float) -> Tensor:
     """alpha CE + beta reverse CE of the target predictions on the rectified pseudo labels."""
-    return alpha * F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) + beta * reverse_cross_entropy(logits, labels)
+    return alpha * labelled_cross_entropy(logits, labels) + beta * reverse_cross_entropy(logits, labels)
 
 
 def prototype_consistency(strong_logits: Tensor, weak_target: Tensor, valid: Tensor) -> Tensor:
@@ -115,103 +119,105 @@ class ContrastiveLabels(nn.Module):
         self.labels[(pointer + offsets) % queue_size] = kept.to(self.labels)
 
 
-class CPSLStage(PseudoLabels):
-    """Stage 1: the self-labeling stage, from the warm-up model and its pseudo labels."""
+class CPSLStage(TrainingStage):
+    """Stage 1: self-labeling from the warm-up model (``warmup_weights``) and its pseudo labels.
 
-    def cpsl(self) -> None:
-        stage, cfg, data = "cpsl", self.config.cpsl, self.config.data
-        warm = self.stage_model("warmup")
-        warm.load_state_dict(load_torch_file(self.selected_weights("warmup")))
-        warm.to(self.device)
-        pseudo = self.pseudo_labels(warm, "warmup", flip=False, with_prototypes=True)
-        summary = load_torch_file(pseudo / "summary.pt")
+    The step's terms, as the official ``CustomModel.step``: the source CE, the symmetric CE on the
+    rectified target labels (CutMix pasted), the prototype consistency between the weak and the
+    strong view, the self-labeling loss on the EMA teacher's maps, and the supervised-contrastive
+    term. The EMA teacher and the EMA prototypes follow after each step.
+    """
+
+    def __init__(self, context: RunContext, warmup_weights: Path, pseudo_labels: PseudoLabelMaker) -> None:
+        cfg = context.config.cpsl
+        warm = context.stage_model("warmup")
+        warm.load_state_dict(load_torch_file(warmup_weights))
+        warm.to(context.device)
+        self.pseudo = pseudo_labels.make(warm, "warmup", flip=False, with_prototypes=True)
+        summary = load_torch_file(self.pseudo / "summary.pt")
         student = warm.train()
-        teacher = copy.deepcopy(student)  # the official EMA network stays in training mode
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        teacher = synchronize_batch_norm(teacher, self.dist, self.device)
-        net = self.parallel(student)
-        loss_sl = SelfLabelingLoss(
-            self.protocol.num_classes, self.config.model.feat_dim, summary["prior"], cfg.temperature, cfg.epsilon,
-            cfg.sinkhorn_iters, cfg.queue_size, cfg.samples_per_image, cfg.ema_momentum, IGNORE_INDEX,
-        ).to(self.device)
-        loss_sl.init_prototypes(summary["prototypes"])
-        optimizer = self.optimizer(student, cfg.optim, [{"params": [loss_sl.prototypes], "lr_mult": cfg.prototype_lr_mult}])
-        scaler = self.new_scaler()
-        contrastive_labels = ContrastiveLabels(cfg.queue_size).to(self.device)
-        modules = {"model": student, "teacher": teacher, "self_labeling": loss_sl, "contrastive_labels": contrastive_labels,
-                   "optimizer": optimizer, "scaler": scaler}
-        start, source, target = self.adaptation_batches(stage, modules, pseudo)
-        quarter = self.quarter_crop
+        self.teacher = EMATeacher(student, cfg.ema_momentum, context.dist, context.device)
+        self.self_labeling = SelfLabelingLoss(
+            context.protocol.num_classes, context.config.model.feat_dim, summary["prior"], cfg.temperature,
+            cfg.epsilon, cfg.sinkhorn_iters, cfg.queue_size, cfg.samples_per_image, cfg.ema_momentum, IGNORE_INDEX,
+        ).to(context.device)
+        self.self_labeling.init_prototypes(summary["prototypes"])
+        prototypes = self.self_labeling.prototypes
+        super().__init__(context, "cpsl", cfg.iterations, student, cfg.optim,
+                         [{"name": "prototypes", "params": [prototypes], "lr_mult": cfg.prototype_lr_mult}])
+        self.contrastive_labels = ContrastiveLabels(cfg.queue_size).to(context.device)
+        self.modules.update(teacher=self.teacher, self_labeling=self.self_labeling,
+                            contrastive_labels=self.contrastive_labels)
+        # Every rank computes the same self-labeling loss; averaging the prototypes' gradient
+        # (DDP owns only the network's) keeps the replicas equal should kernels round apart.
+        self.shared_parameters = [prototypes]
+        self.weights = {"loss_consist": cfg.consistency_weight, "loss_SL": cfg.self_labeling_weight,
+                        "loss_contrast": cfg.contrastive_weight}
 
-        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
-            lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
-            optimizer.zero_grad(set_to_none=True)
-            source_batch = next(source)
-            source_crops, source_crop_labels = cut = self.weak_crop(source_batch, generator)
-            loss_source = self.source_backward(net, source_batch, generator, scaler, cut)
+    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
+        return self.context.target_batches(self.pseudo, iteration)
 
-            batch = next(target)
-            full = as_float_images(batch["image"], self.device)
-            boxes = self.crop_boxes(generator, full.shape[0], full.shape[-2:])
-            weak = crop(full, boxes, data.crop_size)
-            strong, strong_augment = self.strong_view(generator, weak)
-            mix = bool(torch.rand(1, generator=generator) < cfg.cutmix_prob)
-            if mix:  # CutMix: a box of the source loss's own crop pasted into the weak target crop
-                mix_mask = box_mask(cutmix_box(generator, cfg.cutmix_box), data.crop_size, self.device)
-                weak = torch.where(mix_mask[:, None], source_crops, weak)
+    def make_views(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], generator: torch.Generator) -> Views:
+        cfg = self.context.config.cpsl
+        return self.context.views.views(source, target, generator, cutmix=(cfg.cutmix_prob, cfg.cutmix_box))
 
-            with torch.no_grad(), self.autocast():
-                ema_out = teacher(full)
-                ema_feat, ema_logits = ema_out["feat"].float(), ema_out["out"].float()
-                weak_feat = crop(ema_feat, boxes, quarter, align_corners=True)  # the official full2weak
-                prototype_logits = prototype_similarity(weak_feat, loss_sl.prototypes_ema, cfg.temperature)
-                soft = crop(batch["soft"].to(self.device).float(), boxes, quarter, align_corners=True)
-                labels, confidence = rectify_pseudo_labels(soft, prototype_logits, cfg.rectify_threshold, IGNORE_INDEX)
-                # The official threshold_SL: the (unmixed) rectified labels at the EMA output's size.
-                label_map = F.interpolate(labels[:, None].float(), size=ema_feat.shape[-2:], mode="nearest").long()[:, 0]
-                if mix:  # the source crop's labels in the box, sampled at stride 4 as officially
-                    labels = torch.where(mix_mask[:, ::4, ::4], source_crop_labels[:, ::4, ::4], labels)
-                warped, valid = strong_augment.apply_to_maps(prototype_logits, fill=0.0)
-                consistency_target = warped.softmax(1)
+    def target_losses(self, batch: Dict[str, Any], views: Views) -> Dict[str, Tensor]:
+        """The target terms (unweighted) and ``pseudo_conf``, the rectified labels' mean confidence.
 
-            with self.autocast():
-                weak_out = net(weak)
-                weak_logits = resize(weak_out["out"], quarter).float()
-                strong_feat = resize(net(strong)["feat"], quarter).float()
-            # The paper's losses: the source CE (above), the symmetric CE on the rectified target
-            # labels, the prototype consistency between views, and the self-labeling loss.
-            loss_seg = symmetric_cross_entropy(weak_logits, labels, cfg.rce_alpha, cfg.rce_beta)
-            strong_prototype_logits = prototype_similarity(strong_feat, loss_sl.prototypes_ema, cfg.temperature)
-            loss_consistency = prototype_consistency(strong_prototype_logits, consistency_target, valid)
-            pointer, filled = int(loss_sl.queue_ptr), int(loss_sl.queue_len)
-            loss_self_labeling = global_self_labeling(loss_sl, ema_feat, ema_logits, generator, self.dist)
-            global_label_map = self.dist.gather_batch(label_map)
-            samples = min(cfg.samples_per_image, label_map[0].numel())
-            contrastive_labels.push(global_label_map, samples, pointer)
-            # Officially on when no CutMix was pasted and the bank filled up (before its last image).
-            loss_contrast = weak_logits.new_zeros(())
-            if (cfg.contrastive_weight > 0 and not mix and cfg.queue_size > 0
-                    and filled + (global_label_map.shape[0] - 1) * samples >= cfg.queue_size):
-                student_feat = weak_out["feat"].float()
-                pixels = student_feat[0, 0].numel()
-                orders = torch.stack([torch.randperm(pixels, generator=generator)
-                                      for _ in range(global_label_map.shape[0])])[self.dist.rows(full.shape[0])]
-                loss_contrast = supervised_contrastive_loss(student_feat, label_map, loss_sl.feature_queue,
-                                                            contrastive_labels.labels, cfg.temperature,
-                                                            cfg.samples_per_image, orders)
-            total_loss = loss_seg + cfg.consistency_weight * loss_consistency + cfg.self_labeling_weight * loss_self_labeling
-            total_loss = total_loss + cfg.contrastive_weight * loss_contrast
-            scaler.scale(total_loss).backward()
-            # Every rank computed the same self-labeling loss; averaging the prototypes' gradient
-            # (DDP owns only the network's) keeps the replicas equal should kernels round apart.
-            self.dist.average_gradients([loss_sl.prototypes])
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(teacher, student, cfg.ema_momentum)
-            loss_sl.update_ema()
-            return {"loss_source": loss_source.item(), "loss_seg": loss_seg.item(), "loss_consist": loss_consistency.item(),
-                    "loss_SL": loss_self_labeling.item(), "loss_contrast": loss_contrast.item(),
-                    "pseudo_conf": confidence.float().mean().item(), "lr": lr}
+        Pure but for the memory banks, which take this step's EMA features and labels, as the
+        official forward fills them."""
+        context, cfg, target, source = self.context, self.context.config.cpsl, views.target, views.source
+        assert target is not None and target.strong is not None and target.strong_augment is not None
+        quarter, prototypes_ema = context.quarter_crop, self.self_labeling.prototypes_ema
+        with torch.no_grad(), context.autocast():
+            ema_out = self.teacher(target.full)
+            ema_feat, ema_logits = ema_out["feat"].float(), ema_out["out"].float()
+            weak_feat = crop(ema_feat, target.boxes, quarter, align_corners=True)  # the official full2weak
+            prototype_logits = prototype_similarity(weak_feat, prototypes_ema, cfg.temperature)
+            soft = crop(batch["soft"].to(context.device).float(), target.boxes, quarter, align_corners=True)
+            labels, confidence = rectify_pseudo_labels(soft, prototype_logits, cfg.rectify_threshold, IGNORE_INDEX)
+            # The official threshold_SL: the (unmixed) rectified labels at the EMA output's size.
+            label_map = F.interpolate(labels[:, None].float(), size=ema_feat.shape[-2:], mode="nearest").long()[:, 0]
+            if target.mix_mask is not None:  # the source crop's labels in the box, sampled at stride 4 as officially
+                labels = torch.where(target.mix_mask[:, ::4, ::4], source.labels[:, ::4, ::4], labels)
+            warped, valid = target.strong_augment.apply_to_maps(prototype_logits, fill=0.0)
+            consistency_target = warped.softmax(1)
 
-        self.train_loop(stage, start, cfg.iterations, modules, step, student)
+        with context.autocast():
+            weak_out = self.net(target.weak)
+            weak_logits = resize(weak_out["out"], quarter).float()
+            strong_feat = resize(self.net(target.strong)["feat"], quarter).float()
+        loss_seg = symmetric_cross_entropy(weak_logits, labels, cfg.rce_alpha, cfg.rce_beta)
+        strong_prototype_logits = prototype_similarity(strong_feat, prototypes_ema, cfg.temperature)
+        loss_consistency = prototype_consistency(strong_prototype_logits, consistency_target, valid)
+        return {"loss_seg": loss_seg, "loss_consist": loss_consistency,
+                **self.bank_losses(ema_feat, ema_logits, label_map, weak_out["feat"], target),
+                "pseudo_conf": confidence.float().mean()}
+
+    def bank_losses(self, ema_feat: Tensor, ema_logits: Tensor, label_map: Tensor, student_feat: Tensor,
+                    target: TargetViews) -> Dict[str, Tensor]:
+        """The self-labeling loss of the global batch and the supervised-contrastive term, both
+        against the memory bank (which they fill), with their pixels drawn from ``target.draws``."""
+        cfg, dist = self.context.config.cpsl, self.context.dist
+        pointer, filled = int(self.self_labeling.queue_ptr), int(self.self_labeling.queue_len)
+        loss_self_labeling = global_self_labeling(self.self_labeling, ema_feat, ema_logits, target.draws, dist)
+        global_label_map = dist.gather_batch(label_map)
+        samples = min(cfg.samples_per_image, label_map[0].numel())
+        self.contrastive_labels.push(global_label_map, samples, pointer)
+        # Officially on when no CutMix was pasted and the bank filled up (before its last image).
+        loss_contrast = ema_feat.new_zeros(())
+        if (cfg.contrastive_weight > 0 and target.mix_mask is None and cfg.queue_size > 0
+                and filled + (global_label_map.shape[0] - 1) * samples >= cfg.queue_size):
+            student_feat = student_feat.float()
+            pixels = student_feat[0, 0].numel()
+            orders = torch.stack([torch.randperm(pixels, generator=target.draws)
+                                  for _ in range(global_label_map.shape[0])])[dist.rows(label_map.shape[0])]
+            loss_contrast = supervised_contrastive_loss(student_feat, label_map, self.self_labeling.feature_queue,
+                                                        self.contrastive_labels.labels, cfg.temperature,
+                                                        cfg.samples_per_image, orders)
+        return {"loss_SL": loss_self_labeling, "loss_contrast": loss_contrast}
+
+    def after_step(self, iteration: int, terms: Dict[str, Tensor]) -> Dict[str, float]:
+        self.teacher.update(self.model)
+        self.self_labeling.update_ema()
+        return {}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,14 @@ from torch import Tensor
 
 from .augment import crop
 from .config import student_init as config_student_init
+from .context import RunContext
 from .files import load_torch_file
 from .labels import IGNORE_INDEX
-from .pseudo_labels import PseudoLabels
-from .training import as_float_images, poly_lr, resize
+from .model import DeepLabV2
+from .pseudo_labels import PseudoLabelMaker
+from .stage import TrainingStage
+from .training import labelled_cross_entropy, resize
+from .views import Views
 
 
 def distillation_kl(student_logits: Tensor, teacher_probabilities: Tensor, form: str) -> Tensor:
@@ -30,61 +35,53 @@ def distillation_kl(student_logits: Tensor, teacher_probabilities: Tensor, form:
     raise ValueError(f"distill.kl must be official or proper, got {form!r}")
 
 
-class DistillStage(PseudoLabels):
-    """Stages 2 and 3: a student distilled from the previous stage's selected model."""
+class DistillStage(TrainingStage):
+    """Stage ``distill<number>``: a student distilled from the selected weights of the previous
+    stage, ``teacher_stage``: the CE on the teacher's confident soft labels of the strong view,
+    and the KL to the teacher's predictions on it."""
 
-    def distill(self, number: int, teacher_stage: str) -> None:
-        stage, cfg, data = f"distill{number}", self.config.distill, self.config.data
-        teacher = self.stage_model(teacher_stage)
-        teacher.load_state_dict(load_torch_file(self.selected_weights(teacher_stage)))
-        teacher.to(self.device).eval()
-        pseudo = self.pseudo_labels(teacher, teacher_stage, flip=True, with_prototypes=False)
-        student_init = config_student_init(self.config, number)
-        if student_init == "teacher":
-            student = self.stage_model(stage).to(self.device)
-            # A student with bn_pretrain of a teacher without one starts with a fresh bn_pretrain.
-            missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-            if unexpected or any(not name.startswith("bn_pretrain.") for name in missing):
-                raise ValueError(f"the {teacher_stage} weights do not fit the {stage} student: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-        else:
-            student = self.stage_model(stage, cfg.pretrained or self.config.model.pretrained).to(self.device)
-        student.train()
+    def __init__(self, context: RunContext, number: int, teacher_stage: str, teacher_weights: Path,
+                 pseudo_labels: PseudoLabelMaker) -> None:
+        name, cfg = f"distill{number}", context.config.distill
+        self.teacher = context.stage_model(teacher_stage)
+        self.teacher.load_state_dict(load_torch_file(teacher_weights))
+        self.teacher.to(context.device).eval()
+        self.pseudo = pseudo_labels.make(self.teacher, teacher_stage, flip=True, with_prototypes=False)
+        student = self.new_student(context, number, teacher_stage).train()
         for param in student.parameters():
             param.requires_grad_(True)
-        net = self.parallel(student)
-        optimizer = self.optimizer(student, cfg.optim)
-        scaler = self.new_scaler()
-        modules = {"model": student, "optimizer": optimizer, "scaler": scaler}
-        start, source, target = self.adaptation_batches(stage, modules, pseudo)
-        quarter = self.quarter_crop
+        super().__init__(context, name, cfg.iterations, student, cfg.optim)
+        self.weights = {"loss_kd": cfg.kd_weight}
 
-        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
-            lr = poly_lr(optimizer, cfg.optim.lr, iteration, cfg.iterations, cfg.optim.poly_power)
-            optimizer.zero_grad(set_to_none=True)
-            loss_source = self.source_backward(net, next(source), generator, scaler)
-            batch = next(target)
-            full = as_float_images(batch["image"], self.device)
-            boxes = self.crop_boxes(generator, full.shape[0], full.shape[-2:])
-            strong, strong_augment = self.strong_view(generator, crop(full, boxes, data.crop_size))
-            with torch.no_grad():
-                # The stride-8 soft labels as the official code takes them (to the image, to the
-                # rescaled image, cropped, to stride 4: align_corners=True throughout).
-                soft = crop(batch["soft"].to(self.device).float(), boxes, quarter, align_corners=True)
-                confidence, labels = soft.max(1)
-                labels = torch.where(confidence > cfg.confidence, labels, IGNORE_INDEX)
-                labels = strong_augment.apply_to_maps(labels[:, None], fill=IGNORE_INDEX)[0][:, 0]
-                with self.autocast():
-                    teacher_probabilities = resize(teacher(strong)["out"].float(), quarter).softmax(1)
-            with self.autocast():
-                student_logits = resize(net(strong)["out"], quarter).float()
-            loss_pseudo = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX)
-            loss_kd = distillation_kl(student_logits, teacher_probabilities, cfg.kl)
-            total_loss = loss_pseudo + cfg.kd_weight * loss_kd
-            scaler.scale(total_loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            return {"loss_source": loss_source.item(), "loss_pseudo": loss_pseudo.item(), "loss_kd": loss_kd.item(), "lr": lr}
+    def new_student(self, context: RunContext, number: int, teacher_stage: str) -> DeepLabV2:
+        name, cfg = f"distill{number}", context.config.distill
+        if config_student_init(context.config, number) != "teacher":
+            return context.stage_model(name, cfg.pretrained or context.config.model.pretrained).to(context.device)
+        student = context.stage_model(name).to(context.device)
+        # A student with bn_pretrain of a teacher without one starts with a fresh bn_pretrain.
+        missing, unexpected = student.load_state_dict(self.teacher.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("bn_pretrain.") for key in missing):
+            raise ValueError(f"the {teacher_stage} weights do not fit the {name} student: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return student
 
-        self.train_loop(stage, start, cfg.iterations, modules, step, student)
+    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
+        return self.context.target_batches(self.pseudo, iteration)
 
+    def target_losses(self, batch: Dict[str, Any], views: Views) -> Dict[str, Tensor]:
+        """``loss_pseudo``, the CE on the teacher's labels above ``distill.confidence`` (warped as
+        the strong view), and ``loss_kd`` (:func:`distillation_kl`), both at output stride 4."""
+        context, cfg, target = self.context, self.context.config.distill, views.target
+        assert target is not None and target.strong is not None and target.strong_augment is not None
+        quarter = context.quarter_crop
+        with torch.no_grad():
+            soft = crop(batch["soft"].to(context.device).float(), target.boxes, quarter, align_corners=True)
+            confidence, labels = soft.max(1)
+            labels = torch.where(confidence > cfg.confidence, labels, IGNORE_INDEX)
+            labels = target.strong_augment.apply_to_maps(labels[:, None], fill=IGNORE_INDEX)[0][:, 0]
+            with context.autocast():
+                teacher_probabilities = resize(self.teacher(target.strong)["out"].float(), quarter).softmax(1)
+        with context.autocast():
+            student_logits = resize(self.net(target.strong)["out"], quarter).float()
+        return {"loss_pseudo": labelled_cross_entropy(student_logits, labels),
+                "loss_kd": distillation_kl(student_logits, teacher_probabilities, cfg.kl)}

@@ -4,16 +4,18 @@ loss), or adopting given warm-up weights."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import warmup_trained
 from .context import RunContext
-from .labels import IGNORE_INDEX
 from .model import load_weights
-from .training import batches, no_sync, poly_lr
+from .stage import crop_logits, Stage, TrainingStage
+from .training import poly_lr
+from .views import Views
 
 
 class FCDiscriminator(nn.Module):
@@ -43,97 +45,89 @@ class FCDiscriminator(nn.Module):
 SOURCE, TARGET = 0.0, 1.0
 
 
-class WarmupStage(RunContext):
-    """Stage 0: trains the warm-up on the source (with the official output-space adversarial loss
-    when ``warmup.adversarial``), or adopts ``warmup.weights``."""
+def adversarial_loss(discriminator: nn.Module, target_logits: Tensor) -> Tensor:
+    """The network's adversarial term: its target predictions should score as source ones
+    (the discriminator's parameters take no gradient from it)."""
+    discriminator.requires_grad_(False)
+    try:
+        fooled = discriminator(target_logits.softmax(1))
+    finally:
+        discriminator.requires_grad_(True)
+    return F.mse_loss(fooled, torch.full_like(fooled, SOURCE))
 
-    def warmup(self) -> None:
-        stage, stage_config = "warmup", self.config.warmup
-        if stage_config.weights:
-            self.adopt_warmup_weights(Path(stage_config.weights))
-            return
-        model = self.stage_model(stage, self.config.model.pretrained).to(self.device).train()
-        net = self.parallel(model)
-        optimizer = self.optimizer(model, stage_config.optim)
-        scaler = self.new_scaler()
-        modules: Dict[str, Any] = {"model": model, "optimizer": optimizer, "scaler": scaler}
-        if stage_config.adversarial:
-            discriminator = FCDiscriminator(self.protocol.num_classes).to(self.device)
-            modules["discriminator"] = discriminator
+
+def discriminator_loss(discriminator: nn.Module, source_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """The discriminator's term: the sum of the source and the target mean squared errors."""
+    scores = discriminator(torch.cat([source_logits, target_logits]).detach().softmax(1))
+    source_scores, target_scores = scores[:len(source_logits)], scores[len(source_logits):]
+    return (F.mse_loss(source_scores, torch.full_like(source_scores, SOURCE))
+            + F.mse_loss(target_scores, torch.full_like(target_scores, TARGET)))
+
+
+class WarmupStage(TrainingStage):
+    """Stage 0: the warm-up on the source, source-only or, with ``warmup.adversarial``, the
+    official ``step_adv`` (LS-GAN in output space): the network learns the source labels and to
+    make its target predictions pass for source ones; the discriminator then learns to tell them
+    apart."""
+
+    def __init__(self, context: RunContext) -> None:
+        config = context.config.warmup
+        model = context.stage_model("warmup", context.config.model.pretrained).to(context.device).train()
+        super().__init__(context, "warmup", config.iterations, model, config.optim)
+        self.weights = {"loss_adv": config.adversarial_weight}
+        self.discriminator: Optional[FCDiscriminator] = None
+        if config.adversarial:
+            self.discriminator = FCDiscriminator(context.protocol.num_classes).to(context.device)
+            self.discriminator_net = context.parallel(self.discriminator)
             # Officially Adam(1e-4, betas (0.9, 0.99)) on the network's poly schedule (get_scheduler).
-            modules["discriminator_optimizer"] = torch.optim.Adam(
-                [{"params": discriminator.parameters(), "lr_mult": 1.0}], lr=stage_config.discriminator_lr,
+            self.discriminator_optimizer = torch.optim.Adam(
+                [{"params": self.discriminator.parameters(), "lr_mult": 1.0}], lr=config.discriminator_lr,
                 betas=(0.9, 0.99))
-        start = self.resume_modules(stage, modules)
-        source = self.source_batches(start)
-        if stage_config.adversarial:
-            target = batches(self.target_train, self.config, self.config.train.seed + 1, start, self.dist)
-            adversarial_step = self.adversarial_step(net, modules, source, target, scaler)
+            self.modules.update(discriminator=self.discriminator, discriminator_optimizer=self.discriminator_optimizer)
 
-        def step(iteration: int, generator: torch.Generator) -> Dict[str, float]:
-            lr = poly_lr(optimizer, stage_config.optim.lr, iteration, stage_config.iterations, stage_config.optim.poly_power)
-            if stage_config.adversarial:
-                poly_lr(modules["discriminator_optimizer"], stage_config.discriminator_lr, iteration,
-                        stage_config.iterations, stage_config.optim.poly_power)
-                return {**adversarial_step(generator), "lr": lr}
-            loss = self.source_loss(net, next(source), generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            return {"loss_source": loss.item(), "lr": lr}
+    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
+        return None if self.discriminator is None else self.context.target_batches(None, iteration)
 
-        self.train_loop(stage, start, stage_config.iterations, modules, step, model)
+    def make_views(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], generator: torch.Generator) -> Views:
+        return self.context.views.views(source, target, generator, strong=False)
 
-    def adversarial_step(self, net: nn.Module, modules: Dict[str, Any], source: Iterator, target: Iterator,
-                         scaler: torch.amp.GradScaler) -> Callable[[torch.Generator], Dict[str, float]]:
-        """One iteration of the official warm-up (``step_adv``; LS-GAN in output space): the
-        segmentation network learns the source labels and to make its target predictions pass for
-        source ones; the discriminator then learns to tell them apart, its loss the sum of the
-        source and the target mean squared errors."""
-        optimizer, discriminator = modules["optimizer"], modules["discriminator"]
-        discriminator_optimizer = modules["discriminator_optimizer"]
-        discriminator_net = self.parallel(discriminator)
-        weight = self.config.warmup.adversarial_weight
+    def target_losses(self, batch: Dict[str, Any], views: Views) -> Dict[str, Tensor]:
+        assert self.discriminator is not None and views.target is not None
+        target_logits = crop_logits(self.context, self.net, views.target.weak)
+        return {"loss_adv": adversarial_loss(self.discriminator, target_logits), "target_logits": target_logits.detach()}
 
-        def step(generator: torch.Generator) -> Dict[str, float]:
-            optimizer.zero_grad(set_to_none=True)
-            with no_sync(net):
-                source_logits, labels = self.crop_logits(net, next(source), generator)
-                loss_source = F.cross_entropy(source_logits, labels, ignore_index=IGNORE_INDEX)
-                scaler.scale(loss_source).backward()
-            target_logits, _ = self.crop_logits(net, next(target), generator)
-            discriminator.requires_grad_(False)
-            fooled = discriminator(target_logits.softmax(1))
-            loss_adversarial = F.mse_loss(fooled, torch.full_like(fooled, SOURCE))
-            scaler.scale(weight * loss_adversarial).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            discriminator.requires_grad_(True)
-            discriminator_optimizer.zero_grad(set_to_none=True)
-            scores = discriminator_net(torch.cat([source_logits, target_logits]).detach().softmax(1))
-            source_scores, target_scores = scores[:len(source_logits)], scores[len(source_logits):]
-            loss_discriminator = (F.mse_loss(source_scores, torch.full_like(source_scores, SOURCE))
-                                  + F.mse_loss(target_scores, torch.full_like(target_scores, TARGET)))
-            loss_discriminator.backward()
-            discriminator_optimizer.step()
-            return {"loss_source": loss_source.item(), "loss_adv": loss_adversarial.item(),
-                    "loss_D": loss_discriminator.item()}
+    def after_step(self, iteration: int, terms: Dict[str, Tensor]) -> Dict[str, float]:
+        if self.discriminator is None:
+            return {}
+        config = self.context.config.warmup
+        poly_lr(self.discriminator_optimizer, config.discriminator_lr, iteration, self.iterations,
+                config.optim.poly_power)
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        loss = discriminator_loss(self.discriminator_net, terms["source_logits"], terms["target_logits"])
+        loss.backward()
+        self.discriminator_optimizer.step()
+        return {"loss_D": loss.item()}
 
-        return step
 
-    def adopt_warmup_weights(self, path: Path) -> None:
-        """Stage 0 without training: ``warmup.weights`` (e.g. the official warm-up checkpoint, or
-        this trainer's weights file) become the warm-up weights."""
-        model_config = self.config.model
-        model = load_weights(path, lambda bn_pretrain: self.new_model(None, bn_pretrain), self.protocol.num_classes,
-                             (model_config.backbone, model_config.layout))
+class AdoptedWarmup(Stage):
+    """Stage 0 without training: ``warmup.weights`` (the official warm-up checkpoint, or a weights
+    file of this trainer) become the warm-up weights."""
+
+    def __init__(self, context: RunContext, path: Path) -> None:
+        model_config = context.config.model
+        loaded = load_weights(path, lambda bn_pretrain: context.new_model(None, bn_pretrain),
+                              context.protocol.num_classes, (model_config.backbone, model_config.layout))
+        self.name, self.iterations, self.modules = "warmup", 0, {}
+        self.model = context.stage_model("warmup")
         try:
-            self.stage_model("warmup").load_state_dict(model.state_dict())
+            self.model.load_state_dict(loaded.state_dict())
         except RuntimeError as error:
             raise ValueError(f"warmup.weights={path} does not fit the configured model: {error}") from error
-        self.log(f"warm-up: weights from {path}, no stage-0 training")
-        if self.dist.is_main:
-            self.stage_weights("warmup").parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), self.stage_weights("warmup"))
-        self.dist.barrier()
+        self.model.to(context.device)
+        context.log(f"warm-up: weights from {path}, no stage-0 training")
+
+
+def warmup_stage(context: RunContext) -> Stage:
+    """Stage 0 as the config asks: adopted weights, or a trained warm-up."""
+    config = context.config
+    return WarmupStage(context) if warmup_trained(config) else AdoptedWarmup(context, Path(str(config.warmup.weights)))

@@ -133,6 +133,14 @@ def resize(maps: Tensor, size: Tuple[int, int], align_corners: bool = True) -> T
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=align_corners)
 
 
+def labelled_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """The CE averaged over the labelled pixels; 0, with a zero gradient, when no pixel is labelled
+    (where ``F.cross_entropy`` gives NaN, which would make the logged loss NaN)."""
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
 def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """The official RCE: mean over valid pixels of −Σ_k p_k log clamp(onehot_k, 1e-4, 1)."""
     probabilities = logits.float().softmax(1).clamp(1e-7, 1.0)
@@ -152,15 +160,6 @@ def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, iteration: int, to
     for group in optimizer.param_groups:
         group["lr"] = base_lr * group["lr_mult"] * factor
     return base_lr * factor
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher ← m·teacher + (1 − m)·student for parameters; buffers (BN statistics) copied."""
-    for ema_param, param in zip(teacher.parameters(), student.parameters()):
-        ema_param.lerp_(param.detach(), 1.0 - momentum)
-    for ema_buffer, buffer in zip(teacher.buffers(), student.buffers()):
-        ema_buffer.copy_(buffer)
 
 
 def peak_memory_mb(device: torch.device) -> float:
