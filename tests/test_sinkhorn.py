@@ -393,7 +393,7 @@ except RuntimeError as error:
 @requires_native
 @pytest.mark.parametrize("recycle", ["1", "0"])
 def test_recycled_cpu_outputs_cannot_grow_unless_recycling_is_off(recycle, tmp_path):
-    # Documented (functional.balanced_sinkhorn, README): a recycled output's storage is memory of
+    # Documented (functional.balanced_sinkhorn, docs/api.rst): a recycled output's storage is memory of
     # the kernels' own, which PyTorch cannot grow; with CPSL_OPS_RECYCLE_OUTPUTS=0 it is PyTorch's.
     env = {**os.environ, "CPSL_OPS_RECYCLE_OUTPUTS": recycle}
     # Run outside the checkout, whose cpsl_ops/ (without a built extension in CI) would shadow the
