@@ -171,10 +171,13 @@ class SelfLabelingLoss(nn.Module):
       all images are solved in one batched Sinkhorn call over overlapping windows of one tensor.
 
     Args:
-        num_classes: K. feat_dim: D.
+        num_classes: K, the number of classes.
+        feat_dim: D, the feature dimension.
         class_prior: the Sinkhorn class marginal r (K,), e.g. :func:`cpsl_ops.class_distribution`
             of the warm-up model's predictions; None is uniform until :meth:`set_class_prior`.
-        temperature: τ of the prototype logits (0.08). epsilon, sinkhorn_iters: ε and T (0.05, 3).
+        temperature: τ of the prototype logits (0.08).
+        epsilon: ε of the Sinkhorn iteration (0.05).
+        sinkhorn_iters: T, the number of Sinkhorn iterations (3).
         queue_size: rows of the memory bank (65,536; 0 disables it).
         samples_per_image: pixels drawn per image (256).
         ema_momentum: momentum m of :meth:`update_ema` (0.999).
