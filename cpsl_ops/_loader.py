@@ -236,8 +236,6 @@ def _cuda_kernels_usable(index: int) -> bool:
     """Whether the CUDA kernels run on CUDA device ``index``: a set lookup once the device is checked;
     the first time, a RuntimeWarning (a RuntimeError under CPSL_OPS_REQUIRE_NATIVE=1) says why not
     (:func:`cuda_device_problem`), once per message."""
-    if index in _usable_cuda_devices:
-        return True
     problem = cuda_device_problem(index)
     if problem is None:
         return True

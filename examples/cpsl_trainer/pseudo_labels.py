@@ -124,8 +124,8 @@ class PseudoLabelMaker:
                 image_means.zero_()  # momentum 0 below: the buffer becomes this image's class means
                 pixels = cpsl_ops.update_prototypes_(image_means, feat[None], labels[None], momentum=0.0)
                 prototypes.add(image_means, pixels)
-        if with_prototypes and prototypes.missing():
-            missing = [context.protocol.class_names[k] for k in prototypes.missing()]
+        missing = [context.protocol.class_names[k] for k in prototypes.missing()]
+        if with_prototypes and missing:
             tqdm.write(f"note: no target image predicts {missing}; their prototypes start random")
         prior = (counts / counts.sum()).float().clamp_min(1e-6)
         summary = {"prior": prior / prior.sum(), "key": key}

@@ -11,6 +11,7 @@ code does: that frees their graph before the target's forwards), then the target
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -58,11 +59,16 @@ class TrainingStage(Stage):
     """A stage that trains a segmentation network with the official SGD on the source labels and,
     when it has a target stream, on target terms.
 
-    Subclasses give :meth:`make_views` and :meth:`target_losses`, and may add ``after_step``
+    Subclasses that train on the target set ``trains_on_target`` (and ``pseudo``, the folder of
+    the soft pseudo labels their target batches carry), give :meth:`make_views` and
+    :meth:`target_losses`, and may add ``after_step``
     work (EMA updates, a discriminator). ``weights`` weighs the ``loss_*`` terms (1 if absent);
     other 0-dim entries of the loss dicts are logged as they are, larger ones (logits handed on to
     ``after_step``) are not.
     """
+
+    trains_on_target = False
+    pseudo: Optional[Path] = None
 
     def __init__(self, context: RunContext, name: str, iterations: int, model: nn.Module, optim: OptimConfig,
                  extra_params: Sequence[Dict[str, Any]] = ()) -> None:
@@ -81,11 +87,7 @@ class TrainingStage(Stage):
 
     def start(self, iteration: int) -> None:
         self.source = self.context.source_batches(iteration)
-        self.target = self.target_stream(iteration)
-
-    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
-        """The target batches from ``iteration`` on, or None for a source-only stage."""
-        return None
+        self.target = self.context.target_batches(self.pseudo, iteration) if self.trains_on_target else None
 
     def make_views(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], generator: torch.Generator) -> Views:
         return self.context.views.views(source, target, generator)

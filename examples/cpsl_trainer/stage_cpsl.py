@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,8 @@ class CPSLStage(TrainingStage):
     term. The EMA teacher and the EMA prototypes follow after each step.
     """
 
+    trains_on_target = True
+
     def __init__(self, context: RunContext, warmup_weights: Path, pseudo_labels: PseudoLabelMaker) -> None:
         cfg = context.config.cpsl
         warm = context.stage_model("warmup")
@@ -153,9 +155,6 @@ class CPSLStage(TrainingStage):
         self.shared_parameters = [prototypes]
         self.weights = {"loss_consist": cfg.consistency_weight, "loss_SL": cfg.self_labeling_weight,
                         "loss_contrast": cfg.contrastive_weight}
-
-    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
-        return self.context.target_batches(self.pseudo, iteration)
 
     def make_views(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], generator: torch.Generator) -> Views:
         cfg = self.context.config.cpsl

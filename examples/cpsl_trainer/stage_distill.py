@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ class DistillStage(TrainingStage):
     stage, ``teacher_stage``: the CE on the teacher's confident soft labels of the strong view,
     and the KL to the teacher's predictions on it."""
 
+    trains_on_target = True
+
     def __init__(self, context: RunContext, number: int, teacher_stage: str, teacher_weights: Path,
                  pseudo_labels: PseudoLabelMaker) -> None:
         name, cfg = f"distill{number}", context.config.distill
@@ -64,9 +66,6 @@ class DistillStage(TrainingStage):
             raise ValueError(f"the {teacher_stage} weights do not fit the {name} student: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return student
-
-    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
-        return self.context.target_batches(self.pseudo, iteration)
 
     def target_losses(self, batch: Dict[str, Any], views: Views) -> Dict[str, Tensor]:
         """``loss_pseudo``, the CE on the teacher's labels above ``distill.confidence`` (warped as

@@ -4,7 +4,7 @@ loss), or adopting given warm-up weights."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ class WarmupStage(TrainingStage):
         super().__init__(context, "warmup", config.iterations, model, config.optim)
         self.weights = {"loss_adv": config.adversarial_weight}
         self.discriminator: Optional[FCDiscriminator] = None
+        self.trains_on_target = config.adversarial  # the target images, without pseudo labels
         if config.adversarial:
             self.discriminator = FCDiscriminator(context.protocol.num_classes).to(context.device)
             self.discriminator_net = context.parallel(self.discriminator)
@@ -84,9 +85,6 @@ class WarmupStage(TrainingStage):
                 [{"params": self.discriminator.parameters(), "lr_mult": 1.0}], lr=config.discriminator_lr,
                 betas=(0.9, 0.99))
             self.modules.update(discriminator=self.discriminator, discriminator_optimizer=self.discriminator_optimizer)
-
-    def target_stream(self, iteration: int) -> Optional[Iterator[Dict[str, Any]]]:
-        return None if self.discriminator is None else self.context.target_batches(None, iteration)
 
     def make_views(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], generator: torch.Generator) -> Views:
         return self.context.views.views(source, target, generator, strong=False)
