@@ -164,15 +164,19 @@ def build_extensions():
     # OpenMP only for its simd pragmas: threads come from torch's own pool (parallel_for). Hidden
     # visibility, as torch's stable headers have: the modules export only their PyInit functions.
     cxx_flags = ["-O3", "-fopenmp-simd", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno", *stable_abi, *cpu_arch_flags()]
+    # Both libraries carry csrc/compat/ and export only their PyInit functions, which keeps their
+    # imports from the system to what glibc 2.28 and GCC 8's libstdc++ have (manylinux_2_28).
+    compat_sources = sorted(glob.glob("csrc/compat/*.cpp"))
+    link_args = [f"-Wl,--version-script={ROOT / 'csrc' / 'compat' / 'exports.map'}"]
     # The stable C shim is all the kernels call, so each library links the torch libraries that
-    # export it and nothing else (torch's helpers would add libc10, libtorch and, for CUDA, the
-    # shared CUDA runtime, which ties a wheel to one CUDA minor version: the runtime is static).
+    # export it and nothing else (torch's helpers would add libc10 and libtorch).
     extensions = [
         CppExtension(
             "cpsl_ops._C",
-            sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+            sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + compat_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
             py_limited_api=True,
         )
     ]
@@ -182,15 +186,20 @@ def build_extensions():
         ptxas = "-Xptxas=--warn-on-spills" + (",--warning-as-error" if _env_flag("CPSL_OPS_NO_SPILLS") else "")
         cuda_extension = CUDAExtension(
             "cpsl_ops._C_cuda",
-            cuda_sources,
+            cuda_sources + compat_sources,
             include_dirs=include_dirs + nvidia_wheel_include_dirs(),
             extra_compile_args={
                 "cxx": [*cxx_flags, "-DUSE_CUDA"],
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-DUSE_CUDA", ptxas, *stable_abi],
             },
+            extra_link_args=link_args,
             py_limited_api=True,
         )
-        cuda_extension.libraries = ["torch_cpu", "torch_cuda", "cudart_static", "rt", "dl", "pthread"]
+        # The shared CUDA runtime, libcudart.so.<major>: the one torch's CUDA build loads (from the
+        # nvidia-cuda-runtime wheel) before this library, so it needs no search path. The static
+        # runtime would import glibc 2.34's pthread and dl symbols; the shared one ties the library
+        # to torch builds of its CUDA major, which the loader checks first (torch_mismatch).
+        cuda_extension.libraries = ["torch_cpu", "torch_cuda", "cudart"]
         extensions.append(cuda_extension)
     record = cuda_build_record(toolkit if with_cuda else None)
     print(f"cpsl-ops: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels (toolkit: {toolkit})")

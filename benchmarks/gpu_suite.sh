@@ -8,8 +8,9 @@
 # dist/, built beforehand where there is a CUDA toolkit: the GPU machine may have no compiler, and
 # this suite never compiles. dist/ is git-ignored, so carry it along (carry=["dist"] in the device tool):
 #     CPSL_OPS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python -m build --wheel --no-isolation --outdir dist
-# The wheel's libraries need glibc >= 2.34 and libstdc++ with GLIBCXX_3.4.29 (when built on Debian
-# 12), and a driver for the CUDA they were built with (R580 or later for CUDA 13).
+# The wheel's libraries need no more of the system than torch's own wheels (manylinux_2_28: CI checks
+# it), the CUDA runtime of a torch built for their CUDA major, and a driver for that CUDA (R580 or
+# later for CUDA 13).
 #
 # Steps ([GPU]: quick and full only; rehearse names them as skipped):
 #  1. install: the newest wheel in dist/ into a scratch site folder (pip --target, no index, no

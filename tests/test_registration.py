@@ -1,8 +1,10 @@
 """Op registration: schemas, kernels per device, fake kernels, opcheck, torch.compile, backends."""
 
 import os
+import platform
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,6 +342,24 @@ def test_native_libraries_call_torch_only_through_the_stable_c_shim():
         assert any(symbol.startswith(("aoti_torch_", "torch_")) for symbol in undefined), "no stable shim call"
         needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
         assert "libtorch_python" not in needed and "libc10" not in needed, needed
+
+
+@requires_native
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"), reason="x86_64 Linux policy")
+def test_native_libraries_load_where_torch_does_manylinux_2_28():
+    """csrc/compat/ keeps the system symbols the libraries import within torch's own floor, glibc 2.28
+    and GCC 8's libstdc++, whatever newer system builds them; only torch's own libraries (the CUDA
+    runtime of its CUDA build included) are needed beyond the policy's whitelist."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wheel_policy", ROOT / "tools" / "wheel_policy.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules["wheel_policy"] = tool  # its dataclasses look their module up
+    spec.loader.exec_module(tool)
+    libraries = [Path(path) for path in _native_library_files()]
+    report = tool.analyse(libraries, [], {}, "manylinux_2_28")
+    assert not report.failures, report.failures
 
 
 def run_fallback_script(lines: str) -> None:

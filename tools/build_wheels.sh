@@ -9,8 +9,8 @@
 #                 the release list below: sm_75 to sm_120 as cubins (a cubin also runs on later minor
 #                 versions of its major: 8.7/8.8, 10.3, 12.1) and PTX of compute_120 for the driver to
 #                 compile for newer GPUs. nvcc 13.0 builds all of them (nvcc --list-gpu-code).
-#   after --      passed to `wheel_policy.py repair`, e.g. -- --max-glibc 2.34 --max-glibcxx 3.4.29
-#                 or -- --policy manylinux_2_28; a failed check fails the build.
+#   after --      passed to `wheel_policy.py repair`, e.g. -- --policy manylinux_2_28 (what CI
+#                 requires) or -- --max-glibc 2.28 --max-glibcxx 3.4.24; a failed check fails the build.
 #
 # Run it in the environment the wheels are built against (torch 2.14.1 with CUDA 13, nvcc, the
 # `build` and `wheel` packages): the build is `python -m build --wheel --no-isolation` from this

@@ -13,8 +13,9 @@ a wheel tagged this way is refused where it could not load instead of failing at
 
 Checks (each failure is reported and makes the exit status 1):
   * every DT_NEEDED library is on the policy's whitelist, the dynamic loader, or torch's own
-    (libtorch*, libc10*: they are loaded by ``import torch`` before the extension; the wheel does
-    not ship them), or matches an --allow-external pattern;
+    (libtorch*, libc10*, and the CUDA runtime libcudart.so.<major> of torch's CUDA builds: they are
+    loaded by ``import torch`` before the extension; the wheel does not ship them), or matches an
+    --allow-external pattern;
   * --max-glibc / --max-glibcxx / --max-cxxabi: no imported version above the given one;
   * --policy manylinux_X_Y: the libraries meet that policy (e.g. manylinux_2_28, torch's floor);
   * a wheel already tagged manylinux_X_Y must not claim an older X_Y than its libraries need;
@@ -107,8 +108,10 @@ POLICIES: tuple[Policy, ...] = (
 FAMILIES = ("GLIBC", "GLIBCXX", "CXXABI", "GCC", "ZLIB", "LIBATOMIC")
 
 # torch's own libraries: loaded by `import torch` (cpsl_ops imports torch before its libraries)
-# and found there by soname, so the wheel needs them without shipping them.
-TORCH_LIBRARIES = ("libtorch*.so*", "libc10*.so*")
+# and found there by soname, so the wheel needs them without shipping them. libcudart.so.<major>
+# comes with torch's CUDA builds (the nvidia-cuda-runtime wheel; the loader loads the CUDA library
+# only beside a torch of its CUDA major).
+TORCH_LIBRARIES = ("libtorch*.so*", "libc10*.so*", "libcudart.so.*")
 
 _MACHINES = {62: "x86_64", 183: "aarch64"}
 
