@@ -30,8 +30,10 @@
 #     benchmarks/sanitize_kernels.py, which checks every result against the reference.
 #  6. bench_sinkhorn [GPU] (full: and bench_ops): --device cuda; quick: CPSL's size and 16 times
 #     it. Without a C compiler (Triton's launchers need one) there are no torch.compile'd rows.
+#  7. bench_generations [GPU]: both generations of the CUDA kernels (CPSL_OPS_CUDA_KERNELS=current
+#     and previous) per op at CPSL's size and 16 times it; which wins, and whether they agree.
 # rehearse runs steps 1 to 3 as quick mode does, then benchmarks/sanitize_kernels.py on the CPU
-# kernels and the benchmark's arguments through --check-args; .ci/rehearse_gpu_suite.sh runs it in
+# kernels and the benchmarks' arguments through --check-args; .ci/rehearse_gpu_suite.sh runs it in
 # a bare environment in CI, so that the one call on a GPU machine does not trip over its set-up.
 #
 # Every step has a time limit and writes its log to $OUT/gpu_STEP.log (default OUT:
@@ -56,8 +58,9 @@ export CPSL_OPS_REQUIRE_NATIVE=1 CPSL_OPS_EXPECT_CUDA=1 PYTHONUNBUFFERED=1
 # Seconds per step. Quick mode's sum to 400 s, and with a budget no step gets more than what is
 # left of it, so a step that overruns (or ignores its TERM for the 5 s before KILL) shortens the
 # steps after it instead of the check overrunning its 7 minutes.
-declare -A limit=([install]=20 [preflight]=30 [collect]=25 [tests]=110 [sanitizer_memcheck]=50
-                  [sanitizer_racecheck]=50 [sanitizer_synccheck]=30 [sanitizer_initcheck]=35 [bench_sinkhorn]=50)
+declare -A limit=([install]=20 [preflight]=30 [collect]=25 [tests]=100 [sanitizer_memcheck]=45
+                  [sanitizer_racecheck]=45 [sanitizer_synccheck]=25 [sanitizer_initcheck]=30 [bench_sinkhorn]=45
+                  [bench_generations]=35)
 budget=0
 for step in "${!limit[@]}"; do budget=$((budget + limit[$step])); done
 if ((budget > 400)); then
@@ -67,9 +70,9 @@ fi
 case $mode in
   full) limit+=([install]=60 [preflight]=60 [collect]=60 [tests]=900 [sanitizer_memcheck]=120
                 [sanitizer_racecheck]=120 [sanitizer_synccheck]=60 [sanitizer_initcheck]=90 [bench_sinkhorn]=400
-                [bench_ops]=300)
+                [bench_generations]=120 [bench_ops]=300)
         budget=0 ;;
-  rehearse) limit+=([sanitize_script_cpu]=90 [bench_sinkhorn_args]=30) ;;
+  rehearse) limit+=([sanitize_script_cpu]=90 [bench_sinkhorn_args]=30 [bench_generations_args]=30) ;;
 esac
 
 note() { echo "$*" >> "$summary"; }
@@ -185,6 +188,15 @@ if [[ $mode == rehearse ]]; then
   run bench_sinkhorn_args "$python" "${bench[@]}" --check-args && sed -n '/^would time/,$p' "$out/gpu_bench_sinkhorn_args.log" >> "$summary"
 fi
 gpu_run bench_sinkhorn "$python" "${bench[@]}"
+# Both generations of the CUDA kernels (CPSL_OPS_CUDA_KERNELS) at CPSL's size and 16 times it: one
+# "gpu_suite:" line per op and size with the winner, which decides the generation that stays.
+generations=("$repo/benchmarks/bench_generations.py" --device cuda --json "$out/generations_gpu.json")
+[[ $mode == full ]] || generations+=(--repeats 5 --warmup-s 0.1)
+if [[ $mode == rehearse ]]; then
+  run bench_generations_args "$python" "${generations[@]}" --check-args &&
+    sed -n '/^would time/p' "$out/gpu_bench_generations_args.log" >> "$summary"
+fi
+gpu_run bench_generations "$python" "${generations[@]}"
 if [[ $mode == full ]]; then
   run bench_ops "$python" "$repo/benchmarks/bench_ops.py" --device cuda --json "$out/ops_gpu.json"
   grep -A 30 "^cpsl_ops on" "$out/gpu_bench_ops.log" | tail -n 18 >> "$summary"

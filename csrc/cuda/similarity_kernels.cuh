@@ -1,234 +1,423 @@
 // CUDA kernels of cpsl_ops::similarity and its backward, and their torch-free launches (schema and
-// math: ops/similarity.cpp, similarity_math.h; the ops: similarity_cuda.cu).
+// math: ops/similarity.cpp, similarity_math.h; the ops: similarity_cuda.cu; shared pieces:
+// similarity_common.cuh). Designed for the bandwidth floor (issue 26, benchmarks/results/README.md):
 //
-// Forward: one thread per pixel streams its D channels once (coalesced along pixels in the
-// channel-first layout), accumulating its squared norm and up to kClassChunk dot products in
-// registers; larger K takes ceil(K / kClassChunk) passes. Backward: the same per-pixel pass gives
-// each pixel's inverse norm and Σ_k g_k cos_k; the feature gradient contracts over classes per
-// element, the prototype gradient over pixels with one block per (channel, chunk of classes) that
-// merges its threads in a fixed order. No cuBLAS and no atomics: results are deterministic and do
-// not depend on TF32 or cuBLAS settings. Prototypes are normalized by a kernel of their own.
+// - Blocks walk a tile of pixels through the channels in stages held in shared memory, each
+//   stage read by warps along whichever of channels and pixels is contiguous in memory (load_tile):
+//   coalesced for channel-first (B, D, H, W) features as for channels-last and flat (N, D) ones.
+// - The normalized prototypes of a stage sit in shared memory, a channel's classes side by side;
+//   a pixel's K dot products (or K gradients) stay in registers, the class count rounded up to a
+//   register width (dispatch_class_width). K above kMaxRegisterClasses, outside CPSL's use, runs
+//   the previous kernels (previous/similarity_kernels.cuh), which take any K in class chunks.
+// - Forward: two pixels per thread, so that each prototype value read serves two pixels.
+// - Backward: one thread per pixel holds its K gradients and reads grad_logits once; a first walk
+//   over the channels gives its cosines and Σ_k g_k cos_k, a second its feature gradient, staged
+//   back through shared memory to be written coalesced. The prototype gradient is a pixel-split
+//   reduction: each block sums a fixed chunk of pixels into a partial (K, D) in registers, from
+//   tiles of features and gradients in shared memory, and the partials are summed in chunk order.
+//
+// No cuBLAS and no atomics: every sum has one order, fixed by the problem's shape alone, so results
+// are bit-identical from run to run and do not depend on the grid, TF32 or deterministic settings.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "cpsl_ops/cuda_launch.cuh"
+#include "cpsl_ops/kernel_generation.h"
 #include "cpsl_ops/similarity_math.h"
+#include "previous/similarity_kernels.cuh"
+#include "similarity_common.cuh"
 
 namespace cpsl_ops {
 namespace similarity_kernels {
 
-constexpr int kClassChunk = 32;
+// A block's tile of pixels (forward and feature gradient), walked kStageChannels channels at a time:
+// a stage of fp32 is 16 KB of shared memory and reads 64 contiguous bytes per pixel from
+// channel-last features, two full sectors.
+constexpr int kTilePixels = 256;
+constexpr int kStageChannels = 16;
+constexpr int kForwardPixelsPerThread = 2;
+constexpr int kForwardThreads = kTilePixels / kForwardPixelsPerThread;
+constexpr int kMaxRegisterClasses = 32;
+// Prototype gradient: a block covers kGradChannels channels (two per thread) of a chunk of at least
+// kMinGradChunk pixels (more where there would be over kMaxGradChunks chunks, to bound the
+// partials), walked kGradStagePixels at a time.
+constexpr int kGradThreads = 128;
+constexpr int kGradChannelsPerThread = 2;
+constexpr int kGradChannels = kGradThreads * kGradChannelsPerThread;
+constexpr int kGradStagePixels = 16;
+constexpr int64_t kMinGradChunk = 512;
+constexpr int64_t kMaxGradChunks = 1024;
 
-// Normalized prototypes (K, D), their derivative scales and projection switches (K), in the
-// accumulation type: one block per prototype. A prototype whose squared norm overflows is
-// rescaled (similarity_math.h), by every thread over the whole row: a rare path.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(cuda::kThreads)
-    normalize_prototypes_kernel(const scalar_t* __restrict__ prototypes, int64_t stride0, int64_t stride1,
-                                int64_t channels, acc_t* __restrict__ values, acc_t* __restrict__ derivative_scale,
-                                acc_t* __restrict__ switch_on) {
-  __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
-  const int64_t k = blockIdx.x;
-  const scalar_t* row = prototypes + k * stride0;
-  const auto value = [&](int64_t d) { return static_cast<acc_t>(row[d * stride1]); };
-  acc_t squared = 0, scale = 1;
-  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) squared += value(d) * value(d);
-  squared = cuda::block_sum(squared, scratch);  // the same in every thread
-  if (norm_overflows(squared)) {
-    scale = row_overflow_scale<acc_t>(value, channels);
-    squared = scaled_squared_norm(value, channels, scale);
-  }
-  const acc_t inverse = inverse_clamped_norm(squared);
-  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) values[k * channels + d] = value(d) * scale * inverse;
-  if (threadIdx.x == 0) {
-    derivative_scale[k] = scale * inverse;
-    switch_on[k] = projection_switch(squared);
-  }
+// The register width of K classes: K rounded up to 8, 20 (CPSL's 19 Cityscapes classes, with one
+// wasted) or kMaxRegisterClasses; the padding classes have zero prototypes and are never stored.
+// Multiples of 4, so that a channel's prototype values load as 16-byte vectors.
+template <typename Body>
+void dispatch_class_width(int64_t classes, Body&& body) {
+  if (classes <= 8) return body(std::integral_constant<int, 8>{});
+  if (classes <= 20) return body(std::integral_constant<int, 20>{});
+  body(std::integral_constant<int, kMaxRegisterClasses>{});
 }
 
-// For each pixel of chunk [k0, k0 + kClassChunk): cosines[k] = <f̂, ĉ_k>; also the squared norm of
-// the pixel's features times scale, the power of two that keeps it finite (similarity_math.h: 1
-// but where it overflows, where a second pass finds it and a third repeats the first with it).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void pixel_cosines(const scalar_t* features, cuda::Strides3d f, int64_t b, int64_t p,
-                                              int64_t channels, const acc_t* prototypes_hat, int64_t classes,
-                                              int64_t k0, acc_t* cosines, acc_t& squared, acc_t& scale) {
-  const int64_t chunk = min(static_cast<int64_t>(kClassChunk), classes - k0);
-  const auto value = [&](int64_t d) { return static_cast<acc_t>(features[f(b, d, p)]); };
-  const auto accumulate = [&](acc_t row_scale) {
-    squared = 0;
-#pragma unroll
-    for (int i = 0; i < kClassChunk; ++i) cosines[i] = 0;
-    for (int64_t d = 0; d < channels; ++d) {
-      const acc_t scaled = value(d) * row_scale;
-      squared += scaled * scaled;
-#pragma unroll
-      for (int i = 0; i < kClassChunk; ++i)
-        if (i < chunk) cosines[i] += scaled * prototypes_hat[(k0 + i) * channels + d];
-    }
-  };
-  scale = 1;
-  accumulate(acc_t(1));
-  if (norm_overflows(squared)) {
-    scale = row_overflow_scale<acc_t>(value, channels);
-    accumulate(scale);
-  }
-  const acc_t inv_norm = inverse_clamped_norm(squared);
-#pragma unroll
-  for (int i = 0; i < kClassChunk; ++i) cosines[i] *= inv_norm;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void similarity_forward_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
-                                          const acc_t* __restrict__ prototypes_hat, scalar_t* __restrict__ logits,
-                                          cuda::Strides3d out, int64_t batch, int64_t channels, int64_t pixels,
-                                          int64_t classes, acc_t inv_temperature) {
-  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
-  const int64_t b = index / pixels, p = index % pixels;
-  acc_t cosines[kClassChunk], squared, scale;
-  for (int64_t k0 = 0; k0 < classes; k0 += kClassChunk) {
-    pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared, scale);
-#pragma unroll
-    for (int i = 0; i < kClassChunk; ++i)
-      if (k0 + i < classes) logits[out(b, k0 + i, p)] = static_cast<scalar_t>(cosines[i] * inv_temperature);
-  }
-}
-
-// The per-pixel terms of the backward, (B·P) each: the scale and inverse norm of the rescaled
-// features (f̂ = f · scale · inv_norm), the projection switch, and Σ_k g_k cos_k with g = grad_logits / τ.
+// A tile in shared memory: element (row, pixel) at data[row * row_pitch + pixel * pixel_pitch].
 template <typename acc_t>
-struct PixelTerms {
-  acc_t *scale, *inv_norm, *switch_on, *grad_dot_cos;
+struct SharedTile {
+  acc_t* data;
+  int row_pitch, pixel_pitch;
+  __device__ acc_t& operator()(int row, int pixel) const { return data[row * row_pitch + pixel * pixel_pitch]; }
 };
 
-template <typename scalar_t, typename acc_t>
-__global__ void similarity_pixel_terms_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
-                                              const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
-                                              const acc_t* __restrict__ prototypes_hat, PixelTerms<acc_t> terms,
-                                              int64_t batch, int64_t channels, int64_t pixels, int64_t classes,
-                                              acc_t inv_temperature) {
-  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (index >= batch * pixels) return;  // (b, p) flattened: no limit of 65,535 on the batch
-  const int64_t b = index / pixels, p = index % pixels;
-  acc_t cosines[kClassChunk], squared = 0, scale = 1, total = 0;
-  for (int64_t k0 = 0; k0 < classes; k0 += kClassChunk) {
-    pixel_cosines(features, f, b, p, channels, prototypes_hat, classes, k0, cosines, squared, scale);
-#pragma unroll
-    for (int i = 0; i < kClassChunk; ++i)
-      if (k0 + i < classes) total += static_cast<acc_t>(grad_logits[g(b, k0 + i, p)]) * inv_temperature * cosines[i];
+// offsets[j] = b * s0 + p * s2 for the tile's pixels j < count, pixel first + j = (b, p) of a
+// (B, C, P) view flattened over (B, P): the one division per pixel, and tiles that cross images.
+template <int kThreads>
+__device__ __forceinline__ void tile_pixel_offsets(cuda::Strides3d s, int64_t pixels, int64_t first, int count,
+                                                   int64_t* offsets) {
+  for (int j = threadIdx.x; j < count; j += kThreads) {
+    const int64_t pixel = first + j;
+    offsets[j] = (pixel / pixels) * s.s0 + (pixel % pixels) * s.s2;
   }
-  terms.scale[index] = scale;
-  terms.inv_norm[index] = inverse_clamped_norm(squared);
-  terms.switch_on[index] = projection_switch(squared);
-  terms.grad_dot_cos[index] = total;
 }
 
-// grad_f[b, d, p] = normalized_input_grad(Σ_k ĉ[k, d] g[b, k, p] / τ, Σ g cos, f̂, scale · inv_norm,
-// switch), one thread per element, pixels fastest.
-template <typename scalar_t, typename acc_t>
-__global__ void similarity_feature_grad_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
-                                               const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
-                                               const acc_t* __restrict__ prototypes_hat, PixelTerms<acc_t> terms,
-                                               scalar_t* __restrict__ grad, cuda::Strides3d out, int64_t channels,
-                                               int64_t pixels, int64_t classes, int64_t total, acc_t inv_temperature) {
-  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (index >= total) return;
-  const int64_t p = index % pixels, d = (index / pixels) % channels, b = index / (pixels * channels);
-  acc_t grad_hat = 0;
-  for (int64_t k = 0; k < classes; ++k)
-    grad_hat += prototypes_hat[k * channels + d] * static_cast<acc_t>(grad_logits[g(b, k, p)]);
-  const int64_t pixel = b * pixels + p;
-  const acc_t scale = terms.scale[pixel], inv_norm = terms.inv_norm[pixel];
-  grad[out(b, d, p)] = static_cast<scalar_t>(normalized_input_grad(
-      grad_hat * inv_temperature, terms.grad_dot_cos[pixel], static_cast<acc_t>(features[f(b, d, p)]) * scale * inv_norm,
-      scale * inv_norm, terms.switch_on[pixel]));
+// Whether warps walk a (B, C, P) view's tiles along rows: where rows are its smaller stride
+// (channel-last and flat (N, D) features, class-last gradients), else along pixels, so that both
+// layouts move whole sectors.
+__device__ __forceinline__ bool along_rows(cuda::Strides3d s) {
+  return (s.s1 < 0 ? -s.s1 : s.s1) < (s.s2 < 0 ? -s.s2 : s.s2);
 }
 
-// grad_hat[k, d] = Σ_{b, p} g[b, k, p] / τ · f̂[b, d, p]: the gradient with respect to the
-// normalized prototypes, for channel d = blockIdx.x and the classes of chunk blockIdx.y.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(cuda::kThreads)
-    prototype_grad_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
-                          const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
-                          const acc_t* __restrict__ scale, const acc_t* __restrict__ inv_norm, int64_t batch,
-                          int64_t channels, int64_t pixels,
-                          int64_t classes, acc_t inv_temperature, acc_t* __restrict__ grad_hat) {
-  __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
-  const int64_t d = blockIdx.x, k0 = static_cast<int64_t>(blockIdx.y) * kClassChunk;
-  const int64_t chunk = min(static_cast<int64_t>(kClassChunk), classes - k0);
-  acc_t sum[kClassChunk] = {};
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t p = threadIdx.x; p < pixels; p += blockDim.x) {
-      const acc_t normalized = static_cast<acc_t>(features[f(b, d, p)]) * scale[b * pixels + p] * inv_norm[b * pixels + p];
-#pragma unroll
-      for (int c = 0; c < kClassChunk; ++c)
-        if (c < chunk) sum[c] += static_cast<acc_t>(grad_logits[g(b, k0 + c, p)]) * normalized;
+// body(row, j, offsets[j] + row · s1) for every element of a kRows × kPixels tile of a (B, C, P)
+// view, consecutive threads on consecutive rows or pixels (along_rows). Where the threads divide the
+// walked dimension or it divides them, a thread keeps one coordinate and steps the other, which
+// spares each element the index arithmetic of the general walk (a third of the forward's
+// instructions); the general walk serves the tile of 20 classes.
+template <int kThreads, int kRows, int kPixels, typename Body>
+__device__ __forceinline__ void for_each_tile_element(cuda::Strides3d s, const int64_t* offsets, const Body& body) {
+  const int t = threadIdx.x;
+  const bool by_rows = along_rows(s);
+  if (by_rows && kThreads % kRows == 0) {
+    const int row = t % kRows;
+    const int64_t row_offset = row * s.s1;
+    for (int j = t / kRows; j < kPixels; j += kThreads / kRows) body(row, j, offsets[j] + row_offset);
+  } else if (by_rows && kRows % kThreads == 0) {
+    for (int j = 0; j < kPixels; ++j)
+      for (int row = t; row < kRows; row += kThreads) body(row, j, offsets[j] + row * s.s1);
+  } else if (!by_rows && kThreads % kPixels == 0) {
+    const int j = t % kPixels;
+    int64_t offset = offsets[j] + (t / kPixels) * s.s1;
+    for (int row = t / kPixels; row < kRows; row += kThreads / kPixels, offset += (kThreads / kPixels) * s.s1)
+      body(row, j, offset);
+  } else if (!by_rows && kPixels % kThreads == 0) {
+    for (int j = t; j < kPixels; j += kThreads) {
+      int64_t offset = offsets[j];
+#pragma unroll 4
+      for (int row = 0; row < kRows; ++row, offset += s.s1) body(row, j, offset);
     }
-  for (int c = 0; c < kClassChunk; ++c) {
-    const acc_t total = cuda::block_sum(sum[c], scratch);
-    if (threadIdx.x == 0 && c < chunk) grad_hat[(k0 + c) * channels + d] = total * inv_temperature;
+  } else {
+    for (int e = t; e < kRows * kPixels; e += kThreads) {
+      const int row = by_rows ? e % kRows : e / kPixels, j = by_rows ? e / kRows : e % kPixels;
+      body(row, j, offsets[j] + row * s.s1);
+    }
   }
 }
 
-// grad_c[k, d] from grad_hat through the normalization of prototype k: one block per prototype.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(cuda::kThreads)
-    prototype_normalization_grad_kernel(const acc_t* __restrict__ grad_hat, const acc_t* __restrict__ values,
-                                        const acc_t* __restrict__ derivative_scale,
-                                        const acc_t* __restrict__ switch_on, int64_t channels,
-                                        scalar_t* __restrict__ grad) {
-  __shared__ acc_t scratch[cuda::kThreads / cuda::kWarp];
-  const int64_t k = blockIdx.x;
-  acc_t dot = 0;
-  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x) dot += grad_hat[k * channels + d] * values[k * channels + d];
-  dot = cuda::block_sum(dot, scratch);
-  for (int64_t d = threadIdx.x; d < channels; d += blockDim.x)
-    grad[k * channels + d] = static_cast<scalar_t>(normalized_input_grad(
-        grad_hat[k * channels + d], dot, values[k * channels + d], derivative_scale[k], switch_on[k]));
+// Rows [row0, row0 + kRows) and the tile's pixels j < kPixels of a (B, C, P) view into `tile`, as
+// acc_t; zero past `rows` or `count` (where offsets[j] is unwritten and its value unused).
+template <int kThreads, int kRows, int kPixels, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_tile(const scalar_t* __restrict__ source, const int64_t* offsets,
+                                          cuda::Strides3d s, int64_t row0, int64_t rows, int count,
+                                          SharedTile<acc_t> tile) {
+  const scalar_t* first_row = source + row0 * s.s1;
+  const int valid_rows = static_cast<int>(min(rows - row0, static_cast<int64_t>(kRows)));
+  for_each_tile_element<kThreads, kRows, kPixels>(s, offsets, [&](int row, int j, int64_t offset) {
+    tile(row, j) = row < valid_rows && j < count ? static_cast<acc_t>(first_row[offset]) : acc_t(0);
+  });
 }
 
-// The inputs of one forward or backward call: features as a (B, D, P) view, prototypes (K, D).
-template <typename scalar_t>
-struct SimilarityInputs {
-  const scalar_t* features;
-  cuda::Strides3d feature_strides;
-  int64_t batch, channels, pixels;
-  const scalar_t* prototypes;
-  int64_t prototype_stride0, prototype_stride1, classes;
-  double temperature;
+// The converse of load_tile: the tile's elements inside the view, written as load_tile reads.
+template <int kThreads, int kRows, int kPixels, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_tile(SharedTile<acc_t> tile, scalar_t* __restrict__ target,
+                                           const int64_t* offsets, cuda::Strides3d s, int64_t row0, int64_t rows,
+                                           int count) {
+  scalar_t* first_row = target + row0 * s.s1;
+  const int valid_rows = static_cast<int>(min(rows - row0, static_cast<int64_t>(kRows)));
+  for_each_tile_element<kThreads, kRows, kPixels>(s, offsets, [&](int row, int j, int64_t offset) {
+    if (row < valid_rows && j < count) first_row[offset] = static_cast<scalar_t>(tile(row, j));
+  });
+}
+
+// stage[i * kClasses + k] = ĉ[k, d0 + i], zero past K and D: one channel's classes side by side.
+template <int kThreads, int kClasses, typename acc_t>
+__device__ __forceinline__ void load_prototype_stage(const acc_t* __restrict__ prototypes_hat, int64_t channels,
+                                                     int64_t classes, int64_t d0, acc_t* stage) {
+  for (int e = threadIdx.x; e < kStageChannels * kClasses; e += kThreads) {
+    const int k = e / kStageChannels, i = e % kStageChannels;  // along channels in (K, D)
+    const bool inside = k < classes && d0 + i < channels;
+    stage[i * kClasses + k] = inside ? prototypes_hat[k * channels + d0 + i] : acc_t(0);
+  }
+}
+
+// Shared memory of the channel walk: a stage of the features of the tile's pixels (rows of
+// kTilePixels + 1, so that threads walking a column do not collide in banks), the stage's
+// prototypes (aligned for vector loads) and the pixels' offsets in the features.
+template <typename acc_t, int kClasses>
+struct ChannelWalkMemory {
+  acc_t features[kStageChannels * (kTilePixels + 1)];
+  alignas(16) acc_t prototypes[kStageChannels * kClasses];
+  int64_t offsets[kTilePixels];
+  int any_rescaled;
+
+  __device__ SharedTile<acc_t> tile() { return {features, kTilePixels + 1, 1}; }
 };
 
-// The normalized prototypes of one call, in the accumulation type, in working memory.
+// One walk over the channels: for the kPixels pixels of each thread (threadIdx.x + j * kThreads of
+// the tile), the squared norm and the kClasses dot products <f · scale, ĉ_k>. Expects
+// memory.offsets written; ends on a stage still being read.
+template <int kThreads, int kPixels, int kClasses, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void walk_dots(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                                          const acc_t* __restrict__ prototypes_hat, int64_t channels,
+                                          int64_t classes, int count, ChannelWalkMemory<acc_t, kClasses>& memory,
+                                          const acc_t (&scale)[kPixels], acc_t (&squared)[kPixels],
+                                          acc_t (&dots)[kPixels][kClasses]) {
+#pragma unroll
+  for (int j = 0; j < kPixels; ++j) {
+    squared[j] = 0;
+#pragma unroll
+    for (int k = 0; k < kClasses; ++k) dots[j][k] = 0;
+  }
+  for (int64_t d0 = 0; d0 < channels; d0 += kStageChannels) {
+    __syncthreads();  // the previous stage is read (and, at the first, the offsets written)
+    load_tile<kThreads, kStageChannels, kTilePixels>(features, memory.offsets, f, d0, channels, count, memory.tile());
+    load_prototype_stage<kThreads, kClasses>(prototypes_hat, channels, classes, d0, memory.prototypes);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kStageChannels; ++i)
+#pragma unroll
+      for (int j = 0; j < kPixels; ++j) {
+        const acc_t x = memory.tile()(i, threadIdx.x + j * kThreads) * scale[j];
+        squared[j] += x * x;
+#pragma unroll
+        for (int k = 0; k < kClasses; ++k) dots[j][k] += x * memory.prototypes[i * kClasses + k];
+      }
+  }
+}
+
+// walk_dots at each pixel's scale (similarity_math.h): 1, but where the squared norm overflows,
+// overflow_scale of the pixel's features, found by its thread from global memory, after which the
+// block walks again. That rare second walk reuses the first's registers; a per-pixel path beside
+// it made ptxas spill.
+template <int kThreads, int kPixels, int kClasses, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void tile_dots(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                                          const acc_t* __restrict__ prototypes_hat, int64_t channels,
+                                          int64_t pixels, int64_t first, int64_t classes, int count,
+                                          ChannelWalkMemory<acc_t, kClasses>& memory, acc_t (&scale)[kPixels],
+                                          acc_t (&squared)[kPixels], acc_t (&dots)[kPixels][kClasses]) {
+#pragma unroll
+  for (int j = 0; j < kPixels; ++j) scale[j] = 1;
+  walk_dots<kThreads>(features, f, prototypes_hat, channels, classes, count, memory, scale, squared, dots);
+  if (threadIdx.x == 0) memory.any_rescaled = 0;
+  bool rescaled = false;
+#pragma unroll
+  for (int j = 0; j < kPixels; ++j) {
+    const int local = threadIdx.x + j * kThreads;
+    if (local < count && norm_overflows(squared[j])) {
+      const int64_t b = (first + local) / pixels, p = (first + local) % pixels;
+      scale[j] = row_overflow_scale<acc_t>([&](int64_t d) { return static_cast<acc_t>(features[f(b, d, p)]); },
+                                           channels);
+      rescaled |= scale[j] != acc_t(1);  // 1: an infinite entry, whose results are NaN
+    }
+  }
+  // __syncthreads_or(rescaled), spelled out: GPGPU-Sim's bar.red.or misses warps (a probe: true in
+  // thread 100 of 128 gave false), and the kernels must run there (tests/gpusim).
+  __syncthreads();
+  if (rescaled) memory.any_rescaled = 1;
+  __syncthreads();
+  if (memory.any_rescaled)
+    walk_dots<kThreads>(features, f, prototypes_hat, channels, classes, count, memory, scale, squared, dots);
+}
+
+// logits[b, k, p] = <f̂, ĉ_k> / τ for a tile of kTilePixels pixels of the flattened (B, P) per block.
+template <typename scalar_t, typename acc_t, int kClasses>
+__global__ void __launch_bounds__(kForwardThreads)
+    similarity_forward_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                              const acc_t* __restrict__ prototypes_hat, scalar_t* __restrict__ logits,
+                              cuda::Strides3d out, int64_t channels, int64_t pixels, int64_t total_pixels,
+                              int64_t classes, acc_t inv_temperature) {
+  __shared__ ChannelWalkMemory<acc_t, kClasses> memory;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTilePixels;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kTilePixels), total_pixels - first));
+  tile_pixel_offsets<kForwardThreads>(f, pixels, first, count, memory.offsets);
+  acc_t scale[kForwardPixelsPerThread], squared[kForwardPixelsPerThread], dots[kForwardPixelsPerThread][kClasses];
+  tile_dots<kForwardThreads>(features, f, prototypes_hat, channels, pixels, first, classes, count, memory, scale,
+                             squared, dots);
+#pragma unroll
+  for (int j = 0; j < kForwardPixelsPerThread; ++j) {
+    const int64_t pixel = first + threadIdx.x + j * kForwardThreads;
+    if (pixel >= total_pixels) break;
+    const int64_t b = pixel / pixels, p = pixel % pixels;
+    const acc_t inv_norm = inverse_clamped_norm(squared[j]);
+#pragma unroll
+    for (int k = 0; k < kClasses; ++k)
+      if (k < classes) logits[out(b, k, p)] = static_cast<scalar_t>(dots[j][k] * inv_norm * inv_temperature);
+  }
+}
+
+// Per pixel of the flattened (B, P), for the prototype gradient: f̂ = f · scale · inv_norm.
 template <typename acc_t>
-struct NormalizedPrototypes {
-  acc_t *values, *derivative_scale, *switch_on;  // (K, D), (K), (K)
+struct PixelNorms {
+  acc_t *scale, *inv_norm;
 };
 
-template <typename scalar_t, typename acc_t>
-NormalizedPrototypes<acc_t> normalize_prototypes(const SimilarityInputs<scalar_t>& in, cuda::Workspace& workspace,
-                                                 cudaStream_t stream) {
-  const NormalizedPrototypes<acc_t> out{workspace.take<acc_t>(in.classes * in.channels),
-                                        workspace.take<acc_t>(in.classes), workspace.take<acc_t>(in.classes)};
-  if (in.classes == 0) return out;
-  normalize_prototypes_kernel<scalar_t, acc_t><<<in.classes, cuda::kThreads, 0, stream>>>(
-      in.prototypes, in.prototype_stride0, in.prototype_stride1, in.channels, out.values, out.derivative_scale,
-      out.switch_on);
-  CPSL_KERNEL_LAUNCH_CHECK();
-  return out;
+// grad_f[b, d, p] = normalized_input_grad(Σ_k ĉ[k, d] g_k, Σ_k g_k cos_k, f̂_d, scale · inv_norm,
+// switch) with g = grad_logits[b, :, p] / τ, one thread per pixel, kTilePixels per block; also the
+// pixels' norms for the prototype gradient.
+template <typename scalar_t, typename acc_t, int kClasses>
+__global__ void __launch_bounds__(kTilePixels)
+    similarity_feature_grad_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                                   const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
+                                   const acc_t* __restrict__ prototypes_hat, scalar_t* __restrict__ grad,
+                                   cuda::Strides3d out, PixelNorms<acc_t> norms, int64_t channels, int64_t pixels,
+                                   int64_t total_pixels, int64_t classes, acc_t inv_temperature) {
+  __shared__ ChannelWalkMemory<acc_t, kClasses> memory;
+  __shared__ int64_t grad_offsets[kTilePixels];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTilePixels, pixel = first + threadIdx.x;
+  const int count = static_cast<int>(min(static_cast<int64_t>(kTilePixels), total_pixels - first));
+  const bool inside = pixel < total_pixels;
+  const int64_t b = pixel / pixels, p = pixel % pixels;
+  tile_pixel_offsets<kTilePixels>(f, pixels, first, count, memory.offsets);
+  tile_pixel_offsets<kTilePixels>(out, pixels, first, count, grad_offsets);
+  acc_t grad_logit[kClasses];
+#pragma unroll
+  for (int k = 0; k < kClasses; ++k)
+    grad_logit[k] = inside && k < classes ? static_cast<acc_t>(grad_logits[g(b, k, p)]) * inv_temperature : acc_t(0);
+
+  acc_t scales[1], squared[1], dots[1][kClasses];
+  tile_dots<kTilePixels>(features, f, prototypes_hat, channels, pixels, first, classes, count, memory, scales, squared,
+                         dots);
+  const acc_t scale = scales[0], inv_norm = inverse_clamped_norm(squared[0]), switch_on = projection_switch(squared[0]);
+  acc_t grad_dot_cos = 0;
+#pragma unroll
+  for (int k = 0; k < kClasses; ++k) grad_dot_cos += grad_logit[k] * dots[0][k] * inv_norm;
+  if (inside) {
+    norms.scale[pixel] = scale;
+    norms.inv_norm[pixel] = inv_norm;
+  }
+
+  // The second walk: each thread turns its pixel's column of the stage into its gradient in place.
+  const SharedTile<acc_t> tile = memory.tile();
+  for (int64_t d0 = 0; d0 < channels; d0 += kStageChannels) {
+    __syncthreads();  // the previous stage is read and written out
+    load_tile<kTilePixels, kStageChannels, kTilePixels>(features, memory.offsets, f, d0, channels, count, tile);
+    load_prototype_stage<kTilePixels, kClasses>(prototypes_hat, channels, classes, d0, memory.prototypes);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kStageChannels; ++i) {
+      acc_t grad_hat = 0;
+#pragma unroll
+      for (int k = 0; k < kClasses; ++k) grad_hat += memory.prototypes[i * kClasses + k] * grad_logit[k];
+      const acc_t x = tile(i, threadIdx.x);
+      tile(i, threadIdx.x) = normalized_input_grad(grad_hat, grad_dot_cos, x * scale * inv_norm, scale * inv_norm,
+                                                    switch_on);
+    }
+    __syncthreads();
+    store_tile<kTilePixels, kStageChannels, kTilePixels>(tile, grad, grad_offsets, out, d0, channels, count);
+  }
+}
+
+// The pixels per prototype-gradient chunk: a function of the pixel count alone, so that the sums'
+// order is too.
+inline int64_t grad_chunk_pixels(int64_t total_pixels) {
+  return std::max(kMinGradChunk, cuda::blocks_for(total_pixels, kMaxGradChunks));
+}
+
+// partials[chunk, k, d] = Σ_{pixels of the chunk} g[k] · f̂[d] for chunk blockIdx.x and channels
+// [blockIdx.y · kGradChannels, + kGradChannels): thread t sums channels t and t + kGradThreads
+// for all classes in registers, over stages of kGradStagePixels pixels in shared memory.
+template <typename scalar_t, typename acc_t, int kClasses>
+__global__ void __launch_bounds__(kGradThreads)
+    prototype_grad_partials_kernel(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                                   const scalar_t* __restrict__ grad_logits, cuda::Strides3d g,
+                                   PixelNorms<acc_t> norms, int64_t channels, int64_t pixels, int64_t total_pixels,
+                                   int64_t classes, int64_t chunk_pixels, acc_t* __restrict__ partials) {
+  __shared__ acc_t feature_stage[kGradChannels * (kGradStagePixels + 1)];
+  __shared__ __align__(16) acc_t grad_stage[kGradStagePixels * kClasses];
+  __shared__ int64_t feature_offsets[kGradStagePixels], grad_offsets[kGradStagePixels];
+  __shared__ acc_t scale[kGradStagePixels], inv_norm[kGradStagePixels];
+  const SharedTile<acc_t> feature_tile{feature_stage, kGradStagePixels + 1, 1};
+  const SharedTile<acc_t> grad_tile{grad_stage, 1, kClasses};  // a pixel's classes side by side
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kGradChannels;
+  const int64_t begin = blockIdx.x * chunk_pixels, end = min(begin + chunk_pixels, total_pixels);
+  acc_t sums[kGradChannelsPerThread][kClasses] = {};
+  for (int64_t first = begin; first < end; first += kGradStagePixels) {
+    const int count = static_cast<int>(min(static_cast<int64_t>(kGradStagePixels), end - first));
+    __syncthreads();  // the previous stage is read
+    tile_pixel_offsets<kGradThreads>(f, pixels, first, count, feature_offsets);
+    tile_pixel_offsets<kGradThreads>(g, pixels, first, count, grad_offsets);
+    if (threadIdx.x < count) {
+      scale[threadIdx.x] = norms.scale[first + threadIdx.x];
+      inv_norm[threadIdx.x] = norms.inv_norm[first + threadIdx.x];
+    }
+    __syncthreads();
+    load_tile<kGradThreads, kGradChannels, kGradStagePixels>(features, feature_offsets, f, d0, channels, count,
+                                                             feature_tile);
+    load_tile<kGradThreads, kClasses, kGradStagePixels>(grad_logits, grad_offsets, g, 0, classes, count, grad_tile);
+    __syncthreads();
+#pragma unroll 4
+    for (int j = 0; j < kGradStagePixels; ++j)
+#pragma unroll
+      for (int c = 0; c < kGradChannelsPerThread; ++c) {
+        const acc_t normalized = feature_tile(threadIdx.x + c * kGradThreads, j) * scale[j] * inv_norm[j];
+#pragma unroll
+        for (int k = 0; k < kClasses; ++k) sums[c][k] += grad_tile(k, j) * normalized;
+      }
+  }
+#pragma unroll
+  for (int c = 0; c < kGradChannelsPerThread; ++c) {
+    const int64_t d = d0 + threadIdx.x + c * kGradThreads;
+#pragma unroll
+    for (int k = 0; k < kClasses; ++k)
+      if (k < classes && d < channels) partials[(blockIdx.x * classes + k) * channels + d] = sums[c][k];
+  }
+}
+
+// grad_hat[k, d] = Σ_chunks partials[chunk, k, d] / τ, for k = blockIdx.y and the cuda::kWarp
+// channels of blockIdx.x: warp w sums chunks w, w + 8, ... in order, then the warps' sums are added
+// in warp order.
+template <typename acc_t>
+__global__ void __launch_bounds__(cuda::kThreads)
+    prototype_grad_reduce_kernel(const acc_t* __restrict__ partials, int64_t chunks, int64_t channels, int64_t classes,
+                                 acc_t inv_temperature, acc_t* __restrict__ grad_hat) {
+  constexpr int kWarps = cuda::kThreads / cuda::kWarp;
+  __shared__ acc_t warp_sums[kWarps][cuda::kWarp];
+  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
+  const int64_t k = blockIdx.y, d = static_cast<int64_t>(blockIdx.x) * cuda::kWarp + lane;
+  acc_t sum = 0;
+  if (d < channels)
+    for (int64_t chunk = warp; chunk < chunks; chunk += kWarps) sum += partials[(chunk * classes + k) * channels + d];
+  warp_sums[warp][lane] = sum;
+  __syncthreads();
+  if (warp != 0 || d >= channels) return;
+  acc_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += warp_sums[w][lane];
+  grad_hat[k * channels + d] = total * inv_temperature;
 }
 
 // logits: a (B, K, P) view.
 template <typename scalar_t>
 void launch_similarity_forward(const SimilarityInputs<scalar_t>& in, scalar_t* logits, cuda::Strides3d logit_strides,
                                cuda::Workspace& workspace, cudaStream_t stream) {
+  if (kernel_generation() == KernelGeneration::kPrevious || in.classes > kMaxRegisterClasses)
+    return previous::launch_similarity_forward(in, logits, logit_strides, workspace, stream);
   using acc_t = acc_type<scalar_t>;
-  if (in.batch * in.pixels * in.classes == 0) return;
+  const int64_t total_pixels = in.batch * in.pixels;
+  if (total_pixels * in.classes == 0) return;
   const NormalizedPrototypes<acc_t> normalized = normalize_prototypes<scalar_t, acc_t>(in, workspace, stream);
-  similarity_forward_kernel<scalar_t, acc_t><<<cuda::blocks_for(in.batch * in.pixels), cuda::kThreads, 0, stream>>>(
-      in.features, in.feature_strides, normalized.values, logits, logit_strides, in.batch, in.channels, in.pixels,
-      in.classes, static_cast<acc_t>(1.0 / in.temperature));
-  CPSL_KERNEL_LAUNCH_CHECK();
+  dispatch_class_width(in.classes, [&](auto width) {
+    similarity_forward_kernel<scalar_t, acc_t, width.value>
+        <<<cuda::blocks_for(total_pixels, kTilePixels), kForwardThreads, 0, stream>>>(
+            in.features, in.feature_strides, normalized.values, logits, logit_strides, in.channels, in.pixels,
+            total_pixels, in.classes, static_cast<acc_t>(1.0 / in.temperature));
+    CPSL_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // grad_logits and grad_features: (B, K, P) and (B, D, P) views; grad_prototypes contiguous (K, D),
@@ -238,34 +427,39 @@ void launch_similarity_backward(const SimilarityInputs<scalar_t>& in, const scal
                                 cuda::Strides3d grad_strides, scalar_t* grad_features,
                                 cuda::Strides3d grad_feature_strides, scalar_t* grad_prototypes,
                                 cuda::Workspace& workspace, cudaStream_t stream) {
+  if (kernel_generation() == KernelGeneration::kPrevious || in.classes > kMaxRegisterClasses)
+    return previous::launch_similarity_backward(in, grad_logits, grad_strides, grad_features, grad_feature_strides,
+                                                grad_prototypes, workspace, stream);
   using acc_t = acc_type<scalar_t>;
-  const int64_t batch = in.batch, channels = in.channels, pixels = in.pixels, classes = in.classes;
-  if (batch * channels * pixels == 0) return;
-  CPSL_CHECK(cuda::blocks_for(classes, kClassChunk) <= cuda::kMaxGridY, "similarity_backward: the CUDA kernel takes at most ",
-             cuda::kMaxGridY * kClassChunk, " classes, got ", classes);
+  const int64_t channels = in.channels, classes = in.classes, total_pixels = in.batch * in.pixels;
+  if (total_pixels * channels == 0) return;
   const NormalizedPrototypes<acc_t> normalized = normalize_prototypes<scalar_t, acc_t>(in, workspace, stream);
-  const PixelTerms<acc_t> terms{workspace.take<acc_t>(batch * pixels), workspace.take<acc_t>(batch * pixels),
-                                workspace.take<acc_t>(batch * pixels), workspace.take<acc_t>(batch * pixels)};
+  const PixelNorms<acc_t> norms{workspace.take<acc_t>(total_pixels), workspace.take<acc_t>(total_pixels)};
   const acc_t inv_temperature = static_cast<acc_t>(1.0 / in.temperature);
-  similarity_pixel_terms_kernel<scalar_t, acc_t><<<cuda::blocks_for(batch * pixels), cuda::kThreads, 0, stream>>>(
-      in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, terms, batch, channels, pixels,
-      classes, inv_temperature);
-  CPSL_KERNEL_LAUNCH_CHECK();
-  const int64_t total = batch * channels * pixels;
-  similarity_feature_grad_kernel<scalar_t, acc_t><<<cuda::blocks_for(total), cuda::kThreads, 0, stream>>>(
-      in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, terms, grad_features,
-      grad_feature_strides, channels, pixels, classes, total, inv_temperature);
-  CPSL_KERNEL_LAUNCH_CHECK();
-  if (classes == 0) return;
-  acc_t* grad_hat = workspace.take<acc_t>(classes * channels);
-  prototype_grad_kernel<scalar_t, acc_t>
-      <<<dim3(channels, cuda::blocks_for(classes, kClassChunk)), cuda::kThreads, 0, stream>>>(
-          in.features, in.feature_strides, grad_logits, grad_strides, terms.scale, terms.inv_norm, batch, channels,
-          pixels, classes, inv_temperature, grad_hat);
-  CPSL_KERNEL_LAUNCH_CHECK();
-  prototype_normalization_grad_kernel<scalar_t, acc_t><<<classes, cuda::kThreads, 0, stream>>>(
-      grad_hat, normalized.values, normalized.derivative_scale, normalized.switch_on, channels, grad_prototypes);
-  CPSL_KERNEL_LAUNCH_CHECK();
+  const int64_t chunk_pixels = grad_chunk_pixels(total_pixels), chunks = cuda::blocks_for(total_pixels, chunk_pixels);
+  CPSL_CHECK(cuda::blocks_for(channels, kGradChannels) <= cuda::kMaxGridY, "similarity_backward: the CUDA kernel takes at most ",
+             cuda::kMaxGridY * kGradChannels, " channels, got ", channels);
+  dispatch_class_width(classes, [&](auto width) {
+    similarity_feature_grad_kernel<scalar_t, acc_t, width.value>
+        <<<cuda::blocks_for(total_pixels, kTilePixels), kTilePixels, 0, stream>>>(
+            in.features, in.feature_strides, grad_logits, grad_strides, normalized.values, grad_features,
+            grad_feature_strides, norms, channels, in.pixels, total_pixels, classes, inv_temperature);
+    CPSL_KERNEL_LAUNCH_CHECK();
+    if (classes == 0) return;
+    acc_t* partials = workspace.take<acc_t>(chunks * classes * channels);
+    prototype_grad_partials_kernel<scalar_t, acc_t, width.value>
+        <<<dim3(chunks, cuda::blocks_for(channels, kGradChannels)), kGradThreads, 0, stream>>>(
+            in.features, in.feature_strides, grad_logits, grad_strides, norms, channels, in.pixels, total_pixels,
+            classes, chunk_pixels, partials);
+    CPSL_KERNEL_LAUNCH_CHECK();
+    acc_t* grad_hat = workspace.take<acc_t>(classes * channels);
+    prototype_grad_reduce_kernel<acc_t><<<dim3(cuda::blocks_for(channels, cuda::kWarp), classes), cuda::kThreads, 0,
+                                          stream>>>(partials, chunks, channels, classes, inv_temperature, grad_hat);
+    CPSL_KERNEL_LAUNCH_CHECK();
+    prototype_normalization_grad_kernel<scalar_t, acc_t><<<classes, cuda::kThreads, 0, stream>>>(
+        grad_hat, normalized.values, normalized.derivative_scale, normalized.switch_on, channels, grad_prototypes);
+    CPSL_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace similarity_kernels

@@ -1,6 +1,7 @@
-// CUDA implementation of cpsl_ops::balanced_sinkhorn (schema: ops/sinkhorn.cpp; kernel, launch
-// paths and their environment variables: sinkhorn_kernels.cuh). Under CUDA graph capture, bad
-// scores or a bad prior make the assignment NaN instead of raising.
+// CUDA implementation of cpsl_ops::balanced_sinkhorn (schema: ops/sinkhorn.cpp; kernels and their
+// two generations: sinkhorn_kernels.cuh; launch paths and their environment variables:
+// sinkhorn_common.cuh). Under CUDA graph capture, bad scores or a bad prior make the assignment
+// NaN instead of raising.
 #include <torch/csrc/stable/library.h>
 
 #include <limits>

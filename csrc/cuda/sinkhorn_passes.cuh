@@ -1,13 +1,22 @@
-// The passes of the CUDA Sinkhorn kernel over one chunk of rows, and the merges of their per-chunk
-// partials into the class potentials (math: sinkhorn_math.h; the phases that call them and their
-// launch: sinkhorn_kernels.cuh). A chunk's partials do not depend on which block computed them.
+// The passes of the current CUDA Sinkhorn kernel over one chunk of rows, for K <= 32 (larger K
+// takes the previous generation's: previous/sinkhorn_passes.cuh). Math: sinkhorn_math.h; phases,
+// merges and launch: sinkhorn_common.cuh, sinkhorn_kernels.cuh.
 //
-// Two layouts of a row's classes. Narrow (K <= 256, kClassesPerLane = 1, 2, 4 or 8): one warp takes
-// a row at a time with lane l holding classes l, l + 32, ... in registers, so a row's softmax is
-// two warp reductions, and a chunk's column partials are merged over warps in warp order. Wide
-// (kClassesPerLane = kWide, any K): one warp per row takes each row's log-sum-exp into shared
-// memory, then thread t walks the chunk's rows for classes t, t + 256, ..., reading along the
-// classes (coalesced), with each class's partial in one thread.
+// A block of 4 warps takes a chunk of kRowsPerChunk rows, each warp a contiguous span of 256 rows
+// in groups of 32. Every load is lane k reading class k of one row, so a warp load is one row's K
+// consecutive scores (one or two cache lines), and a lane has 16 rows' loads in flight before it
+// uses the first; nothing waits on a shuffle or sits behind a data-dependent branch.
+//   column log-sum-exp  lane k folds its loads straight into class k's branch-free online
+//                       log-sum-exp (sinkhorn_math.h);
+//   row softmax         the group's rows go through a shared-memory tile, where lane r takes row
+//                       r's softmax in registers, against the class maxima and potentials of the
+//                       chunk's problem in shared memory, and writes it back; then lane k adds
+//                       class k's column to its mass, or writes it to the assignment.
+// A thread reading its own row from global memory instead would touch ~K cache lines per load
+// instruction, K times the L1 wavefronts: ~7 B per wavefront at K = 19 in fp32, below the
+// bandwidth floor (about 1.7 TB/s on 132 SMs). The tile's row stride is odd, so a lane's row and a
+// lane's column are both free of bank conflicts. Each class's partials are merged over the block's
+// warps in warp order, so a chunk's partials do not depend on which block computed it.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -15,272 +24,209 @@
 
 #include "cpsl_ops/cuda_launch.cuh"
 #include "cpsl_ops/sinkhorn_math.h"
+#include "sinkhorn_common.cuh"
 
 namespace cpsl_ops {
 namespace sinkhorn_kernels {
 
-constexpr int kRowsPerChunk = 1024;
-constexpr int kWarps = cuda::kThreads / cuda::kWarp;
-constexpr int kMaxClassesPerLane = 8;
-constexpr int kWide = 0;  // kClassesPerLane of the wide layout, for K > kMaxClassesPerLane * 32
-// Device-side flags of one call (cuda::DeviceFlags). The phases stop early on the first two, which
-// only earlier kernels or phases (behind a grid barrier) write, so every thread of a launch reads
-// the same values; kSpreadOverflow is raised by the later passes and only the host reads it.
-constexpr int kBadPrior = 0, kNonFiniteScores = 1, kSpreadOverflow = 2, kNumFlags = 3;
+constexpr int kRowThreads = 128;
+constexpr int kRowWarps = kRowThreads / cuda::kWarp;
+constexpr int kGroupRows = cuda::kWarp;  // a row per lane
+constexpr int kGroupsPerWarp = kRowsPerChunk / (kRowWarps * kGroupRows);
+constexpr int kMaxRowClasses = cuda::kWarp;  // a lane per class
+static_assert(kGroupsPerWarp * kRowWarps * kGroupRows == kRowsPerChunk, "a chunk is whole groups of every warp");
 
-// Everything the kernels read or write. Buffers written while a cooperative launch runs are plain
-// pointers (no const __restrict__): other blocks write them before a barrier, so reads must not
-// go through the read-only cache.
-template <typename scalar_t, typename acc_t>
-struct SinkhornArgs {
-  const scalar_t* __restrict__ scores;
-  int64_t batch, samples, classes, batch_stride, row_stride, chunks_per_problem, num_iters;
-  acc_t inv_epsilon, log_num_samples;
-  const acc_t* __restrict__ log_prior;  // (B, K)
-  acc_t* partial_max;                   // (B, chunks, K): per-chunk largest scores
-  acc_t* partial_sum;                   // (B, chunks, K): per-chunk sums of exp((S - max)/ε), then masses
-  acc_t* class_max;                     // (B, K): M, each class's largest score
-  acc_t* potential;                     // (B, K)
-  int32_t* flags;                       // kNumFlags
-  scalar_t* __restrict__ out;
+// Shared memory of a block whose rows hold up to kClasses classes (K rounded up to a multiple of 8:
+// a row's registers).
+template <int kClasses, typename acc_t>
+struct RowScratch {
+  static constexpr int kStride = kClasses + 1;  // odd (kClasses is a multiple of 8): see the header
+  acc_t tile[kRowWarps][kGroupRows * kStride];
+  acc_t class_max[kClasses], potential[kClasses];  // of the chunk's problem
+  acc_t warp_max[kRowWarps][kClasses], warp_sum[kRowWarps][kClasses];
 };
 
-// Shared memory of one block: warp partials (narrow) or the chunk's row log-sum-exps (wide).
-template <int kClassesPerLane, typename acc_t>
-struct Scratch {
-  static constexpr int kSlots = kClassesPerLane == kWide ? 1 : kClassesPerLane * cuda::kWarp;
-  acc_t a[kWarps][kSlots], b[kWarps][kSlots];
-  acc_t row_logsumexp[kClassesPerLane == kWide ? kRowsPerChunk : 1];
-};
+constexpr int kRowsInFlight = 16;  // loads per lane: at K = 19 in fp32, 1.2 KB per warp
 
-struct ChunkRows {
-  int64_t problem, first, last;
-};
-
-template <typename Args>
-__device__ __forceinline__ ChunkRows chunk_rows(const Args& a, int64_t chunk) {
-  const int64_t first = (chunk % a.chunks_per_problem) * kRowsPerChunk;
-  return {chunk / a.chunks_per_problem, first, min(a.samples, first + kRowsPerChunk)};
+// use(r, S[r][lane]) for the group's rows r in order, for a lane below K; `column` is the lane's
+// class in the group's first row.
+template <typename acc_t, typename scalar_t, typename Use>
+__device__ __forceinline__ void for_each_score(const scalar_t* column, int64_t row_stride, int rows, Use&& use) {
+#pragma unroll 1
+  for (int first = 0; first < kGroupRows; first += kRowsInFlight) {
+    acc_t scores[kRowsInFlight];
+#pragma unroll
+    for (int r = 0; r < kRowsInFlight; ++r)
+      if (first + r < rows) scores[r] = static_cast<acc_t>(column[(first + r) * row_stride]);
+#pragma unroll
+    for (int r = 0; r < kRowsInFlight; ++r)
+      if (first + r < rows) use(first + r, scores[r]);
+  }
 }
 
-// ---- Narrow layout ----
-
-// The warp's row softmax of x + potential for its lane's classes, x = (S - M)/ε with M each
-// class's largest score, subtracted in score units (sinkhorn_math.h). An x that is not finite (the
-// scores are finite, checked by the first pass, but a class spreads so widely that it overflows)
-// raises kSpreadOverflow.
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void warp_row_softmax(const scalar_t* row, const acc_t* class_max, const acc_t* potential,
-                                                 int64_t classes, acc_t inv_epsilon, int lane, acc_t* values,
-                                                 int32_t* flags) {
+// The softmax of x + potential over one tile row, in place, x = (S - M)/ε with M each class's
+// largest score, subtracted in score units (sinkhorn_math.h). False if an x is not finite: the
+// scores are (the column pass checked), but a class spreads so widely that it overflows.
+template <int kClasses, typename acc_t>
+__device__ __forceinline__ bool tile_row_softmax(acc_t* row, const acc_t* class_max, const acc_t* potential,
+                                                 int classes, acc_t inv_epsilon) {
+  acc_t values[kClasses];
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   bool finite = true;
 #pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    const int64_t k = lane + c * cuda::kWarp;
-    const acc_t x = k < classes ? (static_cast<acc_t>(row[k]) - class_max[k]) * inv_epsilon : acc_t(0);
+  for (int k = 0; k < kClasses; ++k) {
+    const acc_t x = k < classes ? (row[k] - class_max[k]) * inv_epsilon : acc_t(0);
     finite &= isfinite(x);
-    values[c] = k < classes ? x + potential[k] : -std::numeric_limits<acc_t>::infinity();
-    max = values[c] > max ? values[c] : max;
+    values[k] = k < classes ? x + potential[k] : -std::numeric_limits<acc_t>::infinity();
+    max = values[k] > max ? values[k] : max;
   }
-  if (!finite) flags[kSpreadOverflow] = 1;
-  max = cuda::warp_max(max);
   acc_t sum = 0;
 #pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    values[c] = exp(values[c] - max);
-    sum += values[c];
+  for (int k = 0; k < kClasses; ++k) {
+    values[k] = exp(values[k] - max);
+    sum += values[k];
   }
-  sum = cuda::warp_sum(sum);
+  const acc_t inverse = acc_t(1) / sum;
 #pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) values[c] /= sum;
+  for (int k = 0; k < kClasses; ++k)
+    if (k < classes) row[k] = values[k] * inverse;
+  return finite;
+}
+
+struct Group {
+  int64_t first;
+  int rows;  // at most kGroupRows; none past the chunk's end
+};
+
+// The warp's g-th group of rows in the chunk.
+__device__ __forceinline__ Group warp_group(const ChunkRows& rows, int warp, int g) {
+  const int64_t first = rows.first + static_cast<int64_t>(warp * kGroupsPerWarp + g) * kGroupRows;
+  return {first, static_cast<int>(max(int64_t(0), min(int64_t(kGroupRows), rows.last - first)))};
 }
 
 // Per-class running log-sum-exp over the chunk's rows, in score units (its max is the chunk's
-// largest score, its sum that of exp((S - max)/ε)), merged over warps in warp order.
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void narrow_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                        Scratch<kClassesPerLane, acc_t>& scratch) {
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
+// largest score, its sum that of exp((S - max)/ε)), merged over warps in warp order. Lane k reads
+// class k straight into its log-sum-exp: no tile.
+template <int kClasses, typename scalar_t, typename acc_t>
+__device__ void row_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
+                                     RowScratch<kClasses, acc_t>& scratch) {
+  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp, classes = a.classes;
   const ChunkRows rows = chunk_rows(a, chunk);
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  OnlineLogSumExp<acc_t> lse[kClassesPerLane];
+  OnlineLogSumExp<acc_t> lse;
   bool finite = true;
-  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps)
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) {
-      const int64_t k = lane + c * cuda::kWarp;
-      if (k < a.classes) {
-        const acc_t score = static_cast<acc_t>(s[i * a.row_stride + k]);
-        finite &= isfinite(score);
-        lse[c].add(score, a.inv_epsilon);
-      }
+  if (lane < classes) {
+#pragma unroll 1
+    for (int g = 0; g < kGroupsPerWarp; ++g) {
+      const Group group = warp_group(rows, warp, g);
+      if (group.rows == 0) break;
+      for_each_score<acc_t>(a.scores + rows.problem * a.batch_stride + group.first * a.row_stride + lane,
+                            a.row_stride, group.rows, [&](int, acc_t score) {
+                              finite &= isfinite(score);
+                              lse.add(score, a.inv_epsilon);
+                            });
     }
+    scratch.warp_max[warp][lane] = lse.max;
+    scratch.warp_sum[warp][lane] = lse.sum;
+  }
   if (!finite) a.flags[kNonFiniteScores] = 1;
-#pragma unroll
-  for (int c = 0; c < kClassesPerLane; ++c) {
-    scratch.a[warp][lane + c * cuda::kWarp] = lse[c].max;
-    scratch.b[warp][lane + c * cuda::kWarp] = lse[c].sum;
-  }
   __syncthreads();
-  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
+  if (threadIdx.x < classes) {
     OnlineLogSumExp<acc_t> merged;
-    for (int w = 0; w < kWarps; ++w) merged.merge(OnlineLogSumExp<acc_t>{scratch.a[w][k], scratch.b[w][k]}, a.inv_epsilon);
-    a.partial_max[chunk * a.classes + k] = merged.max;
-    a.partial_sum[chunk * a.classes + k] = merged.sum;
+    for (int w = 0; w < kRowWarps; ++w)
+      merged.merge(OnlineLogSumExp<acc_t>{scratch.warp_max[w][threadIdx.x], scratch.warp_sum[w][threadIdx.x]},
+                   a.inv_epsilon);
+    a.partial_max[chunk * classes + threadIdx.x] = merged.max;
+    a.partial_sum[chunk * classes + threadIdx.x] = merged.sum;
   }
-  __syncthreads();  // the block's next chunk rewrites the shared arrays
+  __syncthreads();  // the block's next chunk rewrites the warp partials
 }
 
 // Per-class sums of the current row softmax over the chunk's rows (summed over warps in warp
 // order), or, with kWriteAssignment, the softmax itself written out.
-template <bool kWriteAssignment, int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void narrow_row_softmax_pass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                        Scratch<kClassesPerLane, acc_t>& scratch) {
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
+template <bool kWriteAssignment, int kClasses, typename scalar_t, typename acc_t>
+__device__ void row_softmax_pass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
+                                 RowScratch<kClasses, acc_t>& scratch) {
+  constexpr int kStride = RowScratch<kClasses, acc_t>::kStride;
+  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp, classes = a.classes;
   const ChunkRows rows = chunk_rows(a, chunk);
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  scalar_t* o = a.out + rows.problem * a.samples * a.classes;
-  acc_t mass[kClassesPerLane] = {}, values[kClassesPerLane];
-  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    warp_row_softmax<kClassesPerLane>(s + i * a.row_stride, a.class_max + rows.problem * a.classes,
-                                      a.potential + rows.problem * a.classes, a.classes, a.inv_epsilon, lane, values,
-                                      a.flags);
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) {
-      const int64_t k = lane + c * cuda::kWarp;
-      if constexpr (kWriteAssignment) {
-        if (k < a.classes) o[i * a.classes + k] = static_cast<scalar_t>(values[c]);
-      } else {
-        mass[c] += values[c];
+  if (threadIdx.x < classes) {
+    scratch.class_max[threadIdx.x] = a.class_max[rows.problem * classes + threadIdx.x];
+    scratch.potential[threadIdx.x] = a.potential[rows.problem * classes + threadIdx.x];
+  }
+  __syncthreads();
+  acc_t* tile = scratch.tile[warp];
+  acc_t mass = 0;
+  bool finite = true;
+#pragma unroll 1
+  for (int g = 0; g < kGroupsPerWarp; ++g) {
+    const Group group = warp_group(rows, warp, g);
+    if (group.rows == 0) break;
+    if (lane < classes)
+      for_each_score<acc_t>(a.scores + rows.problem * a.batch_stride + group.first * a.row_stride + lane,
+                            a.row_stride, group.rows,
+                            [&](int r, acc_t score) { tile[r * kStride + lane] = score; });
+    __syncwarp();
+    if (lane < group.rows)
+      finite &= tile_row_softmax<kClasses>(tile + lane * kStride, scratch.class_max, scratch.potential, classes,
+                                           a.inv_epsilon);
+    __syncwarp();
+    if (lane < classes) {
+      scalar_t* out = a.out + (rows.problem * a.samples + group.first) * classes + lane;
+      for (int r = 0; r < group.rows; ++r) {
+        if constexpr (kWriteAssignment) {
+          out[r * classes] = static_cast<scalar_t>(tile[r * kStride + lane]);
+        } else {
+          mass += tile[r * kStride + lane];
+        }
       }
     }
-  }
-  if constexpr (!kWriteAssignment) {
-#pragma unroll
-    for (int c = 0; c < kClassesPerLane; ++c) scratch.a[warp][lane + c * cuda::kWarp] = mass[c];
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
-      acc_t total = 0;
-      for (int w = 0; w < kWarps; ++w) total += scratch.a[w][k];
-      a.partial_sum[chunk * a.classes + k] = total;
-    }
-    __syncthreads();
-  }
-}
-
-// ---- Wide layout ----
-
-template <typename scalar_t, typename acc_t>
-__device__ void wide_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk) {
-  const ChunkRows rows = chunk_rows(a, chunk);
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  bool finite = true;
-  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
-    OnlineLogSumExp<acc_t> lse;
-    for (int64_t i = rows.first; i < rows.last; ++i) {
-      const acc_t score = static_cast<acc_t>(s[i * a.row_stride + k]);
-      finite &= isfinite(score);
-      lse.add(score, a.inv_epsilon);
-    }
-    a.partial_max[chunk * a.classes + k] = lse.max;
-    a.partial_sum[chunk * a.classes + k] = lse.sum;
-  }
-  if (!finite) a.flags[kNonFiniteScores] = 1;
-}
-
-// Each row's log-sum-exp of x + potential, one warp per row, into row_logsumexp[i - first].
-template <typename scalar_t, typename acc_t>
-__device__ void wide_row_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, const ChunkRows& rows,
-                                   acc_t* row_logsumexp) {
-  const int warp = threadIdx.x / cuda::kWarp, lane = threadIdx.x % cuda::kWarp;
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  const acc_t* class_max = a.class_max + rows.problem * a.classes;
-  const acc_t* potential = a.potential + rows.problem * a.classes;
-  bool finite = true;
-  for (int64_t i = rows.first + warp; i < rows.last; i += kWarps) {
-    OnlineLogSumExp<acc_t> lse;
-    for (int64_t k = lane; k < a.classes; k += cuda::kWarp) {
-      const acc_t x = (static_cast<acc_t>(s[i * a.row_stride + k]) - class_max[k]) * a.inv_epsilon;
-      finite &= isfinite(x);
-      lse.add(x + potential[k]);
-    }
-    for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2)
-      lse.merge(OnlineLogSumExp<acc_t>{__shfl_xor_sync(0xffffffffu, lse.max, offset),
-                                       __shfl_xor_sync(0xffffffffu, lse.sum, offset)});
-    if (lane == 0) row_logsumexp[i - rows.first] = lse.value();
+    __syncwarp();  // the next group rewrites the tile
   }
   if (!finite) a.flags[kSpreadOverflow] = 1;
-}
-
-template <bool kWriteAssignment, typename scalar_t, typename acc_t>
-__device__ void wide_row_softmax_pass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                      Scratch<kWide, acc_t>& scratch) {
-  const ChunkRows rows = chunk_rows(a, chunk);
-  wide_row_logsumexp(a, rows, scratch.row_logsumexp);
-  __syncthreads();
-  const scalar_t* s = a.scores + rows.problem * a.batch_stride;
-  scalar_t* o = a.out + rows.problem * a.samples * a.classes;
-  for (int64_t k = threadIdx.x; k < a.classes; k += blockDim.x) {
-    const acc_t class_max = a.class_max[rows.problem * a.classes + k];
-    const acc_t potential = a.potential[rows.problem * a.classes + k];
-    acc_t mass = 0;
-    for (int64_t i = rows.first; i < rows.last; ++i) {
-      const acc_t x = (static_cast<acc_t>(s[i * a.row_stride + k]) - class_max) * a.inv_epsilon;
-      const acc_t value = exp(x + potential - scratch.row_logsumexp[i - rows.first]);
-      if constexpr (kWriteAssignment) {
-        o[i * a.classes + k] = static_cast<scalar_t>(value);
-      } else {
-        mass += value;
-      }
+  if constexpr (!kWriteAssignment) {
+    if (lane < classes) scratch.warp_sum[warp][lane] = mass;
+    __syncthreads();
+    if (threadIdx.x < classes) {
+      acc_t total = 0;
+      for (int w = 0; w < kRowWarps; ++w) total += scratch.warp_sum[w][threadIdx.x];
+      a.partial_sum[chunk * classes + threadIdx.x] = total;
     }
-    if constexpr (!kWriteAssignment) a.partial_sum[chunk * a.classes + k] = mass;
   }
-  __syncthreads();  // the block's next chunk rewrites row_logsumexp
+  __syncthreads();  // the block's next chunk rewrites the class maxima, potentials and warp partials
 }
 
-// ---- The three passes, per layout, and the two merges ----
-
-template <int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void column_logsumexp_pass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                      Scratch<kClassesPerLane, acc_t>& scratch) {
-  if constexpr (kClassesPerLane == kWide) {
-    wide_column_logsumexp(a, chunk);
-  } else {
-    narrow_column_logsumexp(a, chunk, scratch);
-  }
-}
-
-template <bool kWriteAssignment, int kClassesPerLane, typename scalar_t, typename acc_t>
-__device__ void row_softmax_pass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t chunk,
-                                 Scratch<kClassesPerLane, acc_t>& scratch) {
-  if constexpr (kClassesPerLane == kWide) {
-    wide_row_softmax_pass<kWriteAssignment>(a, chunk, scratch);
-  } else {
-    narrow_row_softmax_pass<kWriteAssignment>(a, chunk, scratch);
-  }
-}
-
-// M and the first potential of one (problem, class) pair, from its chunks' log-sum-exps in order.
+// A merge phase with a warp per (problem, class) pair: lane l folds chunks l, l + 32, ... in
+// order, then the warp folds its lanes in a fixed tree. A thread per pair (sinkhorn_common.cuh)
+// reads a problem's chunks one after another: ~5 us per merge at CPSL's size (65 chunks), ~100 us
+// at 16 times it, against a floor of 47 us for the whole call.
 template <typename scalar_t, typename acc_t>
-__device__ void merge_column_logsumexp(const SinkhornArgs<scalar_t, acc_t>& a, int64_t pair) {
-  const int64_t b = pair / a.classes, k = pair % a.classes;
-  OnlineLogSumExp<acc_t> merged;
-  for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
-    merged.merge(OnlineLogSumExp<acc_t>{a.partial_max[c * a.classes + k], a.partial_sum[c * a.classes + k]},
-                 a.inv_epsilon);
-  a.class_max[pair] = merged.max;  // the log-sum-exp of x = (S - M)/ε is log(merged.sum)
-  a.potential[pair] = initial_class_potential(a.log_prior[pair], std::log(merged.sum));
-}
-
-// One more iteration's potential step of a (problem, class) pair, from its chunks' masses in order.
-template <typename scalar_t, typename acc_t>
-__device__ void merge_column_mass(const SinkhornArgs<scalar_t, acc_t>& a, int64_t pair) {
-  const int64_t b = pair / a.classes, k = pair % a.classes;
-  acc_t mass = 0;
-  for (int64_t c = b * a.chunks_per_problem; c < (b + 1) * a.chunks_per_problem; ++c)
-    mass += a.partial_sum[c * a.classes + k];
-  a.potential[pair] += class_potential_step(a.log_prior[pair], a.log_num_samples, mass);
+__device__ void run_warp_merge_phase(const SinkhornArgs<scalar_t, acc_t>& a, int64_t phase) {
+  const int lane = threadIdx.x % cuda::kWarp;
+  const int64_t pairs = a.batch * a.classes, warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / cuda::kWarp);
+  for (int64_t pair = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / cuda::kWarp; pair < pairs;
+       pair += warps) {
+    const int64_t b = pair / a.classes, k = pair % a.classes;
+    const acc_t* partial_max = a.partial_max + b * a.chunks_per_problem * a.classes + k;
+    const acc_t* partial_sum = a.partial_sum + b * a.chunks_per_problem * a.classes + k;
+    if (phase == 1) {
+      OnlineLogSumExp<acc_t> merged;
+      for (int64_t c = lane; c < a.chunks_per_problem; c += cuda::kWarp)
+        merged.merge(OnlineLogSumExp<acc_t>{partial_max[c * a.classes], partial_sum[c * a.classes]}, a.inv_epsilon);
+      for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2)
+        merged.merge(OnlineLogSumExp<acc_t>{__shfl_xor_sync(0xffffffffu, merged.max, offset),
+                                            __shfl_xor_sync(0xffffffffu, merged.sum, offset)},
+                     a.inv_epsilon);
+      if (lane == 0) {
+        a.class_max[pair] = merged.max;  // the log-sum-exp of x = (S - M)/ε is log(merged.sum)
+        a.potential[pair] = initial_class_potential(a.log_prior[pair], std::log(merged.sum));
+      }
+    } else {
+      acc_t mass = 0;
+      for (int64_t c = lane; c < a.chunks_per_problem; c += cuda::kWarp) mass += partial_sum[c * a.classes];
+      mass = cuda::warp_sum(mass);
+      if (lane == 0) a.potential[pair] += class_potential_step(a.log_prior[pair], a.log_num_samples, mass);
+    }
+  }
 }
 
 }  // namespace sinkhorn_kernels

@@ -11,7 +11,8 @@
 // [0, K) that is not ignore_index raises a ValueError naming it; nothing is written for it.
 // Sums are accumulated in fixed blocks merged in order, so results are deterministic.
 // Kernels: cpu/prototype_update_cpu.cpp, cuda/prototype_update_cuda.cu (+
-// prototype_update_kernels.cuh).
+// prototype_update_kernels.cuh, prototype_update_common.cuh; the generation before them, chosen
+// by CPSL_OPS_CUDA_KERNELS=previous until a GPU has timed both: cuda/previous/).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {

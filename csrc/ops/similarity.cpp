@@ -9,7 +9,8 @@
 //
 // Neither kernel materializes normalized features: each tile of pixels is normalized in registers
 // or cache while it is multiplied. Kernels: cpu/similarity_cpu.cpp, cuda/similarity_cuda.cu (+
-// similarity_kernels.cuh).
+// similarity_kernels.cuh, similarity_common.cuh; the generation before them, chosen by
+// CPSL_OPS_CUDA_KERNELS=previous until a GPU has timed both: cuda/previous/).
 // Math shared by both: include/cpsl_ops/similarity_math.h. Python: cpsl_ops/ops/similarity.py.
 #include <torch/csrc/stable/library.h>
 

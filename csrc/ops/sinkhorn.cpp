@@ -15,7 +15,9 @@
 // pass again, after a read-only pass for the exact class maxima, when a sample of the rows put a
 // class's maximum too low. NaN or infinite scores, and a class whose x overflows, raise. No
 // gradient: the targets are detached by design. Kernels: cpu/sinkhorn_cpu.cpp,
-// cuda/sinkhorn_cuda.cu (kernel and launch: cuda/sinkhorn_kernels.cuh, cuda/sinkhorn_passes.cuh).
+// cuda/sinkhorn_cuda.cu (kernel and launch: cuda/sinkhorn_kernels.cuh, cuda/sinkhorn_passes.cuh,
+// cuda/sinkhorn_common.cuh; the generation before them, chosen by CPSL_OPS_CUDA_KERNELS=previous
+// until a GPU has timed both, and K > 32: cuda/previous/).
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY_FRAGMENT(cpsl_ops, m) {

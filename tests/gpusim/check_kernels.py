@@ -5,8 +5,9 @@ the kernels) and then runs this script, which writes one request folder per prob
 under the simulator (a few runner processes in parallel), and checks each result against
 ``cpsl_ops.reference`` evaluated in fp64 at the CPU tests' tolerances (tests/conftest.py), or, for
 bad inputs, that the kernels raise the flag behind the op's error exactly where the reference
-raises. It prints one line per check and last ``gpusim: N/M kernel checks pass``; it exits 1 when
-a check fails.
+raises. Every check runs on both kernel generations (CPSL_OPS_CUDA_KERNELS: current, and previous,
+tagged ``[previous]``) until a GPU has chosen between them. It prints one line per check and last
+``gpusim: N/M kernel checks pass``; it exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -160,11 +161,12 @@ def bits_equal(requests: List[Request], output: str) -> None:
 
 
 def sinkhorn_checks() -> List[Check]:
-    """Every register layout (K = 1, 19 | 64 | 100 | 256) and the wide one (300), with one chunk of
-    rows and two (N > 1,024), capped grids and the error flags. The wide layout is the simulator's
-    slowest (one thread per class walks every row): its problems are kept small."""
+    """Every register layout: the current row kernel's (K = 1, 19, 32) and, past it, the previous
+    warp-per-row ones (K = 33, 64 | 100 | 256) and the wide one (300), with one chunk of rows and
+    two (N > 1,024), capped grids, the row kernel's edge cases and the error flags. The wide layout
+    is the simulator's slowest (one thread per class walks every row): its problems are kept small."""
     checks = []
-    for seed, classes in enumerate([1, 19, 64, 100, 256, 300]):
+    for seed, classes in enumerate([1, 19, 64, 100, 256, 300, 32, 33]):
         cases = [(torch.float32, 300), (torch.float64, 300)]
         # Two chunks in fp32 for K = 19 and 300 are the full grids of the capped-grid checks below.
         if classes == 19:
@@ -186,6 +188,19 @@ def sinkhorn_checks() -> List[Check]:
                             requests, expect_sinkhorn(scores, prior)))
     scores, prior = sinkhorn_problem(torch.float16, 2, 600, 19, 13)
     checks.append(Check("sinkhorn K=19 float16", [sinkhorn_request(scores, prior)], expect_sinkhorn(scores, prior)))
+    # The row kernel's edges: fewer rows than a warp, a warp's last group part full (300 = 256 + 32
+    # + 12 rows), each register bound (K = 8, 16, 24) at its top with padded rows, in 16 bits; and
+    # repeated launches, bit for bit.
+    for classes, dtype, batch, samples, padded in ((19, torch.float32, 3, 5, False), (8, torch.float32, 2, 300, True),
+                                                  (16, torch.float16, 1, 77, True), (24, torch.float64, 2, 300, True)):
+        scores, prior = sinkhorn_problem(dtype, batch, samples, classes, 20 + classes, padded_rows=padded)
+        layout = " padded rows" if padded else ""
+        checks.append(Check(f"sinkhorn K={classes} {DTYPE_NAMES[dtype]} B={batch} N={samples}{layout}",
+                            [sinkhorn_request(scores, prior)], expect_sinkhorn(scores, prior)))
+    scores, prior = sinkhorn_problem(torch.float32, 1, 1030, 19, 16)
+    checks.append(Check("sinkhorn K=19 N=1030: repeated launches bit for bit",
+                        [sinkhorn_request(scores, prior, max_blocks=2) for _ in range(2)],
+                        expect_sinkhorn(scores, prior)))
     scores, prior = sinkhorn_problem(torch.float32, 1, 300, 19, 14)
     checks.append(Check("sinkhorn eps=0.01 T=5 float32", [sinkhorn_request(scores, prior, epsilon=0.01, num_iters=5)],
                         expect_sinkhorn(scores, prior, 0.01, 5)))
@@ -264,6 +279,15 @@ def similarity_checks() -> List[Check]:
     cases = [("channels_first", torch.float32, 2, 24, 5, 7, 19), ("channels_last", torch.float32, 2, 24, 5, 7, 19),
              ("flat", torch.float32, 1, 24, 6, 5, 19), ("channels_first", torch.float64, 1, 16, 4, 9, 40),
              ("flat", torch.float64, 1, 20, 3, 7, 70), ("channels_last", torch.float16, 2, 16, 4, 5, 19)]
+    # The edges of the current kernels' tiles (csrc/cuda/similarity_kernels.cuh: 256-pixel tiles
+    # walked 16 channels at a time, register widths 8 | 20 | 32 classes, prototype-gradient chunks of
+    # 512 pixels and blocks of 256 channels): tiles that end mid-image and a last partial tile and
+    # chunk with D not a multiple of 16; fewer pixels than a block; K = 1, 32 (the register bound)
+    # and 33 (above it: the previous kernels); fp16 flat features; two channel blocks; three chunks.
+    cases += [("channels_first", torch.float32, 2, 37, 10, 30, 19), ("channels_first", torch.float32, 1, 16, 3, 5, 1),
+              ("flat", torch.float32, 1, 24, 1, 7, 5), ("channels_last", torch.float32, 1, 20, 4, 5, 32),
+              ("flat", torch.float32, 1, 12, 5, 5, 33), ("flat", torch.float16, 1, 40, 6, 10, 8),
+              ("channels_first", torch.float32, 1, 260, 2, 10, 3), ("flat", torch.float64, 1, 8, 30, 40, 19)]
     for seed, (layout, dtype, batch, channels, height, width, classes) in enumerate(cases):
         features = similarity_features(layout, dtype, batch, channels, height, width, seed)
         prototypes = random((classes, channels), seed + 100).to(dtype)
@@ -292,7 +316,27 @@ def similarity_checks() -> List[Check]:
                             similarity_requests(features, (prototypes * prototype_scale).to(dtype), grad_logits, 0.08),
                             expect_similarity(features, (prototypes * prototype_scale).to(dtype), grad_logits, 0.08,
                                               feature_scale, prototype_scale)))
+    # The same call twice, in separate simulator runs: the same bits (no atomics, fixed sum orders).
+    features = similarity_features("channels_last", torch.float32, 2, 20, 10, 30, 800)
+    prototypes = random((19, 20), 801).to(torch.float32)
+    grad_logits = random(logits_shape(features, 19), 802).to(torch.float32)
+    requests = [request for _ in range(2) for request in similarity_requests(features, prototypes, grad_logits, 0.08)]
+    checks.append(Check("similarity fwd+bwd channels_last float32 B=2 P=300: repeated calls bit for bit", requests,
+                        expect_similarity_repeated(features, prototypes, grad_logits, 0.08)))
     return checks
+
+
+def expect_similarity_repeated(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
+                               temperature: float):
+    """expect_similarity on the first (forward, backward) pair; every pair's outputs the same bits."""
+    expected = expect_similarity(features, prototypes, grad_logits, temperature)
+
+    def verify(requests: List[Request]) -> None:
+        expected(requests[:2])
+        bits_equal(requests[0::2], "logits")
+        bits_equal(requests[1::2], "grad_features")
+        bits_equal(requests[1::2], "grad_prototypes")
+    return verify
 
 
 # ---- update_prototypes ----
@@ -310,18 +354,23 @@ def prototype_request(prototypes: torch.Tensor, features: torch.Tensor, labels: 
 
 
 def expect_prototypes(prototypes, features, labels, momentum, ignore_index):
+    """The fp64 reference's answer, or the flag behind its ValueError; with several launches of the
+    same problem, also the same bits from each."""
     def verify(requests: List[Request]) -> None:
-        (request,) = requests
         try:
             expected, counts = reference.update_prototypes(prototypes.double(), features.double(), labels, momentum,
                                                            ignore_index)
         except ValueError as error:
             wanted = PROTOTYPE_BAD_LABEL if "labels" in str(error) else PROTOTYPE_NON_FINITE
-            assert request.flags[wanted] and not request.flags[1 - wanted], f"flags {request.flags}, reference: {error}"
+            for request in requests:
+                assert request.flags[wanted] and not request.flags[1 - wanted], (
+                    f"flags {request.flags}, reference: {error}")
             return
-        assert not any(request.flags), f"flags {request.flags} on valid input"
-        assert torch.equal(request.results["counts"], counts), f"counts {request.results['counts']} != {counts}"
-        close(request.results["new_prototypes"], expected, features.dtype)
+        for request in requests:
+            assert not any(request.flags), f"flags {request.flags} on valid input"
+            assert torch.equal(request.results["counts"], counts), f"counts {request.results['counts']} != {counts}"
+            close(request.results["new_prototypes"], expected, features.dtype)
+        bits_equal(requests, "new_prototypes")
     return verify
 
 
@@ -359,6 +408,62 @@ def prototype_checks() -> List[Check]:
     checks.append(Check("update_prototypes NaN feature of an ignored pixel is fine",
                         [prototype_request(prototypes, nan_features, ignored, 0.9, 255)],
                         expect_prototypes(prototypes, nan_features, ignored, 0.9, 255)))
+    checks += prototype_edge_checks()
+    return checks
+
+
+def prototype_problem(layout: str, dtype: torch.dtype, label_dtype: torch.dtype, batch: int, channels: int,
+                      height: int, width: int, classes: int, seed: int,
+                      runs: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, labels (every class, runs of ``runs`` equal labels, a fifth ignored) and prototypes."""
+    features = similarity_features(layout, dtype, batch, channels, height, width, seed)
+    shape = (batch * height * width,) if layout == "flat" else (batch, height, width)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = batch * height * width
+    labels = torch.randint(0, classes, (pixels // runs + 1,), generator=generator).repeat_interleave(runs)[:pixels]
+    labels[torch.rand(pixels, generator=generator) < 0.2] = 255
+    return features, labels.reshape(shape).to(label_dtype), random((classes, channels), seed + 1).to(dtype)
+
+
+def prototype_edge_checks() -> List[Check]:
+    """The current kernels' edges (prototype_update_kernels.cuh): warp tiles of 32 pixels and blocks
+    of 4 of them, chunks of 2,048 pixels merged in order, channel groups of 32, class groups
+    (29 classes a block in fp32, 13 in fp64), runs of equal labels, each load direction."""
+    checks = []
+    cases = [  # name, layout, dtype, label dtype, B, D, H, W, K, runs
+        ("fewer pixels than a warp tile, K=1", "flat", torch.float32, torch.int64, 1, 5, 1, 20, 1, 1),
+        ("3 chunks, 2 channel groups, runs of 7 labels", "channels_first", torch.float32, torch.int64, 2, 40, 50, 51,
+         19, 7),
+        ("3 chunks, 2 channel groups, runs of 5 labels", "flat", torch.float32, torch.int32, 1, 33, 47, 100, 19, 5),
+        ("K=100: 4 class groups", "channels_last", torch.float32, torch.uint8, 1, 8, 9, 23, 100, 1),
+        ("K=30: 3 class groups in fp64", "channels_first", torch.float64, torch.int64, 2, 9, 5, 13, 30, 3),
+        ("images of one pixel", "channels_first", torch.float16, torch.int32, 37, 16, 1, 1, 5, 1),
+    ]
+    for seed, (name, layout, dtype, label_dtype, batch, channels, height, width, classes, runs) in enumerate(cases):
+        features, labels, prototypes = prototype_problem(layout, dtype, label_dtype, batch, channels, height, width,
+                                                         classes, seed + 900, runs)
+        checks.append(Check(f"update_prototypes {layout} {DTYPE_NAMES[dtype]} {name}",
+                            [prototype_request(prototypes, features, labels, 0.9, 255)],
+                            expect_prototypes(prototypes, features, labels, 0.9, 255)))
+    features, labels, prototypes = prototype_problem("channels_first", torch.float32, torch.int64, 1, 12, 40, 60, 19,
+                                                     920, 3)
+    checks.append(Check("update_prototypes 2 chunks: the same bits from 2 launches",
+                        [prototype_request(prototypes, features, labels, 0.9, 255) for _ in range(2)],
+                        expect_prototypes(prototypes, features, labels, 0.9, 255)))
+    all_ignored = torch.full_like(labels, 255)
+    checks.append(Check("update_prototypes all pixels ignored",
+                        [prototype_request(prototypes, features, all_ignored, 0.9, 255)],
+                        expect_prototypes(prototypes, features, all_ignored, 0.9, 255)))
+    checks.append(Check("update_prototypes ignore_index=3 inside [0, K): label 255 raises",
+                        [prototype_request(prototypes, features, labels, 0.9, 3)],
+                        expect_prototypes(prototypes, features, labels, 0.9, 3)))
+    checks.append(Check("update_prototypes ignore_index=3 inside [0, K)",
+                        [prototype_request(prototypes, features, labels.where(labels != 255, 3), 0.9, 3)],
+                        expect_prototypes(prototypes, features, labels.where(labels != 255, 3), 0.9, 3)))
+    negative = labels.to(torch.int32)
+    negative[0, 39, 59] = -2  # the last pixel of the last chunk
+    checks.append(Check("update_prototypes label -2 raises", [prototype_request(prototypes, features, negative, 0.9, 255)],
+                        expect_prototypes(prototypes, features, negative, 0.9, 255)))
     return checks
 
 
@@ -422,24 +527,18 @@ def all_checks() -> List[Check]:
     return similarity_checks() + prototype_checks() + rectify_checks() + sinkhorn_checks()
 
 
-def run_group(kit: Path, ptx: Path, runner: Path, folders: List[Path], log: Path) -> str:
-    """One simulator process over several requests; returns what it said when it failed."""
+def run_group(kit: Path, ptx: Path, runner: Path, folders: List[Path], log: Path, generation: str) -> str:
+    """One simulator process over several requests, launching the kernels of ``generation``
+    (csrc/include/cpsl_ops/kernel_generation.h); returns what it said when it failed."""
+    env = {**os.environ, "GPUSIM_LOG": str(log), "CPSL_OPS_CUDA_KERNELS": generation}
     result = subprocess.run([str(kit / "run.sh"), str(ptx), str(runner), *map(str, folders)],
-                            capture_output=True, text=True, env={**os.environ, "GPUSIM_LOG": str(log)})
+                            capture_output=True, text=True, env=env)
     return "" if result.returncode == 0 else result.stderr.strip()[-500:]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kit", type=Path, required=True, help="the gpusim kit (../shared/gpusim)")
-    parser.add_argument("--ptx", type=Path, required=True, help="PTX of sim_ops.cu, as the simulator reads it")
-    parser.add_argument("--runner", type=Path, required=True, help="sim_ops, linked against the simulator")
-    parser.add_argument("--jobs", type=int, default=2, help="simulator processes at once")
-    parser.add_argument("--filter", default="", help="only the checks whose name matches this regex")
-    args = parser.parse_args()
-
-    checks = [check for check in all_checks() if re.search(args.filter, check.name)]
-    work = Path(tempfile.mkdtemp(prefix="gpusim-checks-"))
+def run_checks(checks: List[Check], args: argparse.Namespace, generation: str) -> int:
+    """Runs ``checks`` on the kernels of ``generation``, prints a line per check; returns the passes."""
+    work = Path(tempfile.mkdtemp(prefix=f"gpusim-checks-{generation}-"))
     requests = [request for check in checks for request in check.requests]
     for index, request in enumerate(requests):
         request.write(work / f"request{index:04d}")
@@ -453,11 +552,12 @@ def main() -> int:
         loads[j] += request.elements()
     with ThreadPoolExecutor(args.jobs) as pool:
         failures = list(pool.map(lambda j: run_group(args.kit, args.ptx, args.runner, groups[j],
-                                                     work / f"sim{j}.log"), range(args.jobs)))
+                                                     work / f"sim{j}.log", generation), range(args.jobs)))
     for failure in filter(None, failures):
         print(f"simulator process failed: {failure}")
 
     passed = 0
+    tag = "" if generation == "current" else f"[{generation}] "
     for check in checks:
         for request in check.requests:
             request.read()
@@ -467,12 +567,33 @@ def main() -> int:
             check.verify(check.requests)
         except AssertionError as error:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            print(f"FAIL {check.name}: {'; '.join(lines[:4]) or 'mismatch'}")
+            print(f"FAIL {tag}{check.name}: {'; '.join(lines[:4]) or 'mismatch'}")
             continue
         passed += 1
-        print(f"ok   {check.name}")
-    print(f"gpusim: {passed}/{len(checks)} kernel checks pass")
-    return 0 if passed == len(checks) else 1
+        print(f"ok   {tag}{check.name}")
+    return passed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kit", type=Path, required=True, help="the gpusim kit (../shared/gpusim)")
+    parser.add_argument("--ptx", type=Path, required=True, help="PTX of sim_ops.cu, as the simulator reads it")
+    parser.add_argument("--runner", type=Path, required=True, help="sim_ops, linked against the simulator")
+    parser.add_argument("--jobs", type=int, default=2, help="simulator processes at once")
+    parser.add_argument("--filter", default="", help="only the checks whose name matches this regex")
+    parser.add_argument("--generations", default="current,previous",
+                        help="the kernel generations to check (CPSL_OPS_CUDA_KERNELS), comma-separated")
+    args = parser.parse_args()
+
+    generations = args.generations.split(",")
+    passed = total = 0
+    for generation in generations:
+        # Fresh requests per generation: a check reads its results back into its own requests.
+        checks = [check for check in all_checks() if re.search(args.filter, check.name)]
+        passed += run_checks(checks, args, generation)
+        total += len(checks)
+    print(f"gpusim: {passed}/{total} kernel checks pass")
+    return 0 if passed == total else 1
 
 
 if __name__ == "__main__":

@@ -38,13 +38,14 @@ struct OnlineLogSumExp {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t sum = acc_t(0);
 
+  // Branch-free, one exponential: exp(-|v - max| · scale) is the new value's term when it is not a
+  // new maximum, else the old sum's rescaling (max - v is -(v - max) exactly in floating point).
   CPSL_HOST_DEVICE void add(acc_t v, acc_t scale = acc_t(1)) {
-    if (v > max) {
-      sum = sum * std::exp((max - v) * scale) + acc_t(1);
-      max = v;
-    } else {
-      sum += std::exp((v - max) * scale);
-    }
+    const acc_t difference = v - max;
+    const bool new_max = difference > acc_t(0);
+    const acc_t term = std::exp(-std::fabs(difference) * scale);
+    sum = new_max ? sum * term + acc_t(1) : sum + term;
+    max = new_max ? v : max;
   }
 
   CPSL_HOST_DEVICE void merge(const OnlineLogSumExp& other, acc_t scale = acc_t(1)) {
