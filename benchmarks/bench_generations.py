@@ -79,8 +79,8 @@ def feature_maps(scale: int, device: torch.device) -> Tuple[torch.Tensor, torch.
     return features, prototypes, f"{batch}x{dim}x{height}x{width} K={classes}"
 
 
-def similarity_cases(scale: int, device: torch.device) -> List[Case]:
-    features, prototypes, size = feature_maps(scale, device)
+def similarity_cases(features: torch.Tensor, prototypes: torch.Tensor, size: str) -> List[Case]:
+    device = features.device
     classes = prototypes.shape[0]
     feature_gb = features.numel() * features.element_size() / 1e9
     logits_gb = feature_gb * classes / features.shape[1]
@@ -103,9 +103,9 @@ def similarity_cases(scale: int, device: torch.device) -> List[Case]:
     ]
 
 
-def prototype_case(scale: int, device: torch.device) -> Case:
-    features, prototypes, size = feature_maps(scale, device)
+def prototype_case(features: torch.Tensor, prototypes: torch.Tensor, size: str) -> Case:
     batch, _, height, width = features.shape
+    device = features.device
     generator = torch.Generator(device).manual_seed(1)
     labels = torch.randint(0, prototypes.shape[0], (batch, height, width), generator=generator, device=device)
     labels[:, : height // 8] = 255
@@ -120,7 +120,9 @@ def prototype_case(scale: int, device: torch.device) -> Case:
 
 
 def cases(scale: int, device: torch.device) -> List[Case]:
-    return [sinkhorn_case(scale, device), *similarity_cases(scale, device), prototype_case(scale, device)]
+    features, prototypes, size = feature_maps(scale, device)  # read-only in every case: shared
+    return [sinkhorn_case(scale, device), *similarity_cases(features, prototypes, size),
+            prototype_case(features, prototypes, size)]
 
 
 def copy_bandwidth(numel: int, device: torch.device, repeats: int, warmup_s: float) -> float:

@@ -60,3 +60,18 @@ def native_and_reference(function: Callable, *args, **kwargs):
     with cpsl_ops.use_backend("reference"):
         expected = function(*args, **kwargs)
     return native, expected
+
+
+def load_wheel_policy():
+    """tools/wheel_policy.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "wheel_policy.py"
+    spec = importlib.util.spec_from_file_location("wheel_policy", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["wheel_policy"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

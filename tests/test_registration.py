@@ -13,7 +13,7 @@ import torch
 import cpsl_ops
 from cpsl_ops import reference
 from cpsl_ops._abi import TORCH_ABI_TARGET
-from conftest import BACKENDS, DEVICES, requires_native
+from conftest import BACKENDS, DEVICES, load_wheel_policy, requires_native
 
 OPS = ["similarity", "similarity_backward", "balanced_sinkhorn", "update_prototypes", "rectify_pseudo_labels"]
 PUBLIC_OPS = [op for op in OPS if not op.endswith("_backward")]
@@ -350,13 +350,7 @@ def test_native_libraries_load_where_torch_does_manylinux_2_28():
     """csrc/compat/ keeps the system symbols the libraries import within torch's own floor, glibc 2.28
     and GCC 8's libstdc++, whatever newer system builds them; only torch's own libraries (the CUDA
     runtime of its CUDA build included) are needed beyond the policy's whitelist."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("wheel_policy", ROOT / "tools" / "wheel_policy.py")
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules["wheel_policy"] = tool  # its dataclasses look their module up
-    spec.loader.exec_module(tool)
+    tool = load_wheel_policy()
     libraries = [Path(path) for path in _native_library_files()]
     report = tool.analyse(libraries, [], {}, "manylinux_2_28")
     assert not report.failures, report.failures

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import os
 import platform
 import re
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "wheel_policy.py"
+from conftest import load_wheel_policy
+
 MACHINE = platform.machine()
 
 pytestmark = [
@@ -29,16 +29,8 @@ pytestmark = [
 ]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("wheel_policy", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["wheel_policy"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-wheel_policy = load_tool()
+wheel_policy = load_wheel_policy()
+TOOL = Path(wheel_policy.__file__)
 
 
 def glibc_version() -> tuple[int, ...]:
