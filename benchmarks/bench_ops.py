@@ -2,8 +2,9 @@
 
 Rows per op: native-<device>, reference-eager and reference-compiled (torch.compile of the same
 reference function), plus the common hand-written alternatives where the issue names them
-(``index_add_`` for the prototype update). Sizes are CPSL's: similarity and rectification on the
-4×256×128×224 student-resolution features with 19 prototypes; the loss step on 4 EMA feature maps
+(``index_add_`` for the prototype update, ``torch.cdist`` for the euclidean similarity). Sizes are
+CPSL's: similarity (both metrics) and rectification on the 4×256×128×224 student-resolution
+features with 19 prototypes; the loss step on 4 EMA feature maps
 of 256×65×113 (129×257 with --full) with the 65,536-row queue. Each row's floor is the bytes its
 op must move (the GB/s column's) at the bandwidth of a copy of the features measured in the run.
 
@@ -103,6 +104,28 @@ def main() -> None:
         native: forward_backward(with_native),
         REFERENCE: forward_backward(reference.similarity),
         "reference-compiled": forward_backward(compiled_similarity) if compiled_similarity else None,
+    })
+
+    # The euclidean metric (ProDA, DiGA), against torch.cdist over channel-last pixels: the usual
+    # hand-written form (its mm path, |f|^2 - 2<f, c> + |c|^2, on the CPU for this size).
+    def cdist_logits(f: torch.Tensor, c: torch.Tensor, temperature: float) -> torch.Tensor:
+        flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        return (-torch.cdist(flat, c) / temperature).view(f.shape[0], f.shape[2], f.shape[3], -1).permute(0, 3, 1, 2)
+
+    euclidean = lambda f, c, t: cpsl_ops.prototype_similarity(f, c, t, "euclidean")  # noqa: E731
+    euclidean_reference = lambda f, c, t: reference.similarity(f, c, t, "euclidean")  # noqa: E731
+    compiled_euclidean = compile_or_none(euclidean_reference, compile_enabled)
+    bench_case(rows, "euclidean forward", size, feature_gb + logits_gb, device, repeats, warmup_s, {
+        native: lambda: euclidean(features, prototypes, 1.0),
+        REFERENCE: lambda: euclidean_reference(features, prototypes, 1.0),
+        "reference-compiled": (lambda: compiled_euclidean(features, prototypes, 1.0)) if compiled_euclidean else None,
+        "cdist": lambda: cdist_logits(features, prototypes, 1.0),
+    })
+    bench_case(rows, "euclidean fwd+bwd", size, 3 * feature_gb + 2 * logits_gb, device, repeats, warmup_s, {
+        native: forward_backward(euclidean),
+        REFERENCE: forward_backward(euclidean_reference),
+        "reference-compiled": forward_backward(compiled_euclidean) if compiled_euclidean else None,
+        "cdist": forward_backward(cdist_logits),
     })
 
     labels = torch.randint(0, classes, (batch, height, width), generator=generator).to(device)

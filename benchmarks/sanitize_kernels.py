@@ -5,7 +5,8 @@
 
 A wrong result is an AssertionError (exit status 1), so a kernel that reads or writes the wrong
 memory fails here even where the sanitizer does not see it. Covered, in fp32, fp16, bf16 and fp64:
-the similarity forward and backward on channel-first, channels-last and flat features; Sinkhorn in
+the similarity forward and backward on channel-first, channels-last and flat features (the euclidean
+metric on the first two); Sinkhorn in
 every register layout (K = 19, 64, 100, 256) and the wide one (K = 300), on both launch paths on a
 grid of two blocks, so that blocks walk several chunks of rows and every merge and barrier runs;
 the prototype update on channel-first and channels-last features with ignored pixels; the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
@@ -73,12 +75,16 @@ def check(name: str, function: Callable, *args: torch.Tensor) -> None:
     compare(name, got, want)
 
 
-def similarity(features: torch.Tensor, prototypes: torch.Tensor):
+def similarity(features: torch.Tensor, prototypes: torch.Tensor, temperature: float = 0.08, metric: str = "cosine"):
     """The logits and both gradients of their squares' sum."""
     features, prototypes = features.detach().requires_grad_(), prototypes.detach().requires_grad_()
-    logits = cpsl_ops.prototype_similarity(features, prototypes)
+    logits = cpsl_ops.prototype_similarity(features, prototypes, temperature, metric)
     logits.float().square().sum().backward()
     return logits.detach(), features.grad, prototypes.grad
+
+
+# At τ = 1 (ProDA's), where the prototype gradients of the squared logits stay inside fp16.
+euclidean_similarity = functools.partial(similarity, temperature=1.0, metric="euclidean")
 
 
 def sinkhorn(scores: torch.Tensor, prior: torch.Tensor):
@@ -136,6 +142,8 @@ def check_every_op(device: torch.device, dtype: torch.dtype, launches: Sequence[
     check(f"similarity {dtype}", similarity, features, prototypes)
     check(f"similarity channels-last {dtype}", similarity, channels_last, prototypes)
     check(f"similarity flat {dtype}", similarity, features.permute(0, 2, 3, 1).reshape(-1, 32), prototypes)
+    check(f"euclidean similarity {dtype}", euclidean_similarity, features, prototypes)
+    check(f"euclidean similarity channels-last {dtype}", euclidean_similarity, channels_last, prototypes)
     for launch in launches:
         with sinkhorn_launch(launch):
             for classes in (19, 64, 100, 256, 300):

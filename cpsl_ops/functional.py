@@ -34,6 +34,7 @@ from cpsl_ops._loader import use_native
 from cpsl_ops._validation import (
     INTEGER_DTYPES,
     check_int,
+    check_metric,
     check_nonzero,
     check_number,
     check_positive,
@@ -51,26 +52,42 @@ __all__ = [
 ]
 
 
-def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: float = 0.08) -> Tensor:
-    """Cosine similarity of every pixel feature with every prototype, divided by ``temperature``.
+def prototype_similarity(
+    features: Tensor, prototypes: Tensor, temperature: float = 0.08, metric: str = "cosine"
+) -> Tensor:
+    """Similarity of every pixel feature with every prototype, divided by ``temperature``: the
+    cosine (CPSL) or the negated euclidean distance (ProDA, DiGA).
 
     Args:
         features: (N, D) or channel-first (B, D, H, W) pixel features; fp16, bf16, fp32 or fp64.
         prototypes: (K, D) class prototypes, on the same device; cast to the dtype of ``features``.
-        temperature: τ > 0 (CPSL: 0.08), at least the smallest normal number of the dtype of the
-            computation (fp32, or fp64 for fp64 features: 1.2e-38, 2.2e-308).
+        temperature: τ > 0 (CPSL: 0.08 with the cosine; ProDA's euclidean logits use 1), at least
+            the smallest normal number of the dtype of the computation (fp32, or fp64 for fp64
+            features: 1.2e-38, 2.2e-308).
+        metric: ``"cosine"``: ``cos(f, c_k) / τ``, or ``"euclidean"``: ``-||f - c_k||₂ / τ``, the
+            prototypes used as they are (not normalized).
 
     Returns:
-        (N, K) or (B, K, H, W) logits ``cos(f, c_k) / τ`` in the dtype of ``features``,
-        differentiable with respect to both inputs, in every mode: reverse mode and double
-        backward natively, forward mode and ``torch.func`` transforms (grad, jacrev, jvp, vmap)
-        through the reference's formulas (PyTorch ops). Norms are clamped at 1e-12 as in
-        ``F.normalize``, and computed without overflow: huge finite values (above ~1e19 in fp32)
-        give the cosines of the same rows scaled down. The native kernels normalize each tile of pixels on the fly: no
-        normalized copy of the features is written to memory. No value is checked: a pixel with
-        a NaN or infinite feature gets NaN logits (every class), the other pixels are unaffected;
-        a prototype with one makes its class's logits NaN at every pixel.
+        (N, K) or (B, K, H, W) logits in the dtype of ``features``, computed in fp32 (fp64 for
+        fp64 features), differentiable with respect to both inputs, in every mode: reverse mode
+        and double backward natively, forward mode and ``torch.func`` transforms (grad, jacrev,
+        jvp, vmap) through the reference's formulas (PyTorch ops). The native kernels work on
+        tiles of pixels on the fly: no normalized copy of the features, and no (N, K, D)
+        difference, is written to memory.
+
+        Cosine: norms are clamped at 1e-12 as in ``F.normalize``, and computed without overflow:
+        huge finite values (above ~1e19 in fp32) give the cosines of the same rows scaled down.
+
+        Euclidean: each distance is summed from the differences, exact where a pixel sits on its
+        prototype, where its gradient is 0 (as ``torch.linalg.vector_norm``'s: the distance has no
+        derivative there, and its second derivative there is NaN); it is infinite where the sum of
+        squares overflows (differences above ~1e19 in fp32), as ``vector_norm``'s.
+
+        No value is checked: a pixel with a NaN or infinite feature gets NaN logits (every class
+        for the cosine; the euclidean distance to an infinite feature is infinite), the other pixels
+        are unaffected; a prototype with one does the same to its class's logits at every pixel.
     """
+    metric = check_metric(metric)
     check_tensor(features, "features", (2, 4), "(N, D) or (B, D, H, W)")
     check_tensor(prototypes, "prototypes", (2,), "(K, D)")
     check_same_device(features, "features", prototypes, "prototypes")
@@ -83,9 +100,9 @@ def prototype_similarity(features: Tensor, prototypes: Tensor, temperature: floa
     temperature = check_positive(temperature, "temperature", features.dtype)
     prototypes = prototypes.to(features.dtype)
     if use_native("similarity", features.device) and not _under_function_transform(features, prototypes):
-        logits: Tensor = torch.ops.cpsl_ops.similarity(features, prototypes, temperature)
+        logits: Tensor = torch.ops.cpsl_ops.similarity(features, prototypes, temperature, metric)
         return logits
-    return reference.similarity(features, prototypes, temperature)
+    return reference.similarity(features, prototypes, temperature, metric)
 
 
 def _under_function_transform(*tensors: Tensor) -> bool:
@@ -268,8 +285,8 @@ def rectify_pseudo_labels(
 
     Args:
         soft_pseudo_labels: (B, K, H, W) class probabilities P_ST (e.g. the warm-up model's softmax).
-        prototype_logits: (B, K, H, W) prototype logits, e.g. ``prototype_similarity(f, C_ema, τ)``;
-            their softmax is P_SL.
+        prototype_logits: (B, K, H, W) prototype logits, e.g. ``prototype_similarity(f, C_ema, τ)``
+            (either metric); their softmax is P_SL.
         threshold: pixels whose confidence is below it get ``ignore_index`` (CPSL: 0, none); a
             number, not NaN.
         ignore_index: label for ignored pixels.
@@ -278,6 +295,13 @@ def rectify_pseudo_labels(
         (labels, confidence), both (B, H, W): labels = argmax_k P_ST·P_SL (int64) and confidence =
         max_k(P_ST·P_SL) / sum_k(P_ST·P_SL) in the inputs' promoted dtype. Pixels whose soft
         label is zero everywhere get ``ignore_index`` and confidence 0.
+
+    ProDA's prototypical denoising (weights softmax(-T·||f - c_k||) times the soft labels, pixels
+    below ``train_thred`` ignored) is this function with euclidean logits:
+    ``rectify_pseudo_labels(P_ST, prototype_similarity(f, C, 1 / T, "euclidean"), train_thred)``.
+    DiGA's bilateral consensus, which keeps a pseudo label only where the classifier and the
+    nearest centroid agree, needs no kernel of its own:
+    ``labels.masked_fill(P_ST.argmax(1) != prototype_logits.argmax(1), ignore_index)``.
 
     Raises:
         ValueError: on negative or non-finite soft labels or non-finite logits.

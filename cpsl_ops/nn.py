@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from cpsl_ops._validation import check_int, check_positive, check_unit_interval
+from cpsl_ops._validation import check_int, check_metric, check_positive, check_unit_interval
 from cpsl_ops.functional import (
     balanced_sinkhorn,
     prototype_similarity,
@@ -56,23 +56,28 @@ def _check_sizes(num_classes: int, feat_dim: int) -> Tuple[int, int]:
 
 
 class PrototypeSimilarity(nn.Module):
-    """A cosine classifier: learnable (K, D) prototypes; ``forward(f) = cos(f, c_k) / τ``.
+    """A prototype classifier: learnable (K, D) prototypes (unit vectors at first);
+    ``forward(f) = cos(f, c_k) / τ`` (``metric="cosine"``, a cosine classifier) or ``-||f - c_k|| / τ``
+    (``"euclidean"``), see :func:`cpsl_ops.prototype_similarity`.
 
     Accepts (N, D) or (B, D, H, W) features and returns (N, K) or (B, K, H, W) logits.
     """
 
-    def __init__(self, num_classes: int = 19, feat_dim: int = 256, temperature: float = 0.08) -> None:
+    def __init__(
+        self, num_classes: int = 19, feat_dim: int = 256, temperature: float = 0.08, metric: str = "cosine"
+    ) -> None:
         super().__init__()
         num_classes, feat_dim = _check_sizes(num_classes, feat_dim)
         self.temperature = check_positive(temperature, "temperature")
+        self.metric = check_metric(metric)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_classes, feat_dim), dim=1))
 
     def forward(self, features: Tensor) -> Tensor:
-        return prototype_similarity(features, self.prototypes, self.temperature)
+        return prototype_similarity(features, self.prototypes, self.temperature, self.metric)
 
     def extra_repr(self) -> str:
         num_classes, feat_dim = self.prototypes.shape
-        return f"num_classes={num_classes}, feat_dim={feat_dim}, temperature={self.temperature}"
+        return f"num_classes={num_classes}, feat_dim={feat_dim}, temperature={self.temperature}, metric={self.metric}"
 
 
 class BalancedSinkhorn(nn.Module):
@@ -105,7 +110,7 @@ class PrototypeEMA(nn.Module):
 
     ``update(features, labels)`` runs :func:`cpsl_ops.update_prototypes_` on the stored (K, D)
     buffer and returns the per-class pixel counts; ``forward(features)`` returns the prototype
-    logits ``cos(f, p_k) / τ``.
+    logits ``cos(f, p_k) / τ``, or ProDA's ``-||f - p_k|| / τ`` with ``metric="euclidean"``.
     """
 
     prototypes: Tensor  # a buffer, declared for type checkers (nn.Module.__getattr__ returns Tensor | Module)
@@ -117,12 +122,14 @@ class PrototypeEMA(nn.Module):
         momentum: float = 0.999,
         temperature: float = 0.08,
         ignore_index: int = 255,
+        metric: str = "cosine",
     ) -> None:
         super().__init__()
         num_classes, feat_dim = _check_sizes(num_classes, feat_dim)
         self.momentum = check_unit_interval(momentum, "momentum")
         self.temperature = check_positive(temperature, "temperature")
         self.ignore_index = check_int(ignore_index, "ignore_index")
+        self.metric = check_metric(metric)
         self.register_buffer("prototypes", torch.zeros(num_classes, feat_dim))
 
     @torch.no_grad()
@@ -130,11 +137,11 @@ class PrototypeEMA(nn.Module):
         return update_prototypes_(self.prototypes, features, labels, self.momentum, self.ignore_index)
 
     def forward(self, features: Tensor) -> Tensor:
-        return prototype_similarity(features, self.prototypes, self.temperature)
+        return prototype_similarity(features, self.prototypes, self.temperature, self.metric)
 
     def extra_repr(self) -> str:
         num_classes, feat_dim = self.prototypes.shape
-        return f"num_classes={num_classes}, feat_dim={feat_dim}, momentum={self.momentum}"
+        return f"num_classes={num_classes}, feat_dim={feat_dim}, momentum={self.momentum}, metric={self.metric}"
 
 
 class SelfLabelingLoss(nn.Module):
@@ -148,6 +155,8 @@ class SelfLabelingLoss(nn.Module):
     uniformly without replacement; their L2-normalized features F give the prediction
     ``P = softmax(cos(F, C) / τ)`` and the Sinkhorn target ``Q = balanced_sinkhorn([queue; F]·Ĉᵀ, r)``
     restricted to the current rows; the loss is the soft cross-entropy ``-mean Σ_k Q log P``.
+    With ``metric="euclidean"`` the features are used as they are: ``P = softmax(-||F - C|| / τ)``,
+    the Sinkhorn scores are ``-||F - C||`` (ε is on their scale) and the queue holds raw features.
     When the EMA segmentation ``logits`` are given, a second target is computed the same way from
     their L2-normalized rows and a logit queue (CPSL's two branches), and the two terms are added.
     Pass ``logits`` on every call or on none: both queues advance together.
@@ -190,6 +199,9 @@ class SelfLabelingLoss(nn.Module):
             it when the module is inside the wrapped model, otherwise all-reduce it yourself.
             The group is a plain attribute, not state: it is not in ``state_dict``, and a module
             holding one cannot be deep-copied or pickled (a process group cannot).
+        metric: ``"cosine"`` (CPSL) or ``"euclidean"``: the similarity of features and prototypes
+            (:func:`cpsl_ops.prototype_similarity`) in the prediction, the Sinkhorn scores and
+            :meth:`rectify`.
     """
 
     # Buffers, declared for type checkers (nn.Module.__getattr__ returns Tensor | Module).
@@ -213,10 +225,12 @@ class SelfLabelingLoss(nn.Module):
         ema_momentum: float = 0.999,
         ignore_index: int = 255,
         process_group: Optional[ProcessGroup] = None,
+        metric: str = "cosine",
     ) -> None:
         super().__init__()
         num_classes, feat_dim = _check_sizes(num_classes, feat_dim)
         self.temperature = check_positive(temperature, "temperature")
+        self.metric = check_metric(metric)
         self.epsilon = check_positive(epsilon, "epsilon")
         self.sinkhorn_iters = check_int(sinkhorn_iters, "sinkhorn_iters", minimum=1)
         self.queue_size = check_int(queue_size, "queue_size", minimum=0)
@@ -244,12 +258,14 @@ class SelfLabelingLoss(nn.Module):
 
     @torch.no_grad()
     def init_prototypes(self, prototypes: Tensor) -> None:
-        """Set C and C' to the L2-normalized (K, D) ``prototypes`` (CPSL: warm-up class means)."""
+        """Set C and C' to the (K, D) ``prototypes`` (CPSL: warm-up class means), L2-normalized for
+        the cosine metric, as they are for the euclidean one."""
         if tuple(prototypes.shape) != tuple(self.prototypes.shape):
             raise ValueError(f"prototypes must be {tuple(self.prototypes.shape)}, got {tuple(prototypes.shape)}")
-        normalized = F.normalize(prototypes.to(self.prototypes), dim=1)
-        self.prototypes.copy_(normalized)
-        self.prototypes_ema.copy_(normalized)
+        initial = prototypes.to(self.prototypes)
+        initial = F.normalize(initial, dim=1) if self.metric == "cosine" else initial
+        self.prototypes.copy_(initial)
+        self.prototypes_ema.copy_(initial)
 
     @torch.no_grad()
     def set_class_prior(self, class_prior: PriorLike) -> None:
@@ -262,12 +278,15 @@ class SelfLabelingLoss(nn.Module):
         self.prototypes_ema.lerp_(self.prototypes.detach(), 1.0 - self.ema_momentum)
 
     def prototype_logits(self, features: Tensor, ema: bool = True) -> Tensor:
-        """cos(f, c_k)/τ against C' (``ema=True``) or C, for (N, D) or (B, D, H, W) features."""
-        return prototype_similarity(features, self.prototypes_ema if ema else self.prototypes, self.temperature)
+        """cos(f, c_k)/τ (or -||f - c_k||/τ) against C' (``ema=True``) or C, for (N, D) or (B, D, H, W)
+        features."""
+        prototypes = self.prototypes_ema if ema else self.prototypes
+        return prototype_similarity(features, prototypes, self.temperature, self.metric)
 
     @torch.no_grad()
     def rectify(self, soft_pseudo_labels: Tensor, features: Tensor, threshold: float = 0.0) -> Tuple[Tensor, Tensor]:
-        """CPSL rectification: argmax of P_ST · softmax(cos(f, C')/τ); returns (labels, confidence).
+        """CPSL rectification: argmax of P_ST · softmax(cos(f, C')/τ) (or of -||f - C'||/τ); returns
+        (labels, confidence).
 
         ``soft_pseudo_labels`` (B, K, H, W) and ``features`` (B, D, H, W) share H and W.
         """
@@ -367,18 +386,23 @@ class SelfLabelingLoss(nn.Module):
         samples = min(self.samples_per_image, height * width)
         index = torch.rand(batch, height * width, device=features.device).topk(samples, dim=1).indices
         sampled = self._sample_pixels(features, index)  # (B, S, D)
-        predictions = prototype_similarity(sampled.reshape(-1, self.feat_dim), self.prototypes, self.temperature)
+        predictions = prototype_similarity(
+            sampled.reshape(-1, self.feat_dim), self.prototypes, self.temperature, self.metric
+        )
         log_probabilities = predictions.float().log_softmax(dim=-1).view(batch, samples, -1)
 
         queue_ready = self._queue_is_full(features.device)
         with torch.no_grad():
-            cosines = predictions.detach().view(batch, samples, -1) * self.temperature
-            queued_cosines = (
-                prototype_similarity(self._queue_in_order(self.feature_queue), self.prototypes.detach(), 1.0)
+            scores = predictions.detach().view(batch, samples, -1) * self.temperature
+            queued_scores = (
+                prototype_similarity(
+                    self._queue_in_order(self.feature_queue), self.prototypes.detach(), 1.0, self.metric
+                )
                 if queue_ready else None
             )
-            branch_targets = [self._targets(cosines, queued_cosines)]
-            normalized_features = F.normalize(sampled.detach().float(), dim=-1)
+            branch_targets = [self._targets(scores, queued_scores)]
+            queued_features = sampled.detach().float()
+            queued_features = F.normalize(queued_features, dim=-1) if self.metric == "cosine" else queued_features
             if logits is not None:
                 normalized_logits = F.normalize(self._sample_pixels(logits.detach(), index).float(), dim=-1)
                 queued_logits = self._queue_in_order(self.logit_queue) if queue_ready else None
@@ -389,7 +413,7 @@ class SelfLabelingLoss(nn.Module):
         )
         if self.queue_size > 0:
             with torch.no_grad():
-                self._enqueue(self.feature_queue, normalized_features.reshape(-1, self.feat_dim))
+                self._enqueue(self.feature_queue, queued_features.reshape(-1, self.feat_dim))
                 if logits is not None:
                     self._enqueue(self.logit_queue, normalized_logits.reshape(-1, self.num_classes))
                 pushed = batch * samples
@@ -401,5 +425,5 @@ class SelfLabelingLoss(nn.Module):
         return (
             f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, temperature={self.temperature}, "
             f"epsilon={self.epsilon}, sinkhorn_iters={self.sinkhorn_iters}, queue_size={self.queue_size}, "
-            f"samples_per_image={self.samples_per_image}"
+            f"samples_per_image={self.samples_per_image}, metric={self.metric}"
         )

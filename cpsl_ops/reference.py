@@ -42,18 +42,31 @@ def normalize(x: Tensor) -> Tensor:
     return F.normalize(x * scale, dim=1)
 
 
-def similarity(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
-    """cos(f, c_k) / τ for (N, D) features -> (N, K), or (B, D, H, W) -> (B, K, H, W).
+SIMILARITY_METRICS = ("cosine", "euclidean")
+
+
+def similarity(features: Tensor, prototypes: Tensor, temperature: float, metric: str = "cosine") -> Tensor:
+    """cos(f, c_k) / τ (``metric="cosine"``) or -||f - c_k||₂ / τ (``"euclidean"``) for (N, D) features
+    -> (N, K), or (B, D, H, W) -> (B, K, H, W).
 
     Computed in the accumulation dtype also under ``torch.autocast``, which would otherwise run
-    the matrix product in 16 bits (as the kernels never do), and without overflow for huge
-    finite values (:func:`normalize`)."""
+    the matrix product in 16 bits (as the kernels never do). Cosines are computed without overflow
+    for huge finite values (:func:`normalize`). Distances are norms of the differences
+    (``torch.linalg.vector_norm``, whose gradient is 0 at distance 0), held as one (.., K, D)
+    tensor: the spec, not a fast form."""
+    if metric not in SIMILARITY_METRICS:
+        raise ValueError(f'similarity: metric must be "cosine" or "euclidean", got {metric!r}')
     acc = accumulation_dtype(features.dtype)
     device = features.device.type
     with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-        f = normalize(features.to(acc))
-        c = normalize(prototypes.to(acc))
-        logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
+        f, c = features.to(acc), prototypes.to(acc)
+        if metric == "euclidean":
+            pixels_last = f if f.dim() == 2 else f.movedim(1, -1)
+            distances: Tensor = torch.linalg.vector_norm(pixels_last.unsqueeze(-2) - c, dim=-1)
+            logits = -(distances if f.dim() == 2 else distances.movedim(-1, 1))
+        else:
+            f, c = normalize(f), normalize(c)
+            logits = f @ c.T if features.dim() == 2 else torch.einsum("bdhw,kd->bkhw", f, c)
     return (logits / temperature).to(features.dtype)
 
 

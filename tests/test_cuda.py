@@ -281,10 +281,11 @@ def test_ops_on_a_side_stream_match_the_default_stream():
         assert torch.equal(a, b)
 
 
-def test_similarity_and_rectification_on_more_than_65535_images():
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_similarity_and_rectification_on_more_than_65535_images(metric):
     features = random_tensor((70_000, 8, 1, 2), torch.float32, "cuda", 3).requires_grad_()
     prototypes = random_tensor((5, 8), torch.float32, "cuda", 4)
-    native, expected = native_and_reference(cpsl_ops.prototype_similarity, features, prototypes)
+    native, expected = native_and_reference(cpsl_ops.prototype_similarity, features, prototypes, 0.08, metric)
     assert_close(native, expected, torch.float32, scale=1 / 0.08)
     (native_grad,) = torch.autograd.grad(native.sum(), features)
     (expected_grad,) = torch.autograd.grad(expected.sum(), features)
@@ -343,3 +344,28 @@ def test_ops_on_the_second_gpu_while_the_first_is_current():
     for a, b in zip(on_second, on_first):
         assert a.device == torch.device("cuda:1")
         assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("generation", ["current", "previous"])
+@pytest.mark.parametrize("classes", [1, 19, 32, 33, 100])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last", "flat"])
+def test_euclidean_similarity_for_any_class_count_and_layout_matches_the_reference(generation, classes, layout,
+                                                                                    monkeypatch):
+    # The register kernels take K <= 32; more classes, and the previous generation, take other paths.
+    monkeypatch.setenv("CPSL_OPS_CUDA_KERNELS", generation)
+    features = random_tensor((2, 40, 9, 30), torch.float32, "cuda", classes)
+    features = {"channels_first": features, "channels_last": features.to(memory_format=torch.channels_last),
+                "flat": features.permute(0, 2, 3, 1).reshape(-1, 40)}[layout]
+    prototypes = random_tensor((classes, 40), torch.float32, "cuda", classes + 1)
+    prototypes[0] = features[0] if layout == "flat" else features[0, :, 0, 0]  # a pixel on a prototype
+    results = {}
+    for backend in ("native", "reference"):
+        f, c = features.detach().clone().requires_grad_(), prototypes.clone().requires_grad_()
+        with cpsl_ops.use_backend(backend):
+            logits = cpsl_ops.prototype_similarity(f, c, 0.5, "euclidean")
+        (logits * random_tensor(logits.shape, torch.float32, "cuda", 7)).sum().backward()
+        results[backend] = (logits, f.grad, c.grad)
+    pixels = features.numel() // 40
+    for native, expected, scale in zip(results["native"], results["reference"], (2, 2 * classes, 2 * pixels)):
+        assert torch.isfinite(native).all()
+        assert_close(native, expected, torch.float32, scale=scale)

@@ -27,6 +27,17 @@ def test_prototype_similarity_module():
     assert module.prototypes.grad is not None and "num_classes=5" in repr(module)
 
 
+def test_prototype_modules_take_either_metric():
+    features = torch.randn(2, 8, 3, 3)
+    module = PrototypeSimilarity(num_classes=5, feat_dim=8, temperature=0.1, metric="euclidean")
+    torch.testing.assert_close(module(features),
+                               cpsl_ops.prototype_similarity(features, module.prototypes, 0.1, "euclidean"))
+    assert "metric=euclidean" in repr(module)
+    ema = PrototypeEMA(num_classes=2, feat_dim=8, momentum=0.0, temperature=1.0, metric="euclidean")
+    ema.update(features, torch.randint(0, 2, (2, 3, 3)))
+    torch.testing.assert_close(ema(features), cpsl_ops.prototype_similarity(features, ema.prototypes, 1.0, "euclidean"))
+
+
 def test_balanced_sinkhorn_module_and_prior_checks():
     prior = torch.tensor([0.5, 0.25, 0.25])
     module = BalancedSinkhorn(num_classes=3, class_prior=prior * 4, epsilon=0.1, num_iters=5)
@@ -237,6 +248,9 @@ def test_loss_bad_input(features, logits, message):
         (lambda: SelfLabelingLoss(sinkhorn_iters=0), ValueError, "sinkhorn_iters must be at least 1"),
         (lambda: SelfLabelingLoss(queue_size=-1), ValueError, "queue_size must be at least 0"),
         (lambda: SelfLabelingLoss(samples_per_image=0), ValueError, "samples_per_image must be at least 1"),
+        (lambda: PrototypeSimilarity(metric="l2"), ValueError, 'metric must be "cosine" or "euclidean"'),
+        (lambda: PrototypeEMA(metric="dot"), ValueError, 'metric must be "cosine" or "euclidean"'),
+        (lambda: SelfLabelingLoss(metric="cos"), ValueError, 'metric must be "cosine" or "euclidean"'),
     ],
 )
 def test_constructors_reject_bad_arguments(make, error, message):
@@ -283,3 +297,27 @@ def test_loss_compiles_with_inductor_at_fullgraph_and_matches_eager(backend):
         torch.testing.assert_close(loss, expected)
         torch.testing.assert_close(module.prototypes.grad, eager.prototypes.grad)
         assert torch.equal(module.feature_queue, eager.feature_queue) and torch.equal(module.queue_ptr, eager.queue_ptr)
+
+
+def test_euclidean_self_labeling_uses_raw_features_and_prototypes():
+    # ProDA-style prototypes are feature means, not unit vectors: with the euclidean metric the
+    # module keeps them and the queued features as they are, and its prediction is -||f - c|| / τ.
+    torch.manual_seed(0)
+    features, _ = clustered_features(2, 3, 8, 6, 6, seed=4)
+    features = features * 5
+    criterion = SelfLabelingLoss(num_classes=3, feat_dim=8, temperature=1.0, queue_size=16, samples_per_image=8,
+                                 metric="euclidean")
+    means = torch.randn(3, 8) * 5
+    criterion.init_prototypes(means)
+    torch.testing.assert_close(criterion.prototypes.detach(), means)
+    torch.testing.assert_close(criterion.prototype_logits(features),
+                               cpsl_ops.prototype_similarity(features, means, 1.0, "euclidean"))
+    labels, _ = criterion.rectify(torch.full((2, 3, 6, 6), 1 / 3), features)
+    assert torch.equal(labels, criterion.prototype_logits(features).argmax(1))  # a uniform P_ST: nearest mean
+    loss = criterion(features)
+    loss.backward()
+    assert torch.isfinite(loss) and criterion.prototypes.grad.abs().sum() > 0
+    queued = criterion.feature_queue[:16]
+    assert queued.norm(dim=1).max() > 2  # raw features, not normalized ones
+    assert all(any(torch.equal(row, pixel) for pixel in features.permute(0, 2, 3, 1).reshape(-1, 8)) for row in queued)
+    criterion(features).backward()  # the full queue's scores are distances too

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cpsl_ops
-from conftest import DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
+from conftest import BACKENDS, DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
 
 IGNORE = 255
 
@@ -156,3 +156,27 @@ def test_soft_labels_still_count_next_to_large_logits(device, backend, scale):
     assert torch.equal(labels, product.argmax(dim=1))
     assert_close(confidence, product.amax(dim=1) / product.sum(dim=1), torch.float32)
 
+
+
+def proda_denoised_labels(probabilities, features, centroids, proto_temperature, threshold):
+    """ProDA's rectification as its paper and code describe it (microsoft/ProDA), written out."""
+    distances = torch.linalg.vector_norm(features[:, None] - centroids[None, :, :, None, None], dim=2)
+    weights = torch.softmax(-(distances - distances.min(1, keepdim=True).values) * proto_temperature, dim=1)
+    rectified = weights * probabilities
+    labels = rectified.argmax(1)
+    confidence = rectified.max(1).values / rectified.sum(1)
+    return labels.masked_fill(confidence < threshold, 255)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_proda_denoising_is_rectification_with_euclidean_logits(backend):
+    generator = torch.Generator().manual_seed(5)
+    probabilities = torch.rand(2, 6, 5, 7, generator=generator, dtype=torch.float64).softmax(1)
+    features = torch.randn(2, 8, 5, 7, generator=generator, dtype=torch.float64)
+    centroids = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    expected = proda_denoised_labels(probabilities, features, centroids, 1.0, 0.3)
+    with cpsl_ops.use_backend(backend):
+        logits = cpsl_ops.prototype_similarity(features, centroids, 1.0, "euclidean")
+        labels, _ = cpsl_ops.rectify_pseudo_labels(probabilities, logits, 0.3)
+    assert torch.equal(labels, expected)
+    assert 0 < (expected == 255).sum() < expected.numel()  # the threshold acts, on some pixels only

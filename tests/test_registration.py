@@ -57,6 +57,9 @@ def opcheck_cases(device):
         ("similarity", (features, prototypes64, 0.08)),
         ("similarity", (flat, torch.randn(4, 6, requires_grad=True), 0.5)),
         ("similarity_backward", (torch.randn(7, 4), torch.randn(7, 6), torch.randn(4, 6), 0.08)),
+        ("similarity", (features, prototypes64, 0.3, "euclidean")),
+        ("similarity", (flat, torch.randn(4, 6, requires_grad=True), 1.0, "euclidean")),
+        ("similarity_backward", (torch.randn(7, 4), torch.randn(7, 6), torch.randn(4, 6), 0.5, "euclidean")),
         ("balanced_sinkhorn", (torch.randn(3, 20, 5), torch.rand(3, 5) + 0.1, 0.05, 3)),
         ("update_prototypes", (torch.randn(4, 6), torch.randn(2, 6, 3, 5), torch.randint(0, 4, (2, 3, 5)), 0.9, 255)),
         ("rectify_pseudo_labels", (torch.rand(2, 4, 3, 5), torch.randn(2, 4, 3, 5), 0.2, 255)),
@@ -92,10 +95,11 @@ def test_results_are_bit_identical_across_runs(device):
     def run():
         features.grad = prototypes.grad = None
         logits = cpsl_ops.prototype_similarity(features, prototypes)
-        logits.square().sum().backward()
+        distance_logits = cpsl_ops.prototype_similarity(features, prototypes, 0.5, "euclidean")
+        (logits.square().sum() + distance_logits.sin().sum()).backward()
         updated = prototypes.detach().clone()
         cpsl_ops.update_prototypes_(updated, features, labels, 0.5)
-        return [logits, features.grad, prototypes.grad, updated, cpsl_ops.balanced_sinkhorn(scores, None, 0.05, 5),
+        return [logits, distance_logits, features.grad, prototypes.grad, updated, cpsl_ops.balanced_sinkhorn(scores, None, 0.05, 5),
                 *cpsl_ops.rectify_pseudo_labels(logits.softmax(1), logits)]
 
     for first, second in zip(run(), run()):
@@ -103,13 +107,14 @@ def test_results_are_bit_identical_across_runs(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_functions_match_eager(backend):
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_compiled_functions_match_eager(backend, metric):
     torch._dynamo.reset()  # the backend is read while tracing: no graph of another test's backend
     features = torch.randn(2, 8, 4, 5, requires_grad=True)
     prototypes = torch.randn(3, 8, requires_grad=True)
 
     def step(f, c):
-        logits = cpsl_ops.prototype_similarity(f, c, 0.08)
+        logits = cpsl_ops.prototype_similarity(f, c, 0.08, metric)
         scores = logits.detach().permute(0, 2, 3, 1).reshape(2, -1, 3)
         targets = cpsl_ops.balanced_sinkhorn(scores * 0.08)
         return -(targets.reshape(2, 4, 5, 3).permute(0, 3, 1, 2) * logits.log_softmax(1)).sum(1).mean()

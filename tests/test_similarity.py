@@ -1,4 +1,4 @@
-"""prototype_similarity: native kernels against the reference, gradients, properties, bad input."""
+"""prototype_similarity, both metrics: native kernels against the reference, gradients, properties, bad input."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ import cpsl_ops
 from conftest import DEVICES, FLOAT_DTYPES, assert_close, native_and_reference, random_tensor, requires_native
 
 TEMPERATURE = 0.08
+METRICS = ["cosine", "euclidean"]
 
 
 @st.composite
@@ -27,12 +28,13 @@ def similarity_case(draw):
 @requires_native
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
 @given(case=similarity_case())
-def test_forward_matches_reference(device, dtype, case):
+def test_forward_matches_reference(device, dtype, metric, case):
     shape, classes, transposed, seed = case
     features = random_tensor(shape, dtype, device, seed, transposed=transposed)
     prototypes = random_tensor((classes, shape[1]), dtype, device, seed + 1)
-    native, expected = native_and_reference(cpsl_ops.prototype_similarity, features, prototypes, TEMPERATURE)
+    native, expected = native_and_reference(cpsl_ops.prototype_similarity, features, prototypes, TEMPERATURE, metric)
     assert native.shape == expected.shape and native.dtype == dtype
     assert_close(native, expected, dtype, scale=1 / TEMPERATURE)
 
@@ -40,54 +42,66 @@ def test_forward_matches_reference(device, dtype, case):
 @requires_native
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
 @given(case=similarity_case())
-def test_backward_matches_reference(device, dtype, case):
+def test_backward_matches_reference(device, dtype, metric, case):
     shape, classes, transposed, seed = case
     grads = {}
     for backend in ("native", "reference"):
         features = random_tensor(shape, dtype, device, seed, transposed=transposed).requires_grad_()
         prototypes = random_tensor((classes, shape[1]), dtype, device, seed + 1).requires_grad_()
         with cpsl_ops.use_backend(backend):
-            logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE)
+            logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE, metric)
         weights = random_tensor(logits.shape, dtype, device, seed + 2)
         (logits * weights).sum().backward()
         grads[backend] = (features.grad, prototypes.grad)
-    # A pixel's gradient is a difference of two terms of size 1/(τ|f|) that cancel exactly for
-    # D = 1, so it is compared after scaling by |f|; prototype gradients also sum over pixels.
-    norms = features.detach().double().norm(dim=1, keepdim=True)
-    pixels = max(1, norms.numel())
-    assert_close(grads["native"][0] * norms, grads["reference"][0] * norms, dtype, scale=1 / TEMPERATURE)
+    pixels = max(1, features.numel() // shape[1])
+    if metric == "cosine":
+        # A pixel's gradient is a difference of two terms of size 1/(τ|f|) that cancel exactly for
+        # D = 1, so it is compared after scaling by |f|; prototype gradients also sum over pixels.
+        norms = features.detach().double().norm(dim=1, keepdim=True)
+        assert_close(grads["native"][0] * norms, grads["reference"][0] * norms, dtype, scale=1 / TEMPERATURE)
+    else:  # a sum over the classes of unit vectors times g_k / τ
+        assert_close(grads["native"][0], grads["reference"][0], dtype, scale=classes / TEMPERATURE)
     assert_close(grads["native"][1], grads["reference"][1], dtype, scale=pixels / TEMPERATURE)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 6, 3, 4), (17, 6)])
-def test_gradcheck_fp64(device, shape):
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradcheck_fp64(device, shape, metric):
     features = random_tensor(shape, torch.float64, device, 0).requires_grad_()
     prototypes = random_tensor((5, 6), torch.float64, device, 1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.5), (features, prototypes))
+    assert torch.autograd.gradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.5, metric),
+                                    (features, prototypes))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_non_contiguous_features(device):
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradcheck_non_contiguous_features(device, metric):
     features = random_tensor((2, 6, 3, 4), torch.float64, device, 3, transposed=True).requires_grad_()
     prototypes = random_tensor((4, 6), torch.float64, device, 4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.3), (features, prototypes))
+    assert torch.autograd.gradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.3, metric),
+                                    (features, prototypes))
 
 
 @requires_native
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 6, 3, 4), (17, 6)])
-def test_double_backward_on_both_backends(device, shape):
+@pytest.mark.parametrize("metric", METRICS)
+def test_double_backward_on_both_backends(device, shape, metric):
     features = random_tensor(shape, torch.float64, device, 0).requires_grad_()
     prototypes = random_tensor((5, 6), torch.float64, device, 1).requires_grad_()
     with cpsl_ops.use_backend("native"):
-        assert torch.autograd.gradgradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.5), (features, prototypes))
-    prototypes.data[2] = 0  # a zero-norm prototype (not differentiable for gradgradcheck's finite differences)
+        assert torch.autograd.gradgradcheck(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.5, metric),
+                                            (features, prototypes))
+    # Where neither metric has a second derivative (NaN on both backends): a zero-norm prototype for
+    # the cosine, a prototype at a pixel for the euclidean distance.
+    prototypes.data[2] = 0 if metric == "cosine" else features.data.movedim(1, -1).reshape(-1, 6)[3]
     second = {}
     for backend in ("native", "reference"):
         with cpsl_ops.use_backend(backend):
-            logits = cpsl_ops.prototype_similarity(features, prototypes, 0.3)
+            logits = cpsl_ops.prototype_similarity(features, prototypes, 0.3, metric)
             grads = torch.autograd.grad(logits.square().sum(), (features, prototypes), create_graph=True)
             second[backend] = torch.autograd.grad(grads[0].sin().sum() + grads[1].sum(), (features, prototypes))
     for native, expected in zip(second["native"], second["reference"]):  # NaN at the zero prototype, alike
@@ -96,14 +110,15 @@ def test_double_backward_on_both_backends(device, shape):
 
 @requires_native
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
-def test_both_backends_compute_in_fp32_under_autocast(autocast_dtype):
+@pytest.mark.parametrize("metric", METRICS)
+def test_both_backends_compute_in_fp32_under_autocast(autocast_dtype, metric):
     # The reference's matrix product ran in 16 bits under autocast (logit error 2.5e-2 in bf16).
     features = random_tensor((2, 16, 5, 6), torch.float32, "cpu", 9)
     prototypes = random_tensor((19, 16), torch.float32, "cpu", 10)
-    expected = cpsl_ops.reference.similarity(features.double(), prototypes.double(), TEMPERATURE)
+    expected = cpsl_ops.reference.similarity(features.double(), prototypes.double(), TEMPERATURE, metric)
     for backend in ("native", "reference"):
         with cpsl_ops.use_backend(backend), torch.autocast("cpu", dtype=autocast_dtype):
-            logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE)
+            logits = cpsl_ops.prototype_similarity(features, prototypes, TEMPERATURE, metric)
         assert logits.dtype == torch.float32
         assert_close(logits, expected, torch.float32, scale=1 / TEMPERATURE)
 
@@ -125,7 +140,8 @@ def every_transform(function, features, prototypes, tangents):
 
 @requires_native
 @pytest.mark.parametrize("shape", [(2, 6, 3, 4), (9, 6)])
-def test_forward_mode_and_function_transforms_give_the_reference_result_natively(shape):
+@pytest.mark.parametrize("metric", METRICS)
+def test_forward_mode_and_function_transforms_give_the_reference_result_natively(shape, metric):
     # Forward-mode AD through the kernel's autograd gave a silent zero tangent, and torch.func's
     # grad and jacrev raised: the native backend must answer as the reference does.
     features, prototypes = random_tensor(shape, torch.float64, "cpu", 5), random_tensor((4, 6), torch.float64, "cpu", 6)
@@ -134,8 +150,8 @@ def test_forward_mode_and_function_transforms_give_the_reference_result_natively
     results = {}
     for backend in ("native", "reference"):
         with cpsl_ops.use_backend(backend):
-            results[backend] = every_transform(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.2), features,
-                                               prototypes, tangents)
+            results[backend] = every_transform(lambda f, c: cpsl_ops.prototype_similarity(f, c, 0.2, metric),
+                                               features, prototypes, tangents)
     assert results["native"]["jvp"].abs().sum() > 0
     for name, expected in results["reference"].items():
         torch.testing.assert_close(results["native"][name], expected, rtol=1e-10, atol=1e-10, msg=name)
@@ -238,3 +254,88 @@ def test_temperature_below_the_smallest_normal_of_the_accumulation_dtype_raises_
             with pytest.raises(ValueError, match=f"temperature must be at least {tiny!r}"):
                 cpsl_ops.prototype_similarity(features, prototypes, temperature)
         assert not cpsl_ops.prototype_similarity(features, prototypes, tiny).isnan().any()
+
+
+# ---- the euclidean metric ----
+
+
+def test_euclidean_logits_are_negated_distances_over_the_temperature():
+    features, prototypes = torch.randn(2, 5, 3, 4, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    logits = cpsl_ops.prototype_similarity(features, prototypes, 0.5, metric="euclidean")
+    distances = torch.cdist(features.movedim(1, -1).reshape(-1, 5), prototypes).view(2, 3, 4, 6).movedim(-1, 1)
+    torch.testing.assert_close(logits, -distances / 0.5)
+    # not scale-invariant, unlike the cosine, and the prototypes are used as they are
+    assert not torch.allclose(cpsl_ops.prototype_similarity(features * 2, prototypes, 0.5, "euclidean"), logits)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (17, 6)])
+def test_euclidean_pixels_on_a_prototype_get_logit_zero_and_a_defined_gradient(device, dtype, shape):
+    # The distance has no derivative where a pixel sits on a prototype: its gradient is 0 there on
+    # both backends (torch.linalg.vector_norm's choice), not NaN, and every other term is unchanged.
+    features = random_tensor(shape, dtype, device, 21)
+    pixels = features.movedim(1, -1).reshape(-1, 6)
+    prototypes = torch.cat([pixels[:3], random_tensor((2, 6), dtype, device, 22)]).contiguous()  # 3 on pixels
+    grads, logits = {}, {}
+    for backend in ("native", "reference"):
+        f, c = features.clone().requires_grad_(), prototypes.clone().requires_grad_()
+        with cpsl_ops.use_backend(backend):
+            logits[backend] = cpsl_ops.prototype_similarity(f, c, TEMPERATURE, "euclidean")
+        (logits[backend] * random_tensor(logits[backend].shape, dtype, device, 23)).sum().backward()
+        grads[backend] = (f.grad, c.grad)
+    on_prototype = logits["native"].movedim(1, -1).reshape(-1, 5)
+    assert torch.equal(on_prototype[[0, 1, 2], [0, 1, 2]], torch.zeros(3, dtype=dtype, device=device))
+    for native, expected in zip(grads["native"], grads["reference"]):
+        assert torch.isfinite(native).all()
+        assert_close(native, expected, dtype, scale=features.numel() / TEMPERATURE)
+
+
+@requires_native
+def test_euclidean_gradient_keeps_its_precision_near_a_prototype():
+    # w_k = g_k / (τ d_k) grows as a pixel nears a prototype: summing w f - w c instead of w (f - c)
+    # would lose |f| / d of the fp32 precision (1e-4 here, 50 times the tolerance).
+    prototypes = random_tensor((4, 32), torch.float32, "cpu", 31) * 10
+    offsets = random_tensor((64, 32), torch.float32, "cpu", 32) * 1e-4
+    features = (prototypes[torch.arange(64) % 4] + offsets).requires_grad_()
+    c = prototypes.clone().requires_grad_()
+    weights = random_tensor((64, 4), torch.float32, "cpu", 33)
+    with cpsl_ops.use_backend("native"):
+        (cpsl_ops.prototype_similarity(features, c, 1.0, "euclidean") * weights).sum().backward()
+    f64, c64 = features.detach().double().requires_grad_(), prototypes.double().requires_grad_()
+    (cpsl_ops.reference.similarity(f64, c64, 1.0, "euclidean") * weights.double()).sum().backward()
+    assert_close(features.grad, f64.grad, torch.float32, scale=4)
+    assert_close(c.grad, c64.grad, torch.float32, scale=64)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_euclidean_distance_overflows_as_vector_norm_does(device, backend):
+    # Differences of 1e20 in fp32 overflow the sum of squares: -inf logits and zero gradients, as
+    # torch.linalg.vector_norm gives; the other pixels are unaffected.
+    features = torch.tensor([[1e20, 0.0], [1.0, 2.0]], device=device, requires_grad=True)
+    prototypes = torch.tensor([[0.0, 0.0], [1.0, 1.0]], device=device, requires_grad=True)
+    with cpsl_ops.use_backend(backend):
+        logits = cpsl_ops.prototype_similarity(features, prototypes, 1.0, "euclidean")
+    logits[1].sum().backward()
+    assert torch.isinf(logits[0]).all() and (logits[0] < 0).all()
+    torch.testing.assert_close(logits[1], -torch.tensor([5.0, 1.0], device=device).sqrt())
+    assert torch.equal(features.grad[0], torch.zeros(2, device=device))
+
+
+@pytest.mark.parametrize("metric", ["cos", "Euclidean", "l2", None])
+def test_bad_metric(metric):
+    with pytest.raises(ValueError, match='metric must be "cosine" or "euclidean"'):
+        cpsl_ops.prototype_similarity(torch.randn(3, 2), torch.randn(2, 2), metric=metric)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_ops_refuse_a_bad_metric(device):
+    features, prototypes = torch.randn(3, 2, device=device), torch.randn(2, 2, device=device)
+    with pytest.raises(RuntimeError, match='metric must be "cosine" or "euclidean", got "l2"'):
+        torch.ops.cpsl_ops.similarity(features, prototypes, 1.0, "l2")
+    with pytest.raises(RuntimeError, match='metric must be "cosine" or "euclidean", got "l2"'):
+        torch.ops.cpsl_ops.similarity_backward(torch.randn(3, 2, device=device), features, prototypes, 1.0, "l2")

@@ -1,4 +1,4 @@
-"""cpsl_ops::similarity: fake kernels and autograd (schema and kernels: csrc/ops/similarity.cpp)."""
+"""cpsl_ops::similarity (both metrics): fake kernels and autograd (schema and kernels: csrc/ops/similarity.cpp)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ def logits_shape(features: Tensor, num_classes: int) -> Tuple[int, ...]:
     return tuple(shape)
 
 
-def _similarity_fake(features: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
+def _similarity_fake(features: Tensor, prototypes: Tensor, temperature: float, metric: str = "cosine") -> Tensor:
     return features.new_empty(logits_shape(features, prototypes.shape[0]))
 
 
 def _similarity_backward_fake(
-    grad_logits: Tensor, features: Tensor, prototypes: Tensor, temperature: float
+    grad_logits: Tensor, features: Tensor, prototypes: Tensor, temperature: float, metric: str = "cosine"
 ) -> Tuple[Tensor, Tensor]:
     return features.new_empty(features.shape), prototypes.new_empty(prototypes.shape)
 
@@ -34,50 +34,52 @@ torch.library.register_fake("cpsl_ops::similarity", _similarity_fake)
 torch.library.register_fake("cpsl_ops::similarity_backward", _similarity_backward_fake)
 
 
-def _setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, float], output: Tensor) -> None:
-    features, prototypes, temperature = inputs
+def _setup_context(ctx: Any, inputs: Tuple[Tensor, Tensor, float, str], output: Tensor) -> None:
+    features, prototypes, temperature, metric = inputs
     ctx.save_for_backward(features, prototypes)
-    ctx.temperature = temperature
+    ctx.temperature, ctx.metric = temperature, metric
 
 
-def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
+def _backward(ctx: Any, grad_logits: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
     features, prototypes = ctx.saved_tensors
     grad_features, grad_prototypes = torch.ops.cpsl_ops.similarity_backward(
-        grad_logits, features, prototypes, ctx.temperature
+        grad_logits, features, prototypes, ctx.temperature, ctx.metric
     )
-    needs_features, needs_prototypes, _ = ctx.needs_input_grad
-    return (grad_features if needs_features else None, grad_prototypes if needs_prototypes else None, None)
+    # One entry per argument passed: metric is not there when it was left at its default.
+    needs_features, needs_prototypes = ctx.needs_input_grad[:2]
+    return (grad_features if needs_features else None, grad_prototypes if needs_prototypes else None, None, None)
 
 
 torch.library.register_autograd("cpsl_ops::similarity", _backward, setup_context=_setup_context)
 
 
 def _similarity_backward_setup_context(
-    ctx: Any, inputs: Tuple[Tensor, Tensor, Tensor, float], output: Tuple[Tensor, Tensor]
+    ctx: Any, inputs: Tuple[Tensor, Tensor, Tensor, float, str], output: Tuple[Tensor, Tensor]
 ) -> None:
-    grad_logits, features, prototypes, temperature = inputs
+    grad_logits, features, prototypes, temperature, metric = inputs
     ctx.save_for_backward(grad_logits, features, prototypes)
-    ctx.temperature = temperature
+    ctx.temperature, ctx.metric = temperature, metric
 
 
 def _double_backward(
     ctx: Any, grad_grad_features: Optional[Tensor], grad_grad_prototypes: Optional[Tensor]
-) -> Tuple[Tensor, Tensor, Tensor, None]:
+) -> Tuple[Tensor, Tensor, Tensor, None, None]:
     """Second derivatives, from the reference's formulas (a vector-Jacobian product of its first
-    backward): rare enough that a kernel of their own would not pay for itself."""
+    backward): rare enough that a kernel of their own would not pay for itself. The euclidean
+    distance has no second derivative at distance 0: there they are NaN, as the reference's."""
     grad_logits, features, prototypes = ctx.saved_tensors
 
     # torch.func.vjp's annotation is a union of its has_aux=False and has_aux=True results, so
     # the pullback (element 1 of both) is taken by index rather than by unpacking.
     def first_backward(grad: Tensor, f: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
-        pullback = torch.func.vjp(lambda f, c: reference.similarity(f, c, ctx.temperature), f, c)[1]
+        pullback = torch.func.vjp(lambda f, c: reference.similarity(f, c, ctx.temperature, ctx.metric), f, c)[1]
         gradients: Tuple[Tensor, Tensor] = pullback(grad)
         return gradients
 
     pullback = torch.func.vjp(first_backward, grad_logits, features, prototypes)[1]
     cotangents = (torch.zeros_like(features) if grad_grad_features is None else grad_grad_features,
                   torch.zeros_like(prototypes) if grad_grad_prototypes is None else grad_grad_prototypes)
-    return (*pullback(cotangents), None)
+    return (*pullback(cotangents), None, None)
 
 
 torch.library.register_autograd(

@@ -1,8 +1,10 @@
 // Argument checks of every op, shared by its CPU and CUDA kernels (host code). The Python API
 // checks the same things first with friendlier messages; these guard direct torch.ops calls.
 #pragma once
+#include <string>
 #include <vector>
 
+#include "cpsl_ops/similarity_math.h"
 #include "cpsl_ops/stable.h"
 
 namespace cpsl_ops {
@@ -19,6 +21,12 @@ inline std::vector<int64_t> logits_shape(const Tensor& features, int64_t num_cla
   std::vector<int64_t> shape(features.sizes().begin(), features.sizes().end());
   shape[1] = num_classes;  // channels are dim 1 in both layouts
   return shape;
+}
+
+inline SimilarityMetric similarity_metric(const std::string& metric) {
+  if (metric == "cosine") return SimilarityMetric::kCosine;
+  CPSL_CHECK(metric == "euclidean", "similarity: metric must be \"cosine\" or \"euclidean\", got \"", metric, "\"");
+  return SimilarityMetric::kEuclidean;
 }
 
 inline void check_similarity_inputs(const Tensor& features, const Tensor& prototypes, double temperature) {

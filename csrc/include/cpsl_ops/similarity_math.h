@@ -1,6 +1,7 @@
 // Arithmetic of the prototype similarity, shared by the CPU and CUDA kernels.
 //
-// Normalization follows torch.nn.functional.normalize: x / max(||x||, kNormEps). Its derivative is
+// Two metrics: the cosine, cos(f, c_k) / τ (CPSL), and the euclidean, -||f - c_k|| / τ (ProDA,
+// DiGA). Cosine normalization follows torch.nn.functional.normalize: x / max(||x||, kNormEps). Its derivative is
 // (I - x̂ x̂ᵀ) / ||x|| above the clamp and I / kNormEps below it, so the projection term is switched
 // off where the clamp is active.
 #pragma once
@@ -13,6 +14,22 @@
 namespace cpsl_ops {
 
 constexpr double kNormEps = 1e-12;
+
+enum class SimilarityMetric { kCosine, kEuclidean };
+
+// Euclidean metric. The distance is sqrt(Σ_d (f_d - c_d)^2), summed from the differences (not from
+// |f|^2 - 2<f, c> + |c|^2, which cancels catastrophically for a pixel near its prototype) and not
+// rescaled: like torch.linalg.vector_norm, it is infinite where the sum of squares overflows
+// (differences above ~1e19 in fp32). Its gradient with respect to f is (f - c) / d: a unit vector,
+// whatever d; at d = 0, where the norm has no derivative, it is 0 (the minimum-norm subgradient,
+// as torch.linalg.vector_norm's backward). So the gradients of logits l_k = -d_k / τ with incoming
+// gradients g_k are
+//   grad_f   = -Σ_k w_k (f - c_k),   grad_c_k = Σ_pixels w_k (f - c_k),   w_k = distance_grad_weight(g_k / τ, d_k),
+// each term a difference times its weight, never w_k f - w_k c_k (w_k grows as 1 / d_k).
+template <typename acc_t>
+CPSL_HOST_DEVICE acc_t distance_grad_weight(acc_t grad_over_temperature, acc_t distance) {
+  return distance > acc_t(0) ? grad_over_temperature / distance : acc_t(0);
+}
 
 template <typename acc_t>
 CPSL_HOST_DEVICE acc_t inverse_clamped_norm(acc_t squared_norm) {
