@@ -199,7 +199,7 @@ fi
 gpu_run bench_generations "$python" "${generations[@]}"
 if [[ $mode == full ]]; then
   run bench_ops "$python" "$repo/benchmarks/bench_ops.py" --device cuda --json "$out/ops_gpu.json"
-  grep -A 30 "^cpsl_ops on" "$out/gpu_bench_ops.log" | tail -n 18 >> "$summary"
+  grep -A 40 "^cpsl_ops on" "$out/gpu_bench_ops.log" | tail -n 26 >> "$summary"
 fi
 if [[ -f "$out/gpu_bench_sinkhorn.log" ]]; then
   grep -E "^note: no compiler|^balanced_sinkhorn +(8|128)x65792x19 T=3 fp32|^CPSL size" "$out/gpu_bench_sinkhorn.log" >> "$summary"

@@ -293,8 +293,8 @@ void euclidean_backward_kernel(const Tensor& grad_logits, const Tensor& features
 }
 
 Tensor similarity_cpu(const Tensor& features, const Tensor& prototypes, double temperature, std::string metric) {
-  const SimilarityMetric kind = similarity_metric(metric);
   check_similarity_inputs(features, prototypes, temperature);
+  const SimilarityMetric kind = similarity_metric(metric);
   const Tensor logits = empty_on(features, logits_shape(features, prototypes.size(0)), features.scalar_type());
   if (logits.numel() == 0) return logits;
   dispatch_floating(features.scalar_type(), "similarity", [&](auto tag) {
@@ -309,8 +309,8 @@ Tensor similarity_cpu(const Tensor& features, const Tensor& prototypes, double t
 
 std::tuple<Tensor, Tensor> similarity_backward_cpu(const Tensor& grad_logits, const Tensor& features,
                                                    const Tensor& prototypes, double temperature, std::string metric) {
-  const SimilarityMetric kind = similarity_metric(metric);
   check_similarity_backward_inputs(grad_logits, features, prototypes, temperature);
+  const SimilarityMetric kind = similarity_metric(metric);
   const Tensor grad_features = empty_on(features, features.sizes(), features.scalar_type());
   const Tensor grad_prototypes = zeros_on(prototypes, prototypes.sizes(), prototypes.scalar_type());
   if (grad_features.numel() == 0) return {grad_features, grad_prototypes};

@@ -1,6 +1,6 @@
 // The pieces of the CUDA similarity kernels that both generations use (kernel_generation.h):
-// the call's inputs, the normalization of the prototypes and its backward. Kernels and launches:
-// similarity_kernels.cuh (current) and previous/similarity_kernels.cuh.
+// the call's inputs, the normalization of the prototypes and its backward (the cosine metric's).
+// Kernels and launches: similarity_kernels.cuh (current) and previous/similarity_kernels.cuh.
 #pragma once
 #include <cstdint>
 
@@ -63,6 +63,7 @@ struct SimilarityInputs {
   const scalar_t* prototypes;
   int64_t prototype_stride0, prototype_stride1, classes;
   double temperature;
+  SimilarityMetric metric;
 };
 
 // The normalized prototypes of one call, in the accumulation type, in working memory.

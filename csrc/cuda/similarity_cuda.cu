@@ -2,6 +2,8 @@
 // kernels and launches: similarity_kernels.cuh).
 #include <torch/csrc/stable/library.h>
 
+#include <string>
+
 #include "cpsl_ops/cuda_utils.cuh"
 #include "cpsl_ops/layout.h"
 #include "cpsl_ops/op_checks.h"
@@ -12,14 +14,16 @@ namespace cpsl_ops {
 namespace {
 
 template <typename scalar_t>
-similarity_kernels::SimilarityInputs<scalar_t> inputs_of(const Tensor& f, const Tensor& prototypes, double temperature) {
+similarity_kernels::SimilarityInputs<scalar_t> inputs_of(const Tensor& f, const Tensor& prototypes, double temperature,
+                                                         SimilarityMetric metric) {
   return {data_of<const scalar_t>(f), cuda::strides_of(f), f.size(0), f.size(1), f.size(2),
           data_of<const scalar_t>(prototypes), prototypes.stride(0), prototypes.stride(1), prototypes.size(0),
-          temperature};
+          temperature, metric};
 }
 
-Tensor similarity_cuda(const Tensor& features, const Tensor& prototypes, double temperature) {
+Tensor similarity_cuda(const Tensor& features, const Tensor& prototypes, double temperature, std::string metric) {
   check_similarity_inputs(features, prototypes, temperature);
+  const SimilarityMetric parsed_metric = similarity_metric(metric);
   const cuda::DeviceContext context(features);
   const Tensor logits = empty_on(features, logits_shape(features, prototypes.size(0)), features.scalar_type());
   if (logits.numel() == 0) return logits;
@@ -27,16 +31,18 @@ Tensor similarity_cuda(const Tensor& features, const Tensor& prototypes, double 
   cuda::TensorWorkspace workspace(features);
   dispatch_floating(features.scalar_type(), "similarity", [&](auto tag) {
     using scalar_t = decltype(tag);
-    similarity_kernels::launch_similarity_forward<scalar_t>(inputs_of<scalar_t>(f, prototypes, temperature),
-                                                         data_of<scalar_t>(out), cuda::strides_of(out), workspace,
-                                                         context.stream());
+    similarity_kernels::launch_similarity_forward<scalar_t>(
+        inputs_of<scalar_t>(f, prototypes, temperature, parsed_metric), data_of<scalar_t>(out), cuda::strides_of(out),
+        workspace, context.stream());
   });
   return logits;
 }
 
 std::tuple<Tensor, Tensor> similarity_backward_cuda(const Tensor& grad_logits, const Tensor& features,
-                                                    const Tensor& prototypes, double temperature) {
+                                                    const Tensor& prototypes, double temperature,
+                                                    std::string metric) {
   check_similarity_backward_inputs(grad_logits, features, prototypes, temperature);
+  const SimilarityMetric parsed_metric = similarity_metric(metric);
   const cuda::DeviceContext context(features);
   const Tensor grad_features = empty_on(features, features.sizes(), features.scalar_type());
   const Tensor grad_prototypes = zeros_on(prototypes, prototypes.sizes(), prototypes.scalar_type());
@@ -48,7 +54,7 @@ std::tuple<Tensor, Tensor> similarity_backward_cuda(const Tensor& grad_logits, c
   dispatch_floating(features.scalar_type(), "similarity_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
     similarity_kernels::launch_similarity_backward<scalar_t>(
-        inputs_of<scalar_t>(f, prototypes, temperature), data_of<const scalar_t>(g), cuda::strides_of(g),
+        inputs_of<scalar_t>(f, prototypes, temperature, parsed_metric), data_of<const scalar_t>(g), cuda::strides_of(g),
         data_of<scalar_t>(grad_f), cuda::strides_of(grad_f), data_of<scalar_t>(grad_prototypes), workspace,
         context.stream());
   });

@@ -1,7 +1,8 @@
 // The shared-memory staging of the CUDA similarity kernels (similarity_kernels.cuh): tiles of pixels
 // walked through the channels a stage at a time, read by warps along whichever of channels and
-// pixels is contiguous in memory, and the walk over the channels that gives each pixel's squared
-// norm and K dot products with the normalized prototypes, held in registers.
+// pixels is contiguous in memory, and the walk over the channels that gives each pixel's K sums of
+// the metric, held in registers: its squared norm and dot products with the normalized prototypes
+// (cosine), or its squared distances to the prototypes (euclidean).
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -116,14 +117,15 @@ __device__ __forceinline__ void store_tile(SharedTile<acc_t> tile, scalar_t* __r
   });
 }
 
-// stage[i * kClasses + k] = ĉ[k, d0 + i], zero past K and D: one channel's classes side by side.
+// stage[i * kClasses + k] = prototypes[k, d0 + i] (normalized for the cosine), zero past K and D:
+// one channel's classes side by side.
 template <int kThreads, int kClasses, typename acc_t>
-__device__ __forceinline__ void load_prototype_stage(const acc_t* __restrict__ prototypes_hat, int64_t channels,
+__device__ __forceinline__ void load_prototype_stage(const acc_t* __restrict__ prototypes, int64_t channels,
                                                      int64_t classes, int64_t d0, acc_t* stage) {
   for (int e = threadIdx.x; e < kStageChannels * kClasses; e += kThreads) {
     const int k = e / kStageChannels, i = e % kStageChannels;  // along channels in (K, D)
     const bool inside = k < classes && d0 + i < channels;
-    stage[i * kClasses + k] = inside ? prototypes_hat[k * channels + d0 + i] : acc_t(0);
+    stage[i * kClasses + k] = inside ? prototypes[k * channels + d0 + i] : acc_t(0);
   }
 }
 
@@ -141,50 +143,63 @@ struct ChannelWalkMemory {
 };
 
 // One walk over the channels: for the kPixels pixels of each thread (threadIdx.x + j * kThreads of
-// the tile), the squared norm and the kClasses dot products <f · scale, ĉ_k>. Expects
-// memory.offsets written; ends on a stage still being read.
-template <int kThreads, int kPixels, int kClasses, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void walk_dots(const scalar_t* __restrict__ features, cuda::Strides3d f,
-                                          const acc_t* __restrict__ prototypes_hat, int64_t channels,
-                                          int64_t classes, int count, ChannelWalkMemory<acc_t, kClasses>& memory,
-                                          const acc_t (&scale)[kPixels], acc_t (&squared)[kPixels],
-                                          acc_t (&dots)[kPixels][kClasses]) {
+// the tile), the kClasses sums of the metric: for the cosine the dot products <f · scale, ĉ_k> and
+// the squared norm; for the euclidean the squared distances Σ_d (f_d - c_kd)^2, summed from the
+// differences (similarity_math.h), leaving `squared` 0. Expects memory.offsets written; ends on a
+// stage still being read.
+template <SimilarityMetric kMetric, int kThreads, int kPixels, int kClasses, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void walk_class_sums(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                                                const acc_t* __restrict__ prototypes, int64_t channels,
+                                                int64_t classes, int count, ChannelWalkMemory<acc_t, kClasses>& memory,
+                                                const acc_t (&scale)[kPixels], acc_t (&squared)[kPixels],
+                                                acc_t (&sums)[kPixels][kClasses]) {
 #pragma unroll
   for (int j = 0; j < kPixels; ++j) {
     squared[j] = 0;
 #pragma unroll
-    for (int k = 0; k < kClasses; ++k) dots[j][k] = 0;
+    for (int k = 0; k < kClasses; ++k) sums[j][k] = 0;
   }
   for (int64_t d0 = 0; d0 < channels; d0 += kStageChannels) {
     __syncthreads();  // the previous stage is read (and, at the first, the offsets written)
     load_tile<kThreads, kStageChannels, kTilePixels>(features, memory.offsets, f, d0, channels, count, memory.tile());
-    load_prototype_stage<kThreads, kClasses>(prototypes_hat, channels, classes, d0, memory.prototypes);
+    load_prototype_stage<kThreads, kClasses>(prototypes, channels, classes, d0, memory.prototypes);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kStageChannels; ++i)
 #pragma unroll
       for (int j = 0; j < kPixels; ++j) {
-        const acc_t x = memory.tile()(i, threadIdx.x + j * kThreads) * scale[j];
-        squared[j] += x * x;
+        if constexpr (kMetric == SimilarityMetric::kCosine) {
+          const acc_t x = memory.tile()(i, threadIdx.x + j * kThreads) * scale[j];
+          squared[j] += x * x;
 #pragma unroll
-        for (int k = 0; k < kClasses; ++k) dots[j][k] += x * memory.prototypes[i * kClasses + k];
+          for (int k = 0; k < kClasses; ++k) sums[j][k] += x * memory.prototypes[i * kClasses + k];
+        } else {
+          const acc_t x = memory.tile()(i, threadIdx.x + j * kThreads);
+#pragma unroll
+          for (int k = 0; k < kClasses; ++k) {
+            const acc_t difference = x - memory.prototypes[i * kClasses + k];
+            sums[j][k] += difference * difference;
+          }
+        }
       }
   }
 }
 
-// walk_dots at each pixel's scale (similarity_math.h): 1, but where the squared norm overflows,
-// overflow_scale of the pixel's features, found by its thread from global memory, after which the
-// block walks again. That rare second walk reuses the first's registers; a per-pixel path beside
-// it made ptxas spill.
-template <int kThreads, int kPixels, int kClasses, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void tile_dots(const scalar_t* __restrict__ features, cuda::Strides3d f,
-                                          const acc_t* __restrict__ prototypes_hat, int64_t channels,
-                                          int64_t pixels, int64_t first, int64_t classes, int count,
-                                          ChannelWalkMemory<acc_t, kClasses>& memory, acc_t (&scale)[kPixels],
-                                          acc_t (&squared)[kPixels], acc_t (&dots)[kPixels][kClasses]) {
+// walk_class_sums at each pixel's scale (similarity_math.h). Cosine: 1, but where the squared norm
+// overflows, overflow_scale of the pixel's features, found by its thread from global memory, after
+// which the block walks again. That rare second walk reuses the first's registers; a per-pixel path
+// beside it made ptxas spill. Euclidean: always 1, as a distance whose sum of squares overflows is
+// infinite, like torch.linalg.vector_norm's.
+template <SimilarityMetric kMetric, int kThreads, int kPixels, int kClasses, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void tile_class_sums(const scalar_t* __restrict__ features, cuda::Strides3d f,
+                                                const acc_t* __restrict__ prototypes, int64_t channels,
+                                                int64_t pixels, int64_t first, int64_t classes, int count,
+                                                ChannelWalkMemory<acc_t, kClasses>& memory, acc_t (&scale)[kPixels],
+                                                acc_t (&squared)[kPixels], acc_t (&sums)[kPixels][kClasses]) {
 #pragma unroll
   for (int j = 0; j < kPixels; ++j) scale[j] = 1;
-  walk_dots<kThreads>(features, f, prototypes_hat, channels, classes, count, memory, scale, squared, dots);
+  walk_class_sums<kMetric, kThreads>(features, f, prototypes, channels, classes, count, memory, scale, squared, sums);
+  if constexpr (kMetric == SimilarityMetric::kEuclidean) return;
   if (threadIdx.x == 0) memory.any_rescaled = 0;
   bool rescaled = false;
 #pragma unroll
@@ -203,7 +218,7 @@ __device__ __forceinline__ void tile_dots(const scalar_t* __restrict__ features,
   if (rescaled) memory.any_rescaled = 1;
   __syncthreads();
   if (memory.any_rescaled)
-    walk_dots<kThreads>(features, f, prototypes_hat, channels, classes, count, memory, scale, squared, dots);
+    walk_class_sums<kMetric, kThreads>(features, f, prototypes, channels, classes, count, memory, scale, squared, sums);
 }
 }  // namespace similarity_kernels
 }  // namespace cpsl_ops

@@ -243,10 +243,10 @@ def logits_shape(features: torch.Tensor, classes: int) -> Tuple[int, ...]:
 
 
 def similarity_requests(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
-                        temperature: float) -> List[Request]:
+                        temperature: float, metric: str = "cosine") -> List[Request]:
     view = as_batch_channel_pixel(features)
     numbers = {"batch": view.shape[0], "channels": view.shape[1], "pixels": view.shape[2],
-               "classes": prototypes.shape[0], "temperature": repr(temperature)}
+               "classes": prototypes.shape[0], "temperature": repr(temperature), "metric": metric}
     inputs = {"features": view, "prototypes": prototypes}
     forward = Request("similarity_forward", features.dtype, inputs, numbers,
                       {"logits": Output(features.dtype, tuple(grad_logits.shape), as_batch_channel_pixel)})
@@ -258,14 +258,14 @@ def similarity_requests(features: torch.Tensor, prototypes: torch.Tensor, grad_l
 
 def expect_similarity(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
                       temperature: float, feature_scale: float | torch.Tensor = 1.0,
-                      prototype_scale: float | torch.Tensor = 1.0):
+                      prototype_scale: float | torch.Tensor = 1.0, metric: str = "cosine"):
     """The fp64 reference on the inputs divided by the (per-row) scales: cosines are scale-invariant,
     and the gradients, compared after multiplying them by the scales, are 1/scale times theirs."""
     def verify(requests: List[Request]) -> None:
         forward, backward = requests
         f = (features.double() / feature_scale).requires_grad_()
         c = (prototypes.double() / prototype_scale).requires_grad_()
-        logits = reference.similarity(f, c, temperature)
+        logits = reference.similarity(f, c, temperature, metric)
         logits.backward(grad_logits.double())
         close(forward.results["logits"], logits.detach(), features.dtype)
         for name, grad, scale in (("grad_features", f.grad, feature_scale), ("grad_prototypes", c.grad, prototype_scale)):
@@ -323,13 +323,62 @@ def similarity_checks() -> List[Check]:
     requests = [request for _ in range(2) for request in similarity_requests(features, prototypes, grad_logits, 0.08)]
     checks.append(Check("similarity fwd+bwd channels_last float32 B=2 P=300: repeated calls bit for bit", requests,
                         expect_similarity_repeated(features, prototypes, grad_logits, 0.08)))
+    return checks + euclidean_checks()
+
+
+def euclidean_checks() -> List[Check]:
+    """The euclidean metric, which runs the current kernels in both generations at any K: each
+    layout and dtype; K at the register widths' edges (1, 8 | 9, 20 | 21, 32) and above them in
+    chunks of 32 classes (33, 45, 70: the feature gradient carried between chunks); D not a multiple
+    of 16 and three channel blocks of the prototype gradient (128 channels each); 255, 256 and 257
+    pixels around a tile, and two and three prototype-gradient chunks of 512 pixels. Every problem
+    has a pixel equal to a prototype (distance 0: logit 0 and no gradient from that term) and one
+    within 1e-4 of another (differences, not |f|^2 - 2<f, c> + |c|^2, keep its gradient accurate)."""
+    checks = []
+    cases = [("channels_first", torch.float32, 2, 24, 5, 7, 19), ("channels_last", torch.float32, 2, 24, 5, 7, 19),
+             ("flat", torch.float64, 1, 20, 3, 7, 9), ("channels_last", torch.float16, 2, 16, 4, 5, 19),
+             ("channels_first", torch.float32, 1, 16, 3, 5, 1), ("flat", torch.float32, 1, 24, 1, 7, 8),
+             ("channels_first", torch.float64, 1, 37, 10, 30, 21), ("flat", torch.float16, 1, 40, 6, 10, 20),
+             ("channels_last", torch.float32, 1, 20, 4, 5, 32), ("flat", torch.float32, 1, 12, 5, 5, 33),
+             ("channels_first", torch.float16, 1, 12, 4, 6, 45), ("channels_last", torch.float64, 2, 20, 3, 50, 45),
+             ("flat", torch.float64, 1, 9, 2, 10, 70), ("channels_first", torch.float32, 1, 260, 2, 10, 3),
+             ("flat", torch.float32, 1, 19, 1, 255, 20), ("channels_first", torch.float32, 1, 17, 16, 16, 9),
+             ("channels_last", torch.float32, 1, 18, 1, 257, 8), ("flat", torch.float64, 1, 8, 30, 40, 19)]
+    for seed, (layout, dtype, batch, channels, height, width, classes) in enumerate(cases):
+        features, prototypes = euclidean_problem(layout, dtype, batch, channels, height, width, classes, seed + 1000)
+        grad_logits = random(logits_shape(features, classes), seed + 1200).to(dtype)
+        pixels = batch * height * width
+        checks.append(Check(f"similarity euclidean fwd+bwd {layout} {DTYPE_NAMES[dtype]} D={channels} K={classes} "
+                            f"P={pixels}", similarity_requests(features, prototypes, grad_logits, 0.08, "euclidean"),
+                            expect_similarity(features, prototypes, grad_logits, 0.08, metric="euclidean")))
+    # The same calls twice, in separate simulator runs: the same bits, in one class chunk and in two.
+    for classes in (19, 45):
+        features, prototypes = euclidean_problem("channels_last", torch.float32, 2, 20, 10, 30, classes, 1100 + classes)
+        grad_logits = random(logits_shape(features, classes), 1101).to(torch.float32)
+        requests = [request for _ in range(2)
+                    for request in similarity_requests(features, prototypes, grad_logits, 0.08, "euclidean")]
+        checks.append(Check(f"similarity euclidean fwd+bwd channels_last float32 B=2 P=300 K={classes}: repeated calls "
+                            "bit for bit", requests,
+                            expect_similarity_repeated(features, prototypes, grad_logits, 0.08, "euclidean")))
     return checks
 
 
+def euclidean_problem(layout: str, dtype: torch.dtype, batch: int, channels: int, height: int, width: int,
+                      classes: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Features and prototypes with the first pixel equal to the last prototype and the last pixel
+    within 1e-4 of the first prototype."""
+    features = similarity_features(layout, dtype, batch, channels, height, width, seed)
+    prototypes = random((classes, channels), seed + 1).to(dtype)
+    first, last = (features[0], features[-1]) if layout == "flat" else (features[0, :, 0, 0], features[-1, :, -1, -1])
+    first.copy_(prototypes[-1])
+    last.copy_(prototypes[0] + (random((channels,), seed + 2) * 1e-4).to(dtype))
+    return features, prototypes
+
+
 def expect_similarity_repeated(features: torch.Tensor, prototypes: torch.Tensor, grad_logits: torch.Tensor,
-                               temperature: float):
+                               temperature: float, metric: str = "cosine"):
     """expect_similarity on the first (forward, backward) pair; every pair's outputs the same bits."""
-    expected = expect_similarity(features, prototypes, grad_logits, temperature)
+    expected = expect_similarity(features, prototypes, grad_logits, temperature, metric=metric)
 
     def verify(requests: List[Request]) -> None:
         expected(requests[:2])

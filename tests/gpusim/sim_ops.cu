@@ -10,6 +10,7 @@
 //   NAME      offset stride... of input NAME, whose storage is NAME.bin (elements, not bytes)
 //   NAME_numel  elements of output NAME (written to NAME.bin; outputs start as NaN bytes, so an
 //               element a kernel forgets shows up)
+//   metric    cosine | euclidean (the similarity ops)
 // Any other key is a number the op takes. A failed launch check writes error.txt and moves on.
 #include <torch/headeronly/util/Half.h>
 
@@ -171,11 +172,18 @@ void sinkhorn(Request& r) {
       options, r.workspace(), nullptr);
 }
 
+SimilarityMetric similarity_metric(const std::string& metric) {
+  if (metric == "cosine") return SimilarityMetric::kCosine;
+  CPSL_CHECK(metric == "euclidean", "unknown similarity metric ", metric);
+  return SimilarityMetric::kEuclidean;
+}
+
 template <typename scalar_t>
 similarity_kernels::SimilarityInputs<scalar_t> similarity_inputs(Request& r) {
   return {r.input<scalar_t>("features"), r.strides3d("features"), r.integer("batch"), r.integer("channels"),
           r.integer("pixels"), r.input<scalar_t>("prototypes"), r.stride("prototypes", 0),
-          r.stride("prototypes", 1), r.integer("classes"), r.real("temperature")};
+          r.stride("prototypes", 1), r.integer("classes"), r.real("temperature"),
+          similarity_metric(r.text("metric"))};
 }
 
 template <typename scalar_t>

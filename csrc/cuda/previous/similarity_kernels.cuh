@@ -1,5 +1,6 @@
 // The previous generation of the CUDA similarity kernels (kernel_generation.h): CPSL_OPS_CUDA_KERNELS=previous,
-// and any K above the current kernels' register bound (similarity_kernels.cuh). Schema and math:
+// and any K above the current kernels' register bound (similarity_kernels.cuh), for the cosine
+// metric only (the euclidean has one generation, the current). Schema and math:
 // ops/similarity.cpp, similarity_math.h; shared pieces: similarity_common.cuh.
 //
 // Forward: one thread per pixel streams its D channels once (coalesced along pixels in the
