@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from cpsl_ops.reference import SIMILARITY_METRICS, accumulation_dtype
+from cpsl_ops.reference import accumulation_dtype, check_metric as check_metric  # the reference checks the metric too
 
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -26,13 +26,6 @@ def check_tensor(value: object, name: str, ranks: Sequence[int], shape_text: str
         kind = "fp16, bf16, fp32 or fp64" if floating else "an integer dtype"
         raise TypeError(f"{name} must be {kind}, got {value.dtype}")
     return value
-
-
-def check_metric(metric: object) -> str:
-    """``metric`` names a similarity metric: ``"cosine"`` or ``"euclidean"``."""
-    if not isinstance(metric, str) or metric not in SIMILARITY_METRICS:
-        raise ValueError(f'metric must be "cosine" or "euclidean", got {metric!r}')
-    return metric
 
 
 def check_same_device(first: Tensor, first_name: str, second: Tensor, second_name: str) -> None:

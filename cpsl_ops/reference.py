@@ -45,6 +45,13 @@ def normalize(x: Tensor) -> Tensor:
 SIMILARITY_METRICS = ("cosine", "euclidean")
 
 
+def check_metric(metric: object) -> str:
+    """``metric`` names a similarity metric: ``"cosine"`` or ``"euclidean"``."""
+    if not isinstance(metric, str) or metric not in SIMILARITY_METRICS:
+        raise ValueError(f'metric must be "cosine" or "euclidean", got {metric!r}')
+    return metric
+
+
 def similarity(features: Tensor, prototypes: Tensor, temperature: float, metric: str = "cosine") -> Tensor:
     """cos(f, c_k) / τ (``metric="cosine"``) or -||f - c_k||₂ / τ (``"euclidean"``) for (N, D) features
     -> (N, K), or (B, D, H, W) -> (B, K, H, W).
@@ -54,8 +61,7 @@ def similarity(features: Tensor, prototypes: Tensor, temperature: float, metric:
     for huge finite values (:func:`normalize`). Distances are norms of the differences
     (``torch.linalg.vector_norm``, whose gradient is 0 at distance 0), held as one (.., K, D)
     tensor: the spec, not a fast form."""
-    if metric not in SIMILARITY_METRICS:
-        raise ValueError(f'similarity: metric must be "cosine" or "euclidean", got {metric!r}')
+    check_metric(metric)
     acc = accumulation_dtype(features.dtype)
     device = features.device.type
     with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
