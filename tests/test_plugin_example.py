@@ -46,36 +46,43 @@ def test_ema_teacher_follows_the_student():
     assert not any(p.requires_grad for p in teacher.network.parameters())
 
 
-# The shortened demo: a 150-iteration warm-up, then 60 iterations of each loop. Measured on the CPU
-# (target-val mIoU, source-only -> loop alone / loop with CPSL): seed 0 with two threads (this test)
-# 34.53 -> 42.51 / 49.12; seed 0 with one thread 35.49 -> 43.45 / 43.60; seeds 1 and 2 with one thread
-# 45.89 -> 47.19 / 51.27 and 45.42 -> 47.99 / 42.56. CPSL's edge over the loop alone ranges from -5.4
-# to +6.6 mIoU with the seed and even the thread count, so this test claims none: it checks that the
-# loop alone adapts (it did by +1.3 to +8.0) and that the loop with CPSL stays sane (its worst run was
-# 2.9 below the source-only model), with headroom for other platforms' numerics.
-# Attempts to make a gain hold (one thread; examples/plugin/README.md, "Looking for a gain that holds"):
-# DAFormer's weight from the rectified labels' confidence gave 42.50 and 48.50 (seeds 0, 1; loop alone
-# 43.45, 47.19), with self-labeling on the teacher's maps as CPSL does 43.78 and 47.52. From a 400-iteration
-# warm-up, CPSL's edge after 60 loop iterations was +6.9, +1.0, -1.0 and -0.05 (seeds 0-3), after 100
-# +7.4, -2.6, +1.3 and -0.5 (the EMA teachers' edge after 60: +0.6, +0.3, -0.3, +0.1): no margin held
-# for every seed, so none is asserted.
-WARMUP_ITERATIONS, ITERATIONS = 150, 60
+# The shortened demo: for each of seeds 0-2 (the first three, as in this test before), a 150-iteration
+# source-only warm-up, then 60 iterations of each loop from it, with the same crops and ClassMix masks;
+# one thread (the thread count changes the numerics). Measured on the CPU (target-val mIoU, source-only
+# -> loop alone / loop with CPSL): seed 0 35.49 -> 31.48 / 35.31, seed 1 45.89 -> 51.71 / 52.40, seed 2
+# 45.42 -> 43.00 / 44.15: CPSL's edge +3.83, +0.69, +1.15. Seeds 3-7 gave +3.22, +1.15, +1.59, +0.23 and
+# +0.72 (mean of the eight +1.57). From the same warm-ups, 100 iterations gave +6.22, -0.34, +2.65, +3.95,
+# +1.60, +0.93, +1.34, +0.60 (seeds 0-7), and twice the learning rate +4.13, -0.10, +1.01, +2.00 (seeds
+# 0-3). So one seed's edge can fall a little below zero, while the mean over seeds 0-2 was +1.68 or more
+# in each setting: the test asserts a mean edge of at least 0.5 and no seed behind by 1 or more.
+# Before the loop's learning rate decayed (DAFormer's linear schedule), the last student was one noisy
+# SGD iterate and the edges of seeds 0-2 were +0.15, +4.08 and -5.43 (examples/plugin/README.md): this
+# test would have failed there. A single seed's loop alone can end below its warm-up (seeds 0 and 2),
+# so sanity is only that no model collapses. A planted bug (the prototype posterior shifted by one class
+# before rectification) failed it: edges +8.95, -4.95, -9.62, the last run 12 below its warm-up.
+SEEDS, WARMUP_ITERATIONS, ITERATIONS = (0, 1, 2), 150, 60
 
 
 @pytest.mark.slow
-def test_both_self_training_loops_run_from_one_warm_up_and_stay_sane(tmp_path):
+def test_cpsl_gains_over_the_loop_alone_across_seeds_in_the_shortened_demo(tmp_path):
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         data = load_demo_data(tmp_path / "demo_data")
-        warm = warm_model(data, WARMUP_ITERATIONS, seed=0)
-        source_only = evaluate(warm, data)
-        baseline = evaluate(self_train(copy.deepcopy(warm), data, ITERATIONS, seed=0), data)
-        with_cpsl = evaluate(self_train(copy.deepcopy(warm), data, ITERATIONS, seed=0, cpsl=True), data)
+        scores = {}
+        for seed in SEEDS:
+            warm = warm_model(data, WARMUP_ITERATIONS, seed)
+            scores[seed] = {
+                "source_only": evaluate(warm, data),
+                "baseline": evaluate(self_train(copy.deepcopy(warm), data, ITERATIONS, seed), data),
+                "with_cpsl": evaluate(self_train(copy.deepcopy(warm), data, ITERATIONS, seed, cpsl=True), data),
+            }
     finally:
         torch.set_num_threads(threads)
-    scores = {"source_only": source_only, "baseline": baseline, "with_cpsl": with_cpsl}
     print(scores)
-    assert source_only >= 25.0, scores  # the warm-up learnt the source (34.5 to 45.9 measured)
-    assert baseline >= source_only, scores
-    assert with_cpsl >= source_only - 6.0, scores
+    for score in scores.values():
+        assert score["source_only"] >= 25.0, scores  # the warm-ups learnt the source (27.8 to 45.9 measured)
+        assert min(score["baseline"], score["with_cpsl"]) >= score["source_only"] - 10.0, scores
+    edges = [score["with_cpsl"] - score["baseline"] for score in scores.values()]
+    assert sum(edges) / len(edges) >= 0.5, (edges, scores)
+    assert min(edges) > -1.0, (edges, scores)
