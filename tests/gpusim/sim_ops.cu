@@ -172,12 +172,6 @@ void sinkhorn(Request& r) {
       options, r.workspace(), nullptr);
 }
 
-SimilarityMetric similarity_metric(const std::string& metric) {
-  if (metric == "cosine") return SimilarityMetric::kCosine;
-  CPSL_CHECK(metric == "euclidean", "unknown similarity metric ", metric);
-  return SimilarityMetric::kEuclidean;
-}
-
 template <typename scalar_t>
 similarity_kernels::SimilarityInputs<scalar_t> similarity_inputs(Request& r) {
   return {r.input<scalar_t>("features"), r.strides3d("features"), r.integer("batch"), r.integer("channels"),

@@ -23,12 +23,6 @@ inline std::vector<int64_t> logits_shape(const Tensor& features, int64_t num_cla
   return shape;
 }
 
-inline SimilarityMetric similarity_metric(const std::string& metric) {
-  if (metric == "cosine") return SimilarityMetric::kCosine;
-  CPSL_CHECK(metric == "euclidean", "similarity: metric must be \"cosine\" or \"euclidean\", got \"", metric, "\"");
-  return SimilarityMetric::kEuclidean;
-}
-
 inline void check_similarity_inputs(const Tensor& features, const Tensor& prototypes, double temperature) {
   CPSL_CHECK(features.dim() == 2 || features.dim() == 4, "similarity: features must be (N, D) or (B, D, H, W)");
   CPSL_CHECK(prototypes.dim() == 2, "similarity: prototypes must be (K, D)");

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
+#include "cpsl_ops/check.h"
 #include "cpsl_ops/macros.h"
 
 namespace cpsl_ops {
@@ -16,6 +18,13 @@ namespace cpsl_ops {
 constexpr double kNormEps = 1e-12;
 
 enum class SimilarityMetric { kCosine, kEuclidean };
+
+// The op schema's `str metric` (host code; also the simulator harness's, which links no torch).
+inline SimilarityMetric similarity_metric(const std::string& metric) {
+  if (metric == "cosine") return SimilarityMetric::kCosine;
+  CPSL_CHECK(metric == "euclidean", "similarity: metric must be \"cosine\" or \"euclidean\", got \"", metric, "\"");
+  return SimilarityMetric::kEuclidean;
+}
 
 // Euclidean metric. The distance is sqrt(Σ_d (f_d - c_d)^2), summed from the differences (not from
 // |f|^2 - 2<f, c> + |c|^2, which cancels catastrophically for a pixel near its prototype) and not
